@@ -1,0 +1,243 @@
+//! Real PostgreSQL servers for the demo, the tests and the benchmarks.
+//!
+//! Each server is initialised with `initdb` and run by a small guardian shell
+//! that holds the read end of a pipe whose write end only this process owns.
+//! When the owner drops the [`PgServer`], exits, panics or is killed, the pipe
+//! closes, and the guardian stops Postgres (fast shutdown) and removes its
+//! directory. So no test run, however it ends, leaves a server behind.
+//! As root, Postgres (which refuses to run as root) runs as `postgres`.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("PostgreSQL binaries not found (looked in $MERIDIAN_PG_BIN, `pg_config --bindir`, /usr/lib/postgresql/*/bin); install PostgreSQL 15, e.g. `apt-get install postgresql`")]
+    NoBinaries,
+    #[error("running as root but there is no `postgres` user to run PostgreSQL as")]
+    NoPostgresUser,
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How a server is set up.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// TCP port on 127.0.0.1; a free one when `None`.
+    pub port: Option<u16>,
+    /// fsync and synchronous_commit on. Tests turn this off for speed.
+    pub durable: bool,
+    /// Remove the server's directory when it stops.
+    pub remove_on_stop: bool,
+    /// Extra `name=value` settings passed as `-c`.
+    pub settings: Vec<(String, String)>,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions { port: None, durable: false, remove_on_stop: true, settings: Vec::new() }
+    }
+}
+
+/// A running PostgreSQL server; stopped and cleaned up on drop.
+#[derive(Debug)]
+pub struct PgServer {
+    pub port: u16,
+    /// Directory holding the server's Unix socket (and its data and log).
+    pub dir: PathBuf,
+    guardian: Child,
+    guardian_stdin: Option<ChildStdin>,
+}
+
+const SUPERUSER: &str = "postgres";
+
+/// Finds the directory holding initdb and postgres.
+pub fn bindir() -> Result<PathBuf, PgError> {
+    let has_server = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
+    if let Some(d) = std::env::var_os("MERIDIAN_PG_BIN").map(PathBuf::from) {
+        return if has_server(&d) { Ok(d) } else { Err(PgError::NoBinaries) };
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let d = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if has_server(&d) {
+            return Ok(d);
+        }
+    }
+    let mut candidates: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, d)| has_server(d))
+        .collect();
+    candidates.sort();
+    candidates.pop().map(|(_, d)| d).ok_or(PgError::NoBinaries)
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// (uid, gid) of the `postgres` user.
+fn postgres_ids() -> Result<(u32, u32), PgError> {
+    let out = Command::new("id").args(["-u", "postgres"]).output()?;
+    let gid = Command::new("id").args(["-g", "postgres"]).output()?;
+    let parse = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().ok();
+    match (out.status.success(), parse(&out), parse(&gid)) {
+        (true, Some(u), Some(g)) => Ok((u, g)),
+        _ => Err(PgError::NoPostgresUser),
+    }
+}
+
+/// Prepares a command to run as the server's owner (postgres when we are root).
+fn as_owner(cmd: &mut Command, owner: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = owner {
+        cmd.uid(uid).gid(gid).env("HOME", "/tmp");
+    }
+}
+
+impl PgServer {
+    /// Initialises and starts a server in `dir` (created; must not exist yet or be empty).
+    pub fn start(dir: &Path, opts: &PgOptions) -> Result<PgServer, PgError> {
+        let bin = bindir()?;
+        let owner = if is_root() { Some(postgres_ids()?) } else { None };
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+            // The postgres user must be able to reach the directory.
+            let mut parent = dir.parent();
+            while let Some(p) = parent {
+                let mode = std::fs::metadata(p)?.permissions().mode();
+                if mode & 0o001 == 0 {
+                    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode | 0o001))?;
+                }
+                parent = p.parent();
+            }
+        }
+        let data = dir.join("data");
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", SUPERUSER, "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"])
+            .stdin(Stdio::null());
+        as_owner(&mut initdb, owner);
+        let out = initdb.output()?;
+        if !out.status.success() {
+            return Err(PgError::Command { what: "initdb".into(), detail: String::from_utf8_lossy(&out.stderr).into() });
+        }
+        let port = match opts.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        let mut settings = vec![
+            ("listen_addresses".to_string(), "127.0.0.1".to_string()),
+            ("max_connections".into(), "200".into()),
+            ("logging_collector".into(), "off".into()),
+        ];
+        if !opts.durable {
+            settings.push(("fsync".into(), "off".into()));
+            settings.push(("synchronous_commit".into(), "off".into()));
+            settings.push(("full_page_writes".into(), "off".into()));
+        }
+        settings.extend(opts.settings.iter().cloned());
+        let mut args = format!("-p {port} -k '{}'", dir.display());
+        for (k, v) in &settings {
+            args.push_str(&format!(" -c '{k}={v}'"));
+        }
+        let script = format!(
+            r#"set -u
+"{bin}/postgres" -D "{data}" {args} </dev/null >>"{log}" 2>&1 &
+pg=$!
+read -r _ || true
+kill -INT "$pg" 2>/dev/null
+wait "$pg"
+if [ "{remove}" = 1 ]; then rm -rf "{dir}"; fi
+"#,
+            bin = bin.display(),
+            data = data.display(),
+            log = dir.join("postgres.log").display(),
+            remove = u8::from(opts.remove_on_stop),
+            dir = dir.display(),
+        );
+        let mut guardian = Command::new("sh");
+        guardian.arg("-c").arg(script).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null());
+        // Own process group: a Ctrl-C in the terminal must not kill the guardian
+        // before it has cleaned up; the pipe decides when it stops.
+        guardian.process_group(0);
+        as_owner(&mut guardian, owner);
+        let mut guardian = guardian.spawn()?;
+        let guardian_stdin = guardian.stdin.take();
+        let mut server = PgServer { port, dir, guardian, guardian_stdin };
+        server.wait_ready(Duration::from_secs(60))?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<(), PgError> {
+        let pidfile = self.dir.join("data").join("postmaster.pid");
+        let deadline = Instant::now() + limit;
+        loop {
+            let status = std::fs::read_to_string(&pidfile).unwrap_or_default();
+            if status.lines().nth(7).map(str::trim) == Some("ready") {
+                return Ok(());
+            }
+            if self.guardian.try_wait()?.is_some() || Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
+                return Err(PgError::Command { what: "postgres start".into(), detail: tail.join("\n") });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Socket directory, usable as `host` by libpq clients and by meridian's backend config.
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A libpq URL over TCP.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// A tokio-postgres / libpq key-value connection string over the Unix socket.
+    pub fn socket_conninfo(&self, database: &str) -> String {
+        format!("host={} port={} user={SUPERUSER} dbname={database}", self.dir.display(), self.port)
+    }
+
+    pub fn superuser(&self) -> &'static str {
+        SUPERUSER
+    }
+
+    /// Stops the server now (fast shutdown) and waits for the guardian to finish.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(mut stdin) = self.guardian_stdin.take() {
+            let _ = stdin.write_all(b"\n");
+            drop(stdin);
+            let _ = self.guardian.wait();
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

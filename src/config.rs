@@ -1,0 +1,319 @@
+//! Configuration: one TOML file per region proxy.
+//!
+//! Parsing is strict (`deny_unknown_fields` everywhere) and every mistake is
+//! reported with the dotted path of the offending key, both by `meridian check`
+//! and when `meridian run` starts. Defaults live here and nowhere else.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::scram::Verifier;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub region: RegionConfig,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    pub backend: BackendConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    /// Human name, e.g. `us-east`. Lowercase letters, digits and dashes.
+    pub name: String,
+    /// Unique, never reused numeric id; breaks ties between equal clocks.
+    pub id: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Address clients connect to.
+    pub listen: SocketAddr,
+    /// Client sessions beyond this are refused with SQLSTATE 53300.
+    pub max_connections: usize,
+    /// Largest message a client may send (length field), in bytes.
+    pub max_message_bytes: u32,
+    /// Time a client has to complete TLS, startup and authentication.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// On SIGTERM, how long open transactions may run before sessions are cut.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            max_connections: 1000,
+            max_message_bytes: 64 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Host name or IP of the region's PostgreSQL, or a directory holding its Unix socket.
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Password for the backend when it asks for one (SCRAM, MD5 or cleartext).
+    /// Prefer `password_env`, or trust/peer authentication over a Unix socket.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Name of an environment variable holding the backend password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl BackendConfig {
+    /// The password to answer the backend with, if any is configured.
+    pub fn resolve_password(&self) -> Option<String> {
+        self.password.clone().or_else(|| self.password_env.as_ref().and_then(|v| std::env::var(v).ok()))
+    }
+
+    pub fn is_unix_socket(&self) -> bool {
+        self.host.starts_with('/')
+    }
+
+    /// The Unix socket path Postgres uses for `port` in directory `host`.
+    pub fn socket_path(&self) -> PathBuf {
+        Path::new(&self.host).join(format!(".s.PGSQL.{}", self.port))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    /// SCRAM-SHA-256 against the verifiers in `auth.users`.
+    #[default]
+    ScramSha256,
+    /// No password: for local development only.
+    Trust,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default)]
+    pub method: AuthMethod,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`; make one with `meridian verifier`.
+    pub verifier: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// HTTP address for /health and /status; none when unset.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+}
+
+/// One mistake in a config file: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Invalid { path: PathBuf, problems: Vec<ConfigProblem> },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::from_toml(&text).map_err(|problems| ConfigError::Invalid { path: path.into(), problems })
+    }
+
+    /// Parses and validates config text, returning every problem found.
+    pub fn from_toml(text: &str) -> Result<Config, Vec<ConfigProblem>> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let mut message = inner.message().to_string();
+            if let Some(span) = inner.span() {
+                let line = text[..span.start.min(text.len())].lines().count().max(1);
+                message = format!("{message} (line {line})");
+            }
+            vec![ConfigProblem { key: if key == "." { String::new() } else { key }, message }]
+        })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Checks what the types cannot: names, references, files.
+    pub fn validate(&self) -> Vec<ConfigProblem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: String, message: String| problems.push(ConfigProblem { key, message });
+        let name = &self.region.name;
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+            problem("region.name".into(), format!("{name:?} must be lowercase letters, digits and dashes, e.g. \"us-east\""));
+        }
+        if self.proxy.max_connections == 0 {
+            problem("proxy.max_connections".into(), "must be at least 1".into());
+        }
+        if self.proxy.max_message_bytes < 1024 {
+            problem("proxy.max_message_bytes".into(), "must be at least 1024".into());
+        }
+        if self.backend.password.is_some() && self.backend.password_env.is_some() {
+            problem("backend.password_env".into(), "set either backend.password or backend.password_env, not both".into());
+        }
+        if let Some(var) = &self.backend.password_env {
+            if std::env::var(var).is_err() {
+                problem("backend.password_env".into(), format!("environment variable {var} is not set"));
+            }
+        }
+        if self.auth.method == AuthMethod::ScramSha256 && self.auth.users.is_empty() {
+            problem("auth.users".into(), "auth.method is \"scram-sha-256\" but no users are configured; add [[auth.users]] entries (see `meridian verifier`) or use method = \"trust\" for local development".into());
+        }
+        for (i, user) in self.auth.users.iter().enumerate() {
+            if user.name.is_empty() {
+                problem(format!("auth.users[{i}].name"), "must not be empty".into());
+            }
+            if self.auth.users[..i].iter().any(|u| u.name == user.name) {
+                problem(format!("auth.users[{i}].name"), format!("user {:?} is listed twice", user.name));
+            }
+            if let Err(e) = Verifier::parse(&user.verifier) {
+                problem(format!("auth.users[{i}].verifier"), format!("{e}; make one with `meridian verifier --user {}`", user.name));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            if let Err(e) = crate::wire::tls::load_acceptor(tls) {
+                problem(format!("tls.{}", e.key()), e.to_string());
+            }
+        }
+        problems
+    }
+
+    /// Looks up a client user's verifier.
+    pub fn verifier_for(&self, user: &str) -> Option<Verifier> {
+        self.auth.users.iter().find(|u| u.name == user).and_then(|u| Verifier::parse(&u.verifier).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[region]
+name = "us-east"
+id = 1
+[backend]
+host = "127.0.0.1"
+[auth]
+method = "trust"
+"#;
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.proxy.max_connections, 1000);
+        assert_eq!(c.backend.port, 5432);
+        assert!(c.tls.is_none());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let text = MINIMAL.replace("port", "x").replace("[backend]", "[backend]\nprot = 5432");
+        let problems = Config::from_toml(&text).unwrap_err();
+        assert_eq!(problems[0].key, "backend.prot");
+        assert!(problems[0].message.contains("unknown field `prot`"), "{}", problems[0].message);
+    }
+
+    #[test]
+    fn wrong_type_and_bad_duration_are_named() {
+        let text = format!("{MINIMAL}\n[proxy]\nmax_connections = \"many\"\n");
+        assert_eq!(Config::from_toml(&text).unwrap_err()[0].key, "proxy.max_connections");
+        let text = format!("{MINIMAL}\n[proxy]\nhandshake_timeout = \"soon\"\n");
+        assert_eq!(Config::from_toml(&text).unwrap_err()[0].key, "proxy.handshake_timeout");
+    }
+
+    #[test]
+    fn semantic_mistakes_are_all_reported() {
+        let text = r#"
+[region]
+name = "US East"
+id = 1
+[backend]
+host = "/tmp"
+[[auth.users]]
+name = "app"
+verifier = "plain"
+[[auth.users]]
+name = "app"
+verifier = "SCRAM-SHA-256$4096:c2FsdA==$AAAA:AAAA"
+[tls]
+cert = "/nonexistent/cert.pem"
+key = "/nonexistent/key.pem"
+"#;
+        let keys: Vec<String> = Config::from_toml(text).unwrap_err().into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            ["region.name", "auth.users[0].verifier", "auth.users[1].name", "auth.users[1].verifier", "tls.cert"]
+        );
+    }
+}

@@ -1,0 +1,20 @@
+//! meridian: an active-active, geo-replicated PostgreSQL proxy.
+//!
+//! The crate is a library driven by a thin binary (`src/main.rs`), so every
+//! behaviour can be exercised from tests. Modules follow the data path:
+//!
+//! - [`wire`]: the Postgres protocol front door (startup, TLS, auth, relay, cancel).
+//! - [`proxy`]: a region's accept loop, connection limit and graceful shutdown.
+//! - [`admin`]: the per-region HTTP endpoint.
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`cluster`]: local PostgreSQL servers and the multi-region `demo`.
+//!
+//! Statement classification, the hybrid logical clock, capture, replication,
+//! conflict rules and the link emulator arrive with the issues that build them;
+//! docs/architecture.md shows where each one plugs in.
+
+pub mod admin;
+pub mod cluster;
+pub mod config;
+pub mod proxy;
+pub mod wire;

@@ -1,0 +1,190 @@
+//! The `meridian` binary: parses the command line, sets up tracing and calls
+//! into the library. Nothing here is needed to test meridian's behaviour.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+
+use meridian::cluster::demo::{self, DemoOptions};
+use meridian::config::Config;
+use meridian::proxy::{Region, Shutdown};
+use meridian::wire::scram::Verifier;
+
+#[derive(Parser)]
+#[command(name = "meridian", version, about = "Active-active geo-replicated PostgreSQL proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one region's proxy.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a config file and explain every mistake.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start a local multi-region cluster (PostgreSQL + meridian per region).
+    Demo {
+        /// Number of regions.
+        #[arg(long, default_value_t = 3)]
+        regions: usize,
+        /// First client port; region i listens on port + i, its admin endpoint on port + 1000 + i.
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+        /// One-way delay between regions (used once replication exists).
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        latency: Duration,
+        /// Random extra delay between regions (used once replication exists).
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        jitter: Duration,
+        /// SQL file applied to every region before the proxies open.
+        #[arg(long)]
+        schema: Option<PathBuf>,
+        /// Directory of conflict rule files.
+        #[arg(long)]
+        rules: Option<PathBuf>,
+        /// Where the servers' files go (default: a temporary directory).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Keep the servers' files on exit.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Make a SCRAM-SHA-256 verifier for [[auth.users]] from a password read on stdin.
+    Verifier {
+        #[arg(long)]
+        user: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check { config } => Ok(check(&config)),
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            runtime()?.block_on(run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { regions, port, latency, jitter, schema, rules, data, keep } => {
+            let opts = DemoOptions {
+                regions,
+                port,
+                latency,
+                jitter,
+                schema,
+                rules_explicit: rules.is_some(),
+                rules: rules.unwrap_or_else(|| PathBuf::from("conflict-rules")),
+                data,
+                keep,
+            };
+            runtime()?.block_on(async {
+                let stop = async {
+                    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+                    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+                };
+                demo::run(opts, &mut std::io::stdout(), stop).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verifier { user } => {
+            eprintln!("password for {user} (read from stdin):");
+            let mut password = String::new();
+            std::io::stdin().lock().read_line(&mut password).context("reading the password")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!password.is_empty(), "empty password");
+            println!("[[auth.users]]\nname = {:?}\nverifier = \"{}\"", user, Verifier::generate(password));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            println!(
+                "{}: ok (region {} id {}, listening on {}, backend {}:{}, auth {:?}, tls {})",
+                path.display(),
+                c.region.name,
+                c.region.id,
+                c.proxy.listen,
+                c.backend.host,
+                c.backend.port,
+                c.auth.method,
+                if c.tls.is_some() { "on" } else { "off" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(meridian::config::ConfigError::Invalid { path, problems }) => {
+            for p in &problems {
+                eprintln!("{}: {p}", path.display());
+            }
+            eprintln!("{} problem(s) found", problems.len());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `meridian run`: SIGTERM drains, a second SIGTERM or SIGINT exits at once.
+async fn run(config: Config) -> anyhow::Result<()> {
+    let region = Region::bind(&config).await?;
+    tracing::info!(
+        region = %config.region.name,
+        listen = %region.client_addr()?,
+        admin = ?region.admin_addr(),
+        "meridian proxy ready"
+    );
+    let shutdown = Shutdown::default();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: draining");
+                signals.drain.cancel();
+                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            }
+            _ = int.recv() => {}
+        }
+        tracing::info!("exiting now");
+        signals.drain.cancel();
+        signals.abort.cancel();
+    });
+    region.run(shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! proxy: one region's server. Binds the client listener, enforces the
+//! connection limit, spawns a session per client and runs graceful shutdown:
+//! on drain it stops accepting at once, lets sessions finish their open
+//! transactions up to `proxy.shutdown_timeout`, then cuts what is left.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::wire::frame::{self, Severity};
+pub use crate::wire::relay::Shutdown;
+use crate::wire::session::{serve_client, SessionContext};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] crate::wire::tls::TlsError),
+}
+
+/// A bound, not yet running proxy.
+pub struct Proxy {
+    listener: TcpListener,
+    ctx: Arc<SessionContext>,
+    max_connections: usize,
+    shutdown_timeout: Duration,
+}
+
+impl Proxy {
+    pub async fn bind(config: &Config) -> Result<Proxy, ProxyError> {
+        let addr = config.proxy.listen;
+        let listener = TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?;
+        Proxy::with_listener(config, listener)
+    }
+
+    /// Uses an already bound listener (tests bind port 0).
+    pub fn with_listener(config: &Config, listener: TcpListener) -> Result<Proxy, ProxyError> {
+        Ok(Proxy {
+            listener,
+            ctx: Arc::new(SessionContext::from_config(config)?),
+            max_connections: config.proxy.max_connections,
+            shutdown_timeout: config.proxy.shutdown_timeout,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn context(&self) -> Arc<SessionContext> {
+        self.ctx.clone()
+    }
+
+    /// Serves until `shutdown` says stop and every session has ended.
+    pub async fn run(self, shutdown: Shutdown) {
+        let permits = Arc::new(Semaphore::new(self.max_connections));
+        let sessions = TaskTracker::new();
+        loop {
+            let accepted = tokio::select! {
+                r = self.listener.accept() => r,
+                _ = shutdown.drain.cancelled() => break,
+                _ = shutdown.abort.cancelled() => break,
+            };
+            let (socket, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = socket.set_nodelay(true);
+            match permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let (ctx, shutdown) = (self.ctx.clone(), shutdown.clone());
+                    sessions.spawn(async move {
+                        serve_client(socket, peer.to_string(), ctx, shutdown).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    self.ctx.stats.refused_full.fetch_add(1, Ordering::Relaxed);
+                    sessions.spawn(refuse_full(socket, self.max_connections));
+                }
+            }
+        }
+        drop(self.listener);
+        sessions.close();
+        tracing::info!(sessions = sessions.len(), "stopped accepting; draining sessions");
+        tokio::select! {
+            _ = sessions.wait() => {}
+            _ = tokio::time::sleep(self.shutdown_timeout) => {
+                tracing::warn!(sessions = sessions.len(), "shutdown timeout reached; closing remaining sessions");
+                shutdown.abort.cancel();
+                sessions.wait().await;
+            }
+            _ = shutdown.abort.cancelled() => sessions.wait().await,
+        }
+        tracing::info!("proxy stopped");
+    }
+}
+
+async fn refuse_full(mut socket: TcpStream, max: usize) {
+    let msg = frame::error_response(
+        Severity::Fatal,
+        "53300",
+        &format!("sorry, too many clients already (proxy.max_connections = {max})"),
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), socket.write_all(&msg)).await;
+}
+
+/// A region's proxy plus its admin endpoint, bound and ready to run.
+pub struct Region {
+    name: String,
+    proxy: Proxy,
+    admin: Option<TcpListener>,
+}
+
+impl Region {
+    pub async fn bind(config: &Config) -> Result<Region, ProxyError> {
+        let proxy = Proxy::bind(config).await?;
+        let admin = match config.admin.listen {
+            Some(addr) => Some(crate::admin::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?),
+            None => None,
+        };
+        Ok(Region { name: config.region.name.clone(), proxy, admin })
+    }
+
+    pub fn client_addr(&self) -> std::io::Result<SocketAddr> {
+        self.proxy.local_addr()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Runs until shutdown completes.
+    pub async fn run(self, shutdown: Shutdown) {
+        let admin = self.admin.map(|listener| {
+            let (name, ctx, shutdown) = (self.name.clone(), self.proxy.context(), shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::admin::serve(listener, name, ctx, shutdown).await {
+                    tracing::warn!(error = %e, "admin endpoint failed");
+                }
+            })
+        });
+        self.proxy.run(shutdown).await;
+        if let Some(a) = admin {
+            let _ = a.await;
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! The relay: bytes flow both ways as soon as they are read, never decoded and
+//! re-encoded. A [`FrameScanner`] per direction follows message boundaries so
+//! the proxy knows what the session is doing: how many requests (Query, Sync,
+//! FunctionCall) await their ReadyForQuery, and the transaction status that
+//! the last ReadyForQuery reported. The write path hooks in at exactly those
+//! points.
+//!
+//! The two directions run concurrently and independently: a client that
+//! pipelines without reading must not deadlock against a backend that is
+//! writing results, which is what a single read-then-write loop would do.
+
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::wire::frame::{self, Direction, FrameError, FrameScanner, Severity};
+
+const READ_CHUNK: usize = 32 * 1024;
+
+/// Transaction status from ReadyForQuery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    Idle,
+    InTransaction,
+    Failed,
+}
+
+impl TxStatus {
+    pub fn from_byte(b: u8) -> Option<TxStatus> {
+        match b {
+            b'I' => Some(TxStatus::Idle),
+            b'T' => Some(TxStatus::InTransaction),
+            b'E' => Some(TxStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// Shutdown signals shared by a proxy and its sessions.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Stop accepting; close each session once it is idle between transactions.
+    pub drain: CancellationToken,
+    /// Close every session now.
+    pub abort: CancellationToken,
+}
+
+/// What both directions of one session share.
+#[derive(Debug)]
+pub struct SessionState {
+    tx_status: AtomicU8,
+    /// Requests sent to the backend whose ReadyForQuery has not reached the client.
+    outstanding: AtomicI64,
+    /// Signalled after every ReadyForQuery reaches the client.
+    ready: Notify,
+}
+
+impl SessionState {
+    pub fn new(initial_status: u8) -> SessionState {
+        SessionState { tx_status: AtomicU8::new(initial_status), outstanding: AtomicI64::new(0), ready: Notify::new() }
+    }
+
+    pub fn tx_status(&self) -> Option<TxStatus> {
+        TxStatus::from_byte(self.tx_status.load(Ordering::Acquire))
+    }
+
+    /// No transaction open and nothing in flight: safe to close on drain.
+    pub fn is_idle(&self) -> bool {
+        self.outstanding.load(Ordering::Acquire) == 0 && self.tx_status() == Some(TxStatus::Idle)
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// How a relayed session ended.
+#[derive(Debug)]
+pub enum RelayEnd {
+    /// The client sent Terminate (forwarded) or closed its connection.
+    ClientClosed,
+    /// The backend closed; whatever it said last was forwarded.
+    BackendClosed,
+    /// The client broke the protocol; it was sent a FATAL 08P01.
+    ClientProtocolError(FrameError),
+    /// Drain reached this session while idle; it was told to reconnect.
+    Drained,
+    /// Shutdown without waiting.
+    Aborted,
+}
+
+enum Pumped {
+    Closed,
+    Io,
+    Protocol(FrameError),
+}
+
+/// Relays until either side closes, the client errs, or shutdown says stop.
+pub async fn relay<C, B>(client: C, backend: B, state: &SessionState, max_message: u32, shutdown: &Shutdown) -> RelayEnd
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut backend_rx, mut backend_tx) = tokio::io::split(backend);
+    let end = tokio::select! {
+        up = client_to_backend(&mut client_rx, &mut backend_tx, state, max_message) => match up {
+            Pumped::Protocol(e) => RelayEnd::ClientProtocolError(e),
+            Pumped::Closed | Pumped::Io => RelayEnd::ClientClosed,
+        },
+        _ = backend_to_client(&mut backend_rx, &mut client_tx, state) => RelayEnd::BackendClosed,
+        _ = async { shutdown.drain.cancelled().await; state.wait_idle().await } => RelayEnd::Drained,
+        _ = shutdown.abort.cancelled() => RelayEnd::Aborted,
+    };
+    let farewell = match &end {
+        RelayEnd::ClientProtocolError(e) => Some(frame::error_response(Severity::Fatal, "08P01", &e.to_string())),
+        RelayEnd::Drained | RelayEnd::Aborted => Some(frame::error_response(
+            Severity::Fatal,
+            "57P01",
+            "terminating connection because meridian is shutting down; reconnect",
+        )),
+        RelayEnd::ClientClosed | RelayEnd::BackendClosed => None,
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        if let Some(msg) = farewell {
+            let _ = client_tx.write_all(&msg).await;
+        }
+        let _ = client_tx.shutdown().await;
+        let _ = backend_tx.write_all(&frame::TERMINATE).await;
+        let _ = backend_tx.shutdown().await;
+    })
+    .await;
+    end
+}
+
+async fn client_to_backend<R, W>(rx: &mut R, tx: &mut W, state: &SessionState, max_message: u32) -> Pumped
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut scanner = FrameScanner::new(Direction::Frontend, max_message, frame::capture_none);
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = match rx.read(&mut buf).await {
+            Ok(0) | Err(_) => return Pumped::Closed,
+            Ok(n) => n,
+        };
+        let (mut requests, mut terminate) = (0, false);
+        let scanned = scanner.scan(&buf[..n], |m| match m.tag {
+            b'Q' | b'S' | b'F' => requests += 1,
+            b'X' => terminate = true,
+            _ => {}
+        });
+        if let Err(e) = scanned {
+            return Pumped::Protocol(e);
+        }
+        if requests > 0 {
+            // Counted before forwarding, so the reply cannot overtake the count.
+            state.outstanding.fetch_add(requests, Ordering::AcqRel);
+        }
+        if tx.write_all(&buf[..n]).await.is_err() {
+            return Pumped::Io;
+        }
+        if terminate {
+            return Pumped::Closed;
+        }
+    }
+}
+
+async fn backend_to_client<R, W>(rx: &mut R, tx: &mut W, state: &SessionState) -> Pumped
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // The backend is trusted; the limit only guards against a corrupt stream.
+    let mut scanner = FrameScanner::new(Direction::Backend, u32::MAX, frame::capture_ready_for_query);
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = match rx.read(&mut buf).await {
+            Ok(0) | Err(_) => return Pumped::Closed,
+            Ok(n) => n,
+        };
+        let (mut ready, mut status) = (0, None);
+        let scanned = scanner.scan(&buf[..n], |m| {
+            if let Some(&[s]) = m.body {
+                ready += 1;
+                status = Some(s);
+            }
+        });
+        if let Err(e) = scanned {
+            return Pumped::Protocol(e);
+        }
+        if tx.write_all(&buf[..n]).await.is_err() {
+            return Pumped::Io;
+        }
+        if let Some(s) = status {
+            state.tx_status.store(s, Ordering::Release);
+            state.outstanding.fetch_sub(ready, Ordering::AcqRel);
+            state.ready.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    /// Protocol test over in-memory pipes: bytes pass unchanged, status is tracked.
+    #[tokio::test]
+    async fn relays_unchanged_and_tracks_transaction_status() {
+        let (client_end, proxy_client) = duplex(1024);
+        let (proxy_backend, backend_end) = duplex(1024);
+        let state = SessionState::new(b'I');
+        let shutdown = Shutdown::default();
+        let (mut client_end, mut backend_end) = (client_end, backend_end);
+        let script = async {
+            let query = msg(b'Q', b"BEGIN\0");
+            client_end.write_all(&query).await.unwrap();
+            let mut got = vec![0u8; query.len()];
+            backend_end.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, query);
+            let mut reply = msg(b'C', b"BEGIN\0");
+            reply.extend(msg(b'Z', b"T"));
+            backend_end.write_all(&reply).await.unwrap();
+            let mut got = vec![0u8; reply.len()];
+            client_end.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, reply);
+            // The backend's write completes before the state update; poll briefly for it.
+            for _ in 0..100 {
+                if state.tx_status() == Some(TxStatus::InTransaction) {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(state.tx_status(), Some(TxStatus::InTransaction));
+            assert!(!state.is_idle());
+            client_end.write_all(&msg(b'X', b"")).await.unwrap();
+        };
+        let (end, ()) = tokio::join!(relay(proxy_client, proxy_backend, &state, 1 << 20, &shutdown), script);
+        assert!(matches!(end, RelayEnd::ClientClosed), "{end:?}");
+    }
+
+    #[tokio::test]
+    async fn garbage_from_client_gets_fatal_08p01() {
+        let (mut client_end, proxy_client) = duplex(1024);
+        let (proxy_backend, _backend_end) = duplex(1024);
+        let state = SessionState::new(b'I');
+        client_end.write_all(b"\xde\xad\xbe\xef garbage").await.unwrap();
+        let end = relay(proxy_client, proxy_backend, &state, 1 << 20, &Shutdown::default()).await;
+        assert!(matches!(end, RelayEnd::ClientProtocolError(FrameError::UnknownTag(0xde))));
+        let mut reply = Vec::new();
+        client_end.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply[0], b'E');
+        assert!(reply.windows(6).any(|w| w == b"08P01\0"));
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_the_open_transaction() {
+        let (mut client_end, proxy_client) = duplex(1024);
+        let (proxy_backend, mut backend_end) = duplex(1024);
+        let state = SessionState::new(b'T');
+        let shutdown = Shutdown::default();
+        shutdown.drain.cancel();
+        let script = async {
+            // In a transaction: the session must stay up for the COMMIT.
+            client_end.write_all(&msg(b'Q', b"COMMIT\0")).await.unwrap();
+            let mut got = vec![0u8; 12];
+            backend_end.read_exact(&mut got).await.unwrap();
+            let mut reply = msg(b'C', b"COMMIT\0");
+            reply.extend(msg(b'Z', b"I"));
+            backend_end.write_all(&reply).await.unwrap();
+            let mut out = Vec::new();
+            client_end.read_to_end(&mut out).await.unwrap();
+            out
+        };
+        let (end, out) = tokio::join!(relay(proxy_client, proxy_backend, &state, 1 << 20, &shutdown), script);
+        assert!(matches!(end, RelayEnd::Drained), "{end:?}");
+        assert!(out.starts_with(&msg(b'C', b"COMMIT\0")), "COMMIT reply must reach the client first");
+        assert!(out.windows(6).any(|w| w == b"57P01\0"));
+    }
+}
