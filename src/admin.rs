@@ -32,9 +32,17 @@ pub async fn serve(
     sessions: Arc<SessionContext>,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    let state = AdminState { region, backend: BackendAddr::from_config(&sessions.backend), sessions, shutdown };
+    let state = AdminState {
+        region,
+        backend: BackendAddr::from_config(&sessions.backend),
+        sessions,
+        shutdown,
+    };
     let stop = state.shutdown.clone();
-    let app = Router::new().route("/health", get(health)).route("/status", get(status)).with_state(state);
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/status", get(status))
+        .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             tokio::select! { _ = stop.drain.cancelled() => {}, _ = stop.abort.cancelled() => {} }
@@ -52,8 +60,14 @@ async fn health(State(s): State<AdminState>) -> (StatusCode, String) {
     }
     match tokio::time::timeout(Duration::from_secs(1), s.backend.connect()).await {
         Ok(Ok(_)) => (StatusCode::OK, "ok\n".into()),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("postgres unreachable: {e}\n")),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "postgres unreachable: timeout\n".into()),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("postgres unreachable: {e}\n"),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "postgres unreachable: timeout\n".into(),
+        ),
     }
 }
 

@@ -94,7 +94,11 @@ fn default_connect_timeout() -> Duration {
 impl BackendConfig {
     /// The password to answer the backend with, if any is configured.
     pub fn resolve_password(&self) -> Option<String> {
-        self.password.clone().or_else(|| self.password_env.as_ref().and_then(|v| std::env::var(v).ok()))
+        self.password.clone().or_else(|| {
+            self.password_env
+                .as_ref()
+                .and_then(|v| std::env::var(v).ok())
+        })
     }
 
     pub fn is_unix_socket(&self) -> bool {
@@ -112,6 +116,7 @@ impl BackendConfig {
 pub enum AuthMethod {
     /// SCRAM-SHA-256 against the verifiers in `auth.users`.
     #[default]
+    #[serde(rename = "scram-sha-256")]
     ScramSha256,
     /// No password: for local development only.
     Trust,
@@ -171,16 +176,28 @@ impl std::fmt::Display for ConfigProblem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
-    Invalid { path: PathBuf, problems: Vec<ConfigProblem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<ConfigProblem>,
+    },
 }
 
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Config::from_toml(&text).map_err(|problems| ConfigError::Invalid { path: path.into(), problems })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|problems| ConfigError::Invalid {
+            path: path.into(),
+            problems,
+        })
     }
 
     /// Parses and validates config text, returning every problem found.
@@ -194,7 +211,10 @@ impl Config {
                 let line = text[..span.start.min(text.len())].lines().count().max(1);
                 message = format!("{message} (line {line})");
             }
-            vec![ConfigProblem { key: if key == "." { String::new() } else { key }, message }]
+            vec![ConfigProblem {
+                key: if key == "." { String::new() } else { key },
+                message,
+            }]
         })?;
         let problems = config.validate();
         if problems.is_empty() {
@@ -207,23 +227,40 @@ impl Config {
     /// Checks what the types cannot: names, references, files.
     pub fn validate(&self) -> Vec<ConfigProblem> {
         let mut problems = Vec::new();
-        let mut problem = |key: String, message: String| problems.push(ConfigProblem { key, message });
+        let mut problem =
+            |key: String, message: String| problems.push(ConfigProblem { key, message });
         let name = &self.region.name;
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-            problem("region.name".into(), format!("{name:?} must be lowercase letters, digits and dashes, e.g. \"us-east\""));
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            problem(
+                "region.name".into(),
+                format!("{name:?} must be lowercase letters, digits and dashes, e.g. \"us-east\""),
+            );
         }
         if self.proxy.max_connections == 0 {
             problem("proxy.max_connections".into(), "must be at least 1".into());
         }
         if self.proxy.max_message_bytes < 1024 {
-            problem("proxy.max_message_bytes".into(), "must be at least 1024".into());
+            problem(
+                "proxy.max_message_bytes".into(),
+                "must be at least 1024".into(),
+            );
         }
         if self.backend.password.is_some() && self.backend.password_env.is_some() {
-            problem("backend.password_env".into(), "set either backend.password or backend.password_env, not both".into());
+            problem(
+                "backend.password_env".into(),
+                "set either backend.password or backend.password_env, not both".into(),
+            );
         }
         if let Some(var) = &self.backend.password_env {
             if std::env::var(var).is_err() {
-                problem("backend.password_env".into(), format!("environment variable {var} is not set"));
+                problem(
+                    "backend.password_env".into(),
+                    format!("environment variable {var} is not set"),
+                );
             }
         }
         if self.auth.method == AuthMethod::ScramSha256 && self.auth.users.is_empty() {
@@ -234,10 +271,19 @@ impl Config {
                 problem(format!("auth.users[{i}].name"), "must not be empty".into());
             }
             if self.auth.users[..i].iter().any(|u| u.name == user.name) {
-                problem(format!("auth.users[{i}].name"), format!("user {:?} is listed twice", user.name));
+                problem(
+                    format!("auth.users[{i}].name"),
+                    format!("user {:?} is listed twice", user.name),
+                );
             }
             if let Err(e) = Verifier::parse(&user.verifier) {
-                problem(format!("auth.users[{i}].verifier"), format!("{e}; make one with `meridian verifier --user {}`", user.name));
+                problem(
+                    format!("auth.users[{i}].verifier"),
+                    format!(
+                        "{e}; make one with `meridian verifier --user {}`",
+                        user.name
+                    ),
+                );
             }
         }
         if let Some(tls) = &self.tls {
@@ -250,7 +296,11 @@ impl Config {
 
     /// Looks up a client user's verifier.
     pub fn verifier_for(&self, user: &str) -> Option<Verifier> {
-        self.auth.users.iter().find(|u| u.name == user).and_then(|u| Verifier::parse(&u.verifier).ok())
+        self.auth
+            .users
+            .iter()
+            .find(|u| u.name == user)
+            .and_then(|u| Verifier::parse(&u.verifier).ok())
     }
 }
 
@@ -278,18 +328,30 @@ method = "trust"
 
     #[test]
     fn unknown_key_is_named_with_its_path() {
-        let text = MINIMAL.replace("port", "x").replace("[backend]", "[backend]\nprot = 5432");
+        let text = MINIMAL
+            .replace("port", "x")
+            .replace("[backend]", "[backend]\nprot = 5432");
         let problems = Config::from_toml(&text).unwrap_err();
         assert_eq!(problems[0].key, "backend.prot");
-        assert!(problems[0].message.contains("unknown field `prot`"), "{}", problems[0].message);
+        assert!(
+            problems[0].message.contains("unknown field `prot`"),
+            "{}",
+            problems[0].message
+        );
     }
 
     #[test]
     fn wrong_type_and_bad_duration_are_named() {
         let text = format!("{MINIMAL}\n[proxy]\nmax_connections = \"many\"\n");
-        assert_eq!(Config::from_toml(&text).unwrap_err()[0].key, "proxy.max_connections");
+        assert_eq!(
+            Config::from_toml(&text).unwrap_err()[0].key,
+            "proxy.max_connections"
+        );
         let text = format!("{MINIMAL}\n[proxy]\nhandshake_timeout = \"soon\"\n");
-        assert_eq!(Config::from_toml(&text).unwrap_err()[0].key, "proxy.handshake_timeout");
+        assert_eq!(
+            Config::from_toml(&text).unwrap_err()[0].key,
+            "proxy.handshake_timeout"
+        );
     }
 
     #[test]
@@ -310,10 +372,20 @@ verifier = "SCRAM-SHA-256$4096:c2FsdA==$AAAA:AAAA"
 cert = "/nonexistent/cert.pem"
 key = "/nonexistent/key.pem"
 "#;
-        let keys: Vec<String> = Config::from_toml(text).unwrap_err().into_iter().map(|p| p.key).collect();
+        let keys: Vec<String> = Config::from_toml(text)
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
         assert_eq!(
             keys,
-            ["region.name", "auth.users[0].verifier", "auth.users[1].name", "auth.users[1].verifier", "tls.cert"]
+            [
+                "region.name",
+                "auth.users[0].verifier",
+                "auth.users[1].name",
+                "auth.users[1].verifier",
+                "tls.cert"
+            ]
         );
     }
 }

@@ -16,7 +16,11 @@ use meridian::proxy::{Region, Shutdown};
 use meridian::wire::scram::Verifier;
 
 #[derive(Parser)]
-#[command(name = "meridian", version, about = "Active-active geo-replicated PostgreSQL proxy")]
+#[command(
+    name = "meridian",
+    version,
+    about = "Active-active geo-replicated PostgreSQL proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,7 +75,8 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -85,7 +90,9 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -96,7 +103,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(run(config))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { regions, port, latency, jitter, schema, rules, data, keep } => {
+        Command::Demo {
+            regions,
+            port,
+            latency,
+            jitter,
+            schema,
+            rules,
+            data,
+            keep,
+        } => {
             let opts = DemoOptions {
                 regions,
                 port,
@@ -120,10 +136,17 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verifier { user } => {
             eprintln!("password for {user} (read from stdin):");
             let mut password = String::new();
-            std::io::stdin().lock().read_line(&mut password).context("reading the password")?;
+            std::io::stdin()
+                .lock()
+                .read_line(&mut password)
+                .context("reading the password")?;
             let password = password.trim_end_matches(['\r', '\n']);
             anyhow::ensure!(!password.is_empty(), "empty password");
-            println!("[[auth.users]]\nname = {:?}\nverifier = \"{}\"", user, Verifier::generate(password));
+            println!(
+                "[[auth.users]]\nname = {:?}\nverifier = \"{}\"",
+                user,
+                Verifier::generate(password)
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

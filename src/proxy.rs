@@ -21,7 +21,10 @@ use crate::wire::session::{serve_client, SessionContext};
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] crate::wire::tls::TlsError),
 }
@@ -37,7 +40,9 @@ pub struct Proxy {
 impl Proxy {
     pub async fn bind(config: &Config) -> Result<Proxy, ProxyError> {
         let addr = config.proxy.listen;
-        let listener = TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ProxyError::Bind { addr, source })?;
         Proxy::with_listener(config, listener)
     }
 
@@ -95,7 +100,10 @@ impl Proxy {
         }
         drop(self.listener);
         sessions.close();
-        tracing::info!(sessions = sessions.len(), "stopped accepting; draining sessions");
+        tracing::info!(
+            sessions = sessions.len(),
+            "stopped accepting; draining sessions"
+        );
         tokio::select! {
             _ = sessions.wait() => {}
             _ = tokio::time::sleep(self.shutdown_timeout) => {
@@ -129,10 +137,18 @@ impl Region {
     pub async fn bind(config: &Config) -> Result<Region, ProxyError> {
         let proxy = Proxy::bind(config).await?;
         let admin = match config.admin.listen {
-            Some(addr) => Some(crate::admin::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?),
+            Some(addr) => Some(
+                crate::admin::bind(addr)
+                    .await
+                    .map_err(|source| ProxyError::Bind { addr, source })?,
+            ),
             None => None,
         };
-        Ok(Region { name: config.region.name.clone(), proxy, admin })
+        Ok(Region {
+            name: config.region.name.clone(),
+            proxy,
+            admin,
+        })
     }
 
     pub fn client_addr(&self) -> std::io::Result<SocketAddr> {

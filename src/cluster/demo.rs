@@ -9,12 +9,22 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cluster::postgres::{PgError, PgOptions, PgServer};
-use crate::config::{AdminConfig, AuthConfig, AuthMethod, BackendConfig, Config, ProxyConfig, RegionConfig};
+use crate::config::{
+    AdminConfig, AuthConfig, AuthMethod, BackendConfig, Config, ProxyConfig, RegionConfig,
+};
 use crate::proxy::{ProxyError, Region, Shutdown};
 
 /// Region names in the order regions are created.
-pub const REGION_NAMES: [&str; 8] =
-    ["us-east", "eu-west", "ap-south", "us-west", "eu-central", "ap-northeast", "sa-east", "af-south"];
+pub const REGION_NAMES: [&str; 8] = [
+    "us-east",
+    "eu-west",
+    "ap-south",
+    "us-west",
+    "eu-central",
+    "ap-northeast",
+    "sa-east",
+    "af-south",
+];
 
 /// Admin endpoints listen this far above the region's client port.
 pub const ADMIN_PORT_OFFSET: u16 = 1000;
@@ -62,11 +72,17 @@ struct RegionPlan {
 
 fn plan(opts: &DemoOptions) -> Result<Vec<RegionPlan>, DemoError> {
     if opts.regions == 0 || opts.regions > REGION_NAMES.len() {
-        return Err(DemoError::RegionCount { got: opts.regions, max: REGION_NAMES.len() });
+        return Err(DemoError::RegionCount {
+            got: opts.regions,
+            max: REGION_NAMES.len(),
+        });
     }
     let last = opts.port as usize + opts.regions - 1 + ADMIN_PORT_OFFSET as usize;
     if last > u16::MAX as usize || opts.port == 0 {
-        return Err(DemoError::PortRange { port: opts.port, regions: opts.regions });
+        return Err(DemoError::PortRange {
+            port: opts.port,
+            regions: opts.regions,
+        });
     }
     let plans: Vec<RegionPlan> = (0..opts.regions)
         .map(|i| RegionPlan {
@@ -78,7 +94,8 @@ fn plan(opts: &DemoOptions) -> Result<Vec<RegionPlan>, DemoError> {
         .collect();
     for p in &plans {
         for port in [p.port, p.admin_port] {
-            std::net::TcpListener::bind(("127.0.0.1", port)).map_err(|_| DemoError::PortBusy(port))?;
+            std::net::TcpListener::bind(("127.0.0.1", port))
+                .map_err(|_| DemoError::PortBusy(port))?;
         }
     }
     Ok(plans)
@@ -86,8 +103,14 @@ fn plan(opts: &DemoOptions) -> Result<Vec<RegionPlan>, DemoError> {
 
 fn region_config(plan: &RegionPlan, pg: &PgServer) -> Config {
     Config {
-        region: RegionConfig { name: plan.name.to_string(), id: plan.id },
-        proxy: ProxyConfig { listen: SocketAddr::from(([127, 0, 0, 1], plan.port)), ..ProxyConfig::default() },
+        region: RegionConfig {
+            name: plan.name.to_string(),
+            id: plan.id,
+        },
+        proxy: ProxyConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], plan.port)),
+            ..ProxyConfig::default()
+        },
         backend: BackendConfig {
             host: pg.socket_dir().display().to_string(),
             port: pg.port,
@@ -95,20 +118,30 @@ fn region_config(plan: &RegionPlan, pg: &PgServer) -> Config {
             password_env: None,
             connect_timeout: Duration::from_secs(5),
         },
-        auth: AuthConfig { method: AuthMethod::Trust, users: Vec::new() },
+        auth: AuthConfig {
+            method: AuthMethod::Trust,
+            users: Vec::new(),
+        },
         tls: None,
-        admin: AdminConfig { listen: Some(SocketAddr::from(([127, 0, 0, 1], plan.admin_port))) },
+        admin: AdminConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], plan.admin_port))),
+        },
     }
 }
 
 async fn apply_schema(pg: &PgServer, sql: &str) -> Result<(), String> {
     let (client, conn) =
-        tokio_postgres::connect(&pg.socket_conninfo("postgres"), tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        tokio_postgres::connect(&pg.socket_conninfo("postgres"), tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
     let driver = tokio::spawn(conn);
-    let result = client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
-    });
+    let result = client
+        .batch_execute(sql)
+        .await
+        .map_err(|e| match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => e.to_string(),
+        });
     drop(client);
     let _ = driver.await;
     result
@@ -122,7 +155,12 @@ pub async fn run(
 ) -> Result<(), DemoError> {
     let plans = plan(&opts)?;
     let schema = match &opts.schema {
-        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| DemoError::Schema { path: path.clone(), reason: e.to_string() })?),
+        Some(path) => Some(
+            std::fs::read_to_string(path).map_err(|e| DemoError::Schema {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?,
+        ),
         None => None,
     };
     if opts.rules_explicit && !opts.rules.is_dir() {
@@ -131,16 +169,29 @@ pub async fn run(
     let (base, _temp) = match &opts.data {
         Some(d) => (d.clone(), None),
         None => {
-            let t = tempfile::Builder::new().prefix("meridian-demo-").tempdir().map_err(|e| DemoError::Data {
-                path: std::env::temp_dir(),
-                reason: e.to_string(),
-            })?;
-            (t.path().to_path_buf(), if opts.keep { None } else { Some(t) })
+            let t = tempfile::Builder::new()
+                .prefix("meridian-demo-")
+                .tempdir()
+                .map_err(|e| DemoError::Data {
+                    path: std::env::temp_dir(),
+                    reason: e.to_string(),
+                })?;
+            (
+                t.path().to_path_buf(),
+                if opts.keep { None } else { Some(t) },
+            )
         }
     };
-    std::fs::create_dir_all(&base).map_err(|e| DemoError::Data { path: base.clone(), reason: e.to_string() })?;
+    std::fs::create_dir_all(&base).map_err(|e| DemoError::Data {
+        path: base.clone(),
+        reason: e.to_string(),
+    })?;
     tracing::info!(dir = %base.display(), regions = plans.len(), "starting PostgreSQL servers");
-    let pg_opts = PgOptions { durable: true, remove_on_stop: !opts.keep, ..PgOptions::default() };
+    let pg_opts = PgOptions {
+        durable: true,
+        remove_on_stop: !opts.keep,
+        ..PgOptions::default()
+    };
     let starts: Vec<_> = plans
         .iter()
         .map(|p| {
@@ -154,7 +205,10 @@ pub async fn run(
         match s.await.expect("PostgreSQL start task panicked") {
             Ok(pg) => servers.push(pg),
             Err(source) => {
-                first_error.get_or_insert(DemoError::Postgres { region: p.name.into(), source });
+                first_error.get_or_insert(DemoError::Postgres {
+                    region: p.name.into(),
+                    source,
+                });
             }
         }
     }
@@ -163,10 +217,12 @@ pub async fn run(
     }
     if let (Some(sql), Some(path)) = (&schema, &opts.schema) {
         for (p, pg) in plans.iter().zip(&servers) {
-            apply_schema(pg, sql).await.map_err(|reason| DemoError::Schema {
-                path: path.clone(),
-                reason: format!("failed in {}: {reason}", p.name),
-            })?;
+            apply_schema(pg, sql)
+                .await
+                .map_err(|reason| DemoError::Schema {
+                    path: path.clone(),
+                    reason: format!("failed in {}: {reason}", p.name),
+                })?;
         }
     }
     let shutdown = Shutdown::default();
@@ -189,7 +245,11 @@ pub async fn run(
         tasks.push(tokio::spawn(region.run(shutdown.clone())));
     }
     let rule_files = std::fs::read_dir(&opts.rules)
-        .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "toml")).count())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "toml"))
+                .count()
+        })
         .unwrap_or(0);
     tracing::info!(
         latency = %humantime::format_duration(opts.latency),

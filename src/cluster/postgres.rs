@@ -37,11 +37,19 @@ pub struct PgOptions {
     pub remove_on_stop: bool,
     /// Extra `name=value` settings passed as `-c`.
     pub settings: Vec<(String, String)>,
+    /// pg_hba.conf lines placed before the default `trust` ones (first match wins).
+    pub hba_first: Vec<String>,
 }
 
 impl Default for PgOptions {
     fn default() -> Self {
-        PgOptions { port: None, durable: false, remove_on_stop: true, settings: Vec::new() }
+        PgOptions {
+            port: None,
+            durable: false,
+            remove_on_stop: true,
+            settings: Vec::new(),
+            hba_first: Vec::new(),
+        }
     }
 }
 
@@ -61,7 +69,11 @@ const SUPERUSER: &str = "postgres";
 pub fn bindir() -> Result<PathBuf, PgError> {
     let has_server = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
     if let Some(d) = std::env::var_os("MERIDIAN_PG_BIN").map(PathBuf::from) {
-        return if has_server(&d) { Ok(d) } else { Err(PgError::NoBinaries) };
+        return if has_server(&d) {
+            Ok(d)
+        } else {
+            Err(PgError::NoBinaries)
+        };
     }
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         let d = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -82,7 +94,9 @@ pub fn bindir() -> Result<PathBuf, PgError> {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn is_root() -> bool {
@@ -94,7 +108,12 @@ fn is_root() -> bool {
 fn postgres_ids() -> Result<(u32, u32), PgError> {
     let out = Command::new("id").args(["-u", "postgres"]).output()?;
     let gid = Command::new("id").args(["-g", "postgres"]).output()?;
-    let parse = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().ok();
+    let parse = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<u32>()
+            .ok()
+    };
     match (out.status.success(), parse(&out), parse(&gid)) {
         (true, Some(u), Some(g)) => Ok((u, g)),
         _ => Err(PgError::NoPostgresUser),
@@ -112,7 +131,11 @@ impl PgServer {
     /// Initialises and starts a server in `dir` (created; must not exist yet or be empty).
     pub fn start(dir: &Path, opts: &PgOptions) -> Result<PgServer, PgError> {
         let bin = bindir()?;
-        let owner = if is_root() { Some(postgres_ids()?) } else { None };
+        let owner = if is_root() {
+            Some(postgres_ids()?)
+        } else {
+            None
+        };
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         if let Some((uid, gid)) = owner {
@@ -132,12 +155,30 @@ impl PgServer {
         initdb
             .args(["-D"])
             .arg(&data)
-            .args(["-U", SUPERUSER, "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"])
+            .args([
+                "-U",
+                SUPERUSER,
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            ])
             .stdin(Stdio::null());
         as_owner(&mut initdb, owner);
         let out = initdb.output()?;
         if !out.status.success() {
-            return Err(PgError::Command { what: "initdb".into(), detail: String::from_utf8_lossy(&out.stderr).into() });
+            return Err(PgError::Command {
+                what: "initdb".into(),
+                detail: String::from_utf8_lossy(&out.stderr).into(),
+            });
+        }
+        if !opts.hba_first.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let default = std::fs::read_to_string(&hba)?;
+            std::fs::write(&hba, format!("{}\n{default}", opts.hba_first.join("\n")))?;
         }
         let port = match opts.port {
             Some(p) => p,
@@ -174,14 +215,24 @@ if [ "{remove}" = 1 ]; then rm -rf "{dir}"; fi
             dir = dir.display(),
         );
         let mut guardian = Command::new("sh");
-        guardian.arg("-c").arg(script).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null());
+        guardian
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         // Own process group: a Ctrl-C in the terminal must not kill the guardian
         // before it has cleaned up; the pipe decides when it stops.
         guardian.process_group(0);
         as_owner(&mut guardian, owner);
         let mut guardian = guardian.spawn()?;
         let guardian_stdin = guardian.stdin.take();
-        let mut server = PgServer { port, dir, guardian, guardian_stdin };
+        let mut server = PgServer {
+            port,
+            dir,
+            guardian,
+            guardian_stdin,
+        };
         server.wait_ready(Duration::from_secs(60))?;
         Ok(server)
     }
@@ -195,9 +246,20 @@ if [ "{remove}" = 1 ]; then rm -rf "{dir}"; fi
                 return Ok(());
             }
             if self.guardian.try_wait()?.is_some() || Instant::now() > deadline {
-                let log = std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
-                return Err(PgError::Command { what: "postgres start".into(), detail: tail.join("\n") });
+                let log =
+                    std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
+                let tail: Vec<&str> = log
+                    .lines()
+                    .rev()
+                    .take(10)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                return Err(PgError::Command {
+                    what: "postgres start".into(),
+                    detail: tail.join("\n"),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -215,7 +277,11 @@ if [ "{remove}" = 1 ]; then rm -rf "{dir}"; fi
 
     /// A tokio-postgres / libpq key-value connection string over the Unix socket.
     pub fn socket_conninfo(&self, database: &str) -> String {
-        format!("host={} port={} user={SUPERUSER} dbname={database}", self.dir.display(), self.port)
+        format!(
+            "host={} port={} user={SUPERUSER} dbname={database}",
+            self.dir.display(),
+            self.port
+        )
     }
 
     pub fn superuser(&self) -> &'static str {

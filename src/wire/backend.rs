@@ -29,7 +29,10 @@ impl BackendAddr {
         if cfg.is_unix_socket() {
             BackendAddr::Unix(cfg.socket_path())
         } else {
-            BackendAddr::Tcp { host: cfg.host.clone(), port: cfg.port }
+            BackendAddr::Tcp {
+                host: cfg.host.clone(),
+                port: cfg.port,
+            }
         }
     }
 
@@ -71,13 +74,21 @@ macro_rules! delegate {
 }
 
 impl AsyncRead for BackendStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         delegate!(self, s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for BackendStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         delegate!(self, s => Pin::new(s).poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -111,7 +122,9 @@ impl BackendError {
     /// SQLSTATE the client sees (a `Rejected` error carries the backend's own).
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            BackendError::Connect { .. } | BackendError::Timeout(_) | BackendError::Io(_) => "08006",
+            BackendError::Connect { .. } | BackendError::Timeout(_) | BackendError::Io(_) => {
+                "08006"
+            }
             BackendError::NoPassword | BackendError::UnsupportedAuth(_) => "28000",
             BackendError::Protocol(_) => "08P01",
             BackendError::Rejected { .. } => "XX000",
@@ -131,7 +144,10 @@ pub struct BackendSession {
 }
 
 /// Reads one whole backend message: (tag, raw bytes including the header).
-async fn read_message<S: AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut) -> Result<(u8, Bytes), BackendError> {
+async fn read_message<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+) -> Result<(u8, Bytes), BackendError> {
     loop {
         if buf.len() >= 5 {
             let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
@@ -150,16 +166,29 @@ async fn read_message<S: AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut) -> Re
 }
 
 /// Connects and authenticates, passing the client's startup parameters through.
-pub async fn connect(cfg: &BackendConfig, params: &[(String, String)]) -> Result<BackendSession, BackendError> {
+pub async fn connect(
+    cfg: &BackendConfig,
+    params: &[(String, String)],
+) -> Result<BackendSession, BackendError> {
     let addr = BackendAddr::from_config(cfg);
     let stream = tokio::time::timeout(cfg.connect_timeout, addr.connect())
         .await
         .map_err(|_| BackendError::Timeout(addr.to_string()))?
-        .map_err(|source| BackendError::Connect { addr: addr.to_string(), source })?;
-    let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.as_str()).unwrap_or_default();
-    tokio::time::timeout(cfg.connect_timeout, startup(stream, user, params, cfg.resolve_password()))
-        .await
-        .map_err(|_| BackendError::Timeout(addr.to_string()))?
+        .map_err(|source| BackendError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let user = params
+        .iter()
+        .find(|(k, _)| k == "user")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    tokio::time::timeout(
+        cfg.connect_timeout,
+        startup(stream, user, params, cfg.resolve_password()),
+    )
+    .await
+    .map_err(|_| BackendError::Timeout(addr.to_string()))?
 }
 
 async fn startup(
@@ -179,18 +208,33 @@ async fn startup(
         match tag {
             b'R' => {
                 if body.len() < 4 {
-                    return Err(BackendError::Protocol("short authentication message".into()));
+                    return Err(BackendError::Protocol(
+                        "short authentication message".into(),
+                    ));
                 }
                 let code = body.get_u32();
                 let mut out = BytesMut::new();
-                let password = || password.as_deref().map(str::as_bytes).ok_or(BackendError::NoPassword);
+                let password = || {
+                    password
+                        .as_deref()
+                        .map(str::as_bytes)
+                        .ok_or(BackendError::NoPassword)
+                };
                 match code {
                     0 => continue,
-                    3 => frontend::password_message(password()?, &mut out).map_err(BackendError::Io)?,
+                    3 => frontend::password_message(password()?, &mut out)
+                        .map_err(BackendError::Io)?,
                     5 => {
-                        let salt: [u8; 4] = body.try_into().map_err(|_| BackendError::Protocol("bad MD5 salt".into()))?;
-                        let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), password()?, salt);
-                        frontend::password_message(hash.as_bytes(), &mut out).map_err(BackendError::Io)?;
+                        let salt: [u8; 4] = body
+                            .try_into()
+                            .map_err(|_| BackendError::Protocol("bad MD5 salt".into()))?;
+                        let hash = postgres_protocol::authentication::md5_hash(
+                            user.as_bytes(),
+                            password()?,
+                            salt,
+                        );
+                        frontend::password_message(hash.as_bytes(), &mut out)
+                            .map_err(BackendError::Io)?;
                     }
                     10 => {
                         let offered = body.split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256");
@@ -198,16 +242,22 @@ async fn startup(
                             return Err(BackendError::UnsupportedAuth(code));
                         }
                         let s = ScramSha256::new(password()?, ChannelBinding::unsupported());
-                        frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out).map_err(BackendError::Io)?;
+                        frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                            .map_err(BackendError::Io)?;
                         scram = Some(s);
                     }
                     11 | 12 => {
-                        let s = scram.as_mut().ok_or_else(|| BackendError::Protocol("SASL message before SASL start".into()))?;
+                        let s = scram.as_mut().ok_or_else(|| {
+                            BackendError::Protocol("SASL message before SASL start".into())
+                        })?;
                         if code == 11 {
-                            s.update(body).map_err(|e| BackendError::Protocol(e.to_string()))?;
-                            frontend::sasl_response(s.message(), &mut out).map_err(BackendError::Io)?;
+                            s.update(body)
+                                .map_err(|e| BackendError::Protocol(e.to_string()))?;
+                            frontend::sasl_response(s.message(), &mut out)
+                                .map_err(BackendError::Io)?;
                         } else {
-                            s.finish(body).map_err(|e| BackendError::Protocol(e.to_string()))?;
+                            s.finish(body)
+                                .map_err(|e| BackendError::Protocol(e.to_string()))?;
                             continue;
                         }
                     }
@@ -219,10 +269,22 @@ async fn startup(
             b'K' if body.len() == 8 => key = Some((body.get_i32(), body.get_i32())),
             b'E' => return Err(BackendError::Rejected { raw }),
             b'Z' => {
-                let (pid, secret) = key.ok_or_else(|| BackendError::Protocol("no BackendKeyData".into()))?;
-                return Ok(BackendSession { stream, startup_messages, pid, secret, ready: raw });
+                let (pid, secret) =
+                    key.ok_or_else(|| BackendError::Protocol("no BackendKeyData".into()))?;
+                return Ok(BackendSession {
+                    stream,
+                    startup_messages,
+                    pid,
+                    secret,
+                    ready: raw,
+                });
             }
-            other => return Err(BackendError::Protocol(format!("message type {:?}", char::from(other)))),
+            other => {
+                return Err(BackendError::Protocol(format!(
+                    "message type {:?}",
+                    char::from(other)
+                )))
+            }
         }
     }
 }

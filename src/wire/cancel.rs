@@ -40,7 +40,11 @@ impl Drop for CancelKey {
 
 impl CancelRegistry {
     pub fn new(backend: BackendAddr) -> Arc<CancelRegistry> {
-        Arc::new(CancelRegistry { backend, next_pid: AtomicI32::new(1), sessions: Mutex::new(HashMap::new()) })
+        Arc::new(CancelRegistry {
+            backend,
+            next_pid: AtomicI32::new(1),
+            sessions: Mutex::new(HashMap::new()),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Target>> {
@@ -52,8 +56,19 @@ impl CancelRegistry {
     pub fn register(self: &Arc<Self>, backend_pid: i32, backend_secret: i32) -> CancelKey {
         let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & i32::MAX;
         let secret = rand::thread_rng().gen();
-        self.lock().insert(pid, Target { secret, backend_pid, backend_secret });
-        CancelKey { registry: self.clone(), pid, secret }
+        self.lock().insert(
+            pid,
+            Target {
+                secret,
+                backend_pid,
+                backend_secret,
+            },
+        );
+        CancelKey {
+            registry: self.clone(),
+            pid,
+            secret,
+        }
     }
 
     /// Forwards a client's cancel request; false when the key is unknown.
@@ -90,7 +105,10 @@ mod tests {
         let b = reg.register(10, 11);
         assert_ne!(a.pid, b.pid);
         assert_eq!(reg.len(), 2);
-        assert!(!reg.cancel(a.pid, a.secret.wrapping_add(1)).await, "wrong secret must not cancel");
+        assert!(
+            !reg.cancel(a.pid, a.secret.wrapping_add(1)).await,
+            "wrong secret must not cancel"
+        );
         drop(a);
         assert_eq!(reg.len(), 1);
     }

@@ -36,7 +36,19 @@ pub enum Direction {
 pub fn is_frontend_tag(tag: u8) -> bool {
     matches!(
         tag,
-        b'B' | b'C' | b'd' | b'c' | b'f' | b'D' | b'E' | b'H' | b'F' | b'P' | b'p' | b'Q' | b'S' | b'X'
+        b'B' | b'C'
+            | b'd'
+            | b'c'
+            | b'f'
+            | b'D'
+            | b'E'
+            | b'H'
+            | b'F'
+            | b'P'
+            | b'p'
+            | b'Q'
+            | b'S'
+            | b'X'
     )
 }
 
@@ -141,15 +153,27 @@ impl FrameScanner {
 
     fn start_body(&mut self) -> Result<(), FrameError> {
         let tag = self.header[0];
-        let len = u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
+        let len = u32::from_be_bytes([
+            self.header[1],
+            self.header[2],
+            self.header[3],
+            self.header[4],
+        ]);
         if self.direction == Direction::Frontend && !is_frontend_tag(tag) {
             return Err(FrameError::UnknownTag(tag));
         }
         if len < 4 {
-            return Err(FrameError::BadLength { tag: tag.into(), len });
+            return Err(FrameError::BadLength {
+                tag: tag.into(),
+                len,
+            });
         }
         if len > self.max_len {
-            return Err(FrameError::TooLarge { tag: tag.into(), len, max: self.max_len });
+            return Err(FrameError::TooLarge {
+                tag: tag.into(),
+                len,
+                max: self.max_len,
+            });
         }
         self.tag = tag;
         self.remaining = (len - 4) as usize;
@@ -158,7 +182,11 @@ impl FrameScanner {
     }
 
     fn finish(&mut self, on_message: &mut impl FnMut(Seen<'_>), body: Option<&[u8]>, end: usize) {
-        on_message(Seen { tag: self.tag, body, end });
+        on_message(Seen {
+            tag: self.tag,
+            body,
+            end,
+        });
         self.header_len = 0;
         self.capturing = false;
     }
@@ -266,7 +294,10 @@ mod tests {
         v
     }
 
-    fn scan_all(scanner: &mut FrameScanner, chunks: &[&[u8]]) -> Result<Vec<(u8, Option<Vec<u8>>)>, FrameError> {
+    fn scan_all(
+        scanner: &mut FrameScanner,
+        chunks: &[&[u8]],
+    ) -> Result<Vec<(u8, Option<Vec<u8>>)>, FrameError> {
         let mut out = Vec::new();
         for c in chunks {
             scanner.scan(c, |s| out.push((s.tag, s.body.map(<[u8]>::to_vec))))?;
@@ -287,19 +318,34 @@ mod tests {
     #[test]
     fn rejects_unknown_frontend_tag_and_huge_length() {
         let mut s = FrameScanner::new(Direction::Frontend, 1024, capture_none);
-        assert_eq!(scan_all(&mut s, &[b"\x01\x00\x00\x00\x04"]), Err(FrameError::UnknownTag(1)));
+        assert_eq!(
+            scan_all(&mut s, &[b"\x01\x00\x00\x00\x04"]),
+            Err(FrameError::UnknownTag(1))
+        );
         let mut s = FrameScanner::new(Direction::Frontend, 1024, capture_none);
         let err = scan_all(&mut s, &[b"Q\x80\x00\x00\x00"]).unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { len: 0x8000_0000, .. }));
+        assert!(matches!(
+            err,
+            FrameError::TooLarge {
+                len: 0x8000_0000,
+                ..
+            }
+        ));
         let mut s = FrameScanner::new(Direction::Frontend, 1024, capture_none);
-        assert!(matches!(scan_all(&mut s, &[b"S\x00\x00\x00\x02"]), Err(FrameError::BadLength { .. })));
+        assert!(matches!(
+            scan_all(&mut s, &[b"S\x00\x00\x00\x02"]),
+            Err(FrameError::BadLength { .. })
+        ));
     }
 
     #[test]
     fn error_response_is_well_formed() {
         let e = error_response(Severity::Fatal, "08P01", "bad\0thing");
         assert_eq!(e[0], b'E');
-        assert_eq!(u32::from_be_bytes([e[1], e[2], e[3], e[4]]) as usize, e.len() - 1);
+        assert_eq!(
+            u32::from_be_bytes([e[1], e[2], e[3], e[4]]) as usize,
+            e.len() - 1
+        );
         assert!(e.windows(6).any(|w| w == b"08P01\0"));
         assert!(e.windows(9).any(|w| w == b"bad?thing"));
     }

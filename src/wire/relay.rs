@@ -59,7 +59,11 @@ pub struct SessionState {
 
 impl SessionState {
     pub fn new(initial_status: u8) -> SessionState {
-        SessionState { tx_status: AtomicU8::new(initial_status), outstanding: AtomicI64::new(0), ready: Notify::new() }
+        SessionState {
+            tx_status: AtomicU8::new(initial_status),
+            outstanding: AtomicI64::new(0),
+            ready: Notify::new(),
+        }
     }
 
     pub fn tx_status(&self) -> Option<TxStatus> {
@@ -106,7 +110,13 @@ enum Pumped {
 }
 
 /// Relays until either side closes, the client errs, or shutdown says stop.
-pub async fn relay<C, B>(client: C, backend: B, state: &SessionState, max_message: u32, shutdown: &Shutdown) -> RelayEnd
+pub async fn relay<C, B>(
+    client: C,
+    backend: B,
+    state: &SessionState,
+    max_message: u32,
+    shutdown: &Shutdown,
+) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -123,7 +133,11 @@ where
         _ = shutdown.abort.cancelled() => RelayEnd::Aborted,
     };
     let farewell = match &end {
-        RelayEnd::ClientProtocolError(e) => Some(frame::error_response(Severity::Fatal, "08P01", &e.to_string())),
+        RelayEnd::ClientProtocolError(e) => Some(frame::error_response(
+            Severity::Fatal,
+            "08P01",
+            &e.to_string(),
+        )),
         RelayEnd::Drained | RelayEnd::Aborted => Some(frame::error_response(
             Severity::Fatal,
             "57P01",
@@ -143,7 +157,12 @@ where
     end
 }
 
-async fn client_to_backend<R, W>(rx: &mut R, tx: &mut W, state: &SessionState, max_message: u32) -> Pumped
+async fn client_to_backend<R, W>(
+    rx: &mut R,
+    tx: &mut W,
+    state: &SessionState,
+    max_message: u32,
+) -> Pumped
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -183,7 +202,8 @@ where
     W: AsyncWrite + Unpin,
 {
     // The backend is trusted; the limit only guards against a corrupt stream.
-    let mut scanner = FrameScanner::new(Direction::Backend, u32::MAX, frame::capture_ready_for_query);
+    let mut scanner =
+        FrameScanner::new(Direction::Backend, u32::MAX, frame::capture_ready_for_query);
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
         let n = match rx.read(&mut buf).await {
@@ -254,7 +274,10 @@ mod tests {
             assert!(!state.is_idle());
             client_end.write_all(&msg(b'X', b"")).await.unwrap();
         };
-        let (end, ()) = tokio::join!(relay(proxy_client, proxy_backend, &state, 1 << 20, &shutdown), script);
+        let (end, ()) = tokio::join!(
+            relay(proxy_client, proxy_backend, &state, 1 << 20, &shutdown),
+            script
+        );
         assert!(matches!(end, RelayEnd::ClientClosed), "{end:?}");
     }
 
@@ -263,9 +286,22 @@ mod tests {
         let (mut client_end, proxy_client) = duplex(1024);
         let (proxy_backend, _backend_end) = duplex(1024);
         let state = SessionState::new(b'I');
-        client_end.write_all(b"\xde\xad\xbe\xef garbage").await.unwrap();
-        let end = relay(proxy_client, proxy_backend, &state, 1 << 20, &Shutdown::default()).await;
-        assert!(matches!(end, RelayEnd::ClientProtocolError(FrameError::UnknownTag(0xde))));
+        client_end
+            .write_all(b"\xde\xad\xbe\xef garbage")
+            .await
+            .unwrap();
+        let end = relay(
+            proxy_client,
+            proxy_backend,
+            &state,
+            1 << 20,
+            &Shutdown::default(),
+        )
+        .await;
+        assert!(matches!(
+            end,
+            RelayEnd::ClientProtocolError(FrameError::UnknownTag(0xde))
+        ));
         let mut reply = Vec::new();
         client_end.read_to_end(&mut reply).await.unwrap();
         assert_eq!(reply[0], b'E');
@@ -291,9 +327,15 @@ mod tests {
             client_end.read_to_end(&mut out).await.unwrap();
             out
         };
-        let (end, out) = tokio::join!(relay(proxy_client, proxy_backend, &state, 1 << 20, &shutdown), script);
+        let (end, out) = tokio::join!(
+            relay(proxy_client, proxy_backend, &state, 1 << 20, &shutdown),
+            script
+        );
         assert!(matches!(end, RelayEnd::Drained), "{end:?}");
-        assert!(out.starts_with(&msg(b'C', b"COMMIT\0")), "COMMIT reply must reach the client first");
+        assert!(
+            out.starts_with(&msg(b'C', b"COMMIT\0")),
+            "COMMIT reply must reach the client first"
+        );
         assert!(out.windows(6).any(|w| w == b"57P01\0"));
     }
 }

@@ -41,7 +41,9 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").field("iterations", &self.iterations).finish_non_exhaustive()
+        f.debug_struct("Verifier")
+            .field("iterations", &self.iterations)
+            .finish_non_exhaustive()
     }
 }
 
@@ -52,8 +54,11 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
 }
 
 fn key32(b64: &str) -> Result<[u8; 32], ScramError> {
-    let v = B64.decode(b64).map_err(|_| ScramError::BadVerifier("key is not base64"))?;
-    v.try_into().map_err(|_| ScramError::BadVerifier("key is not 32 bytes"))
+    let v = B64
+        .decode(b64)
+        .map_err(|_| ScramError::BadVerifier("key is not base64"))?;
+    v.try_into()
+        .map_err(|_| ScramError::BadVerifier("key is not 32 bytes"))
 }
 
 impl Verifier {
@@ -79,16 +84,33 @@ impl Verifier {
     }
 
     pub fn parse(s: &str) -> Result<Verifier, ScramError> {
-        let rest = s.strip_prefix("SCRAM-SHA-256$").ok_or(ScramError::BadVerifier("must start with SCRAM-SHA-256$"))?;
-        let (params, keys) = rest.split_once('$').ok_or(ScramError::BadVerifier("missing '$' before the keys"))?;
-        let (iter, salt) = params.split_once(':').ok_or(ScramError::BadVerifier("missing ':' after iterations"))?;
-        let (stored, server) = keys.split_once(':').ok_or(ScramError::BadVerifier("missing ':' between keys"))?;
-        let iterations: u32 = iter.parse().map_err(|_| ScramError::BadVerifier("iterations is not a number"))?;
+        let rest = s
+            .strip_prefix("SCRAM-SHA-256$")
+            .ok_or(ScramError::BadVerifier("must start with SCRAM-SHA-256$"))?;
+        let (params, keys) = rest
+            .split_once('$')
+            .ok_or(ScramError::BadVerifier("missing '$' before the keys"))?;
+        let (iter, salt) = params
+            .split_once(':')
+            .ok_or(ScramError::BadVerifier("missing ':' after iterations"))?;
+        let (stored, server) = keys
+            .split_once(':')
+            .ok_or(ScramError::BadVerifier("missing ':' between keys"))?;
+        let iterations: u32 = iter
+            .parse()
+            .map_err(|_| ScramError::BadVerifier("iterations is not a number"))?;
         if iterations == 0 {
             return Err(ScramError::BadVerifier("iterations must be positive"));
         }
-        let salt = B64.decode(salt).map_err(|_| ScramError::BadVerifier("salt is not base64"))?;
-        Ok(Verifier { iterations, salt, stored_key: key32(stored)?, server_key: key32(server)? })
+        let salt = B64
+            .decode(salt)
+            .map_err(|_| ScramError::BadVerifier("salt is not base64"))?;
+        Ok(Verifier {
+            iterations,
+            salt,
+            stored_key: key32(stored)?,
+            server_key: key32(server)?,
+        })
     }
 
     /// A verifier for an unknown user: the exchange runs to the end and fails
@@ -123,14 +145,16 @@ pub struct ServerFirst {
 }
 
 fn attr<'a>(part: Option<&'a str>, name: char) -> Result<&'a str, ScramError> {
-    part.and_then(|p| p.strip_prefix(name)).and_then(|p| p.strip_prefix('='))
+    part.and_then(|p| p.strip_prefix(name))
+        .and_then(|p| p.strip_prefix('='))
         .ok_or(ScramError::Protocol("missing attribute"))
 }
 
 impl ServerFirst {
     /// Handles client-first-message; returns the state and server-first-message.
     pub fn new(verifier: Verifier, client_first: &[u8]) -> Result<ServerFirst, ScramError> {
-        let msg = std::str::from_utf8(client_first).map_err(|_| ScramError::Protocol("not UTF-8"))?;
+        let msg =
+            std::str::from_utf8(client_first).map_err(|_| ScramError::Protocol("not UTF-8"))?;
         let mut parts = msg.splitn(3, ',');
         let flag = parts.next().unwrap_or_default();
         match flag {
@@ -138,21 +162,33 @@ impl ServerFirst {
             f if f.starts_with("p=") => return Err(ScramError::ChannelBinding),
             _ => return Err(ScramError::Protocol("bad gs2 flag")),
         }
-        let authzid = parts.next().ok_or(ScramError::Protocol("missing authzid"))?;
+        let authzid = parts
+            .next()
+            .ok_or(ScramError::Protocol("missing authzid"))?;
         if !authzid.is_empty() {
             return Err(ScramError::Protocol("authzid is not supported"));
         }
-        let bare = parts.next().ok_or(ScramError::Protocol("missing client-first-bare"))?;
+        let bare = parts
+            .next()
+            .ok_or(ScramError::Protocol("missing client-first-bare"))?;
         let mut attrs = bare.split(',');
         attr(attrs.next(), 'n')?; // Postgres ignores the SCRAM user name; the startup user counts.
         let client_nonce = attr(attrs.next(), 'r')?;
-        if client_nonce.is_empty() || !client_nonce.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',') {
+        if client_nonce.is_empty()
+            || !client_nonce
+                .bytes()
+                .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
+        {
             return Err(ScramError::Protocol("bad client nonce"));
         }
         let mut raw = [0u8; 18];
         rand::thread_rng().fill_bytes(&mut raw);
         let nonce = format!("{client_nonce}{}", B64.encode(raw));
-        let server_first = format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            B64.encode(&verifier.salt),
+            verifier.iterations
+        );
         Ok(ServerFirst {
             verifier,
             client_first_bare: bare.to_owned(),
@@ -168,8 +204,11 @@ impl ServerFirst {
 
     /// Checks client-final-message; on success returns server-final-message.
     pub fn finish(self, client_final: &[u8]) -> Result<Vec<u8>, ScramError> {
-        let msg = std::str::from_utf8(client_final).map_err(|_| ScramError::Protocol("not UTF-8"))?;
-        let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(ScramError::Protocol("missing proof"))?;
+        let msg =
+            std::str::from_utf8(client_final).map_err(|_| ScramError::Protocol("not UTF-8"))?;
+        let (without_proof, proof) = msg
+            .rsplit_once(",p=")
+            .ok_or(ScramError::Protocol("missing proof"))?;
         let mut attrs = without_proof.split(',');
         let binding = attr(attrs.next(), 'c')?;
         if B64.decode(binding).ok().as_deref() != Some(self.gs2_header.as_bytes()) {
@@ -178,16 +217,24 @@ impl ServerFirst {
         if attr(attrs.next(), 'r')? != self.nonce {
             return Err(ScramError::Protocol("nonce does not match"));
         }
-        let proof = B64.decode(proof).map_err(|_| ScramError::Protocol("proof is not base64"))?;
+        let proof = B64
+            .decode(proof)
+            .map_err(|_| ScramError::Protocol("proof is not base64"))?;
         if proof.len() != 32 {
             return Err(ScramError::Protocol("proof has the wrong length"));
         }
-        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
         let signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
         let client_key: Vec<u8> = proof.iter().zip(signature).map(|(p, s)| p ^ s).collect();
         let stored: [u8; 32] = Sha256::digest(&client_key).into();
         // Constant-time comparison: fold all differences before deciding.
-        let diff = stored.iter().zip(self.verifier.stored_key).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let diff = stored
+            .iter()
+            .zip(self.verifier.stored_key)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         if diff != 0 {
             return Err(ScramError::WrongPassword);
         }
@@ -204,11 +251,16 @@ mod tests {
     /// Runs postgres-protocol's client (what tokio-postgres uses) against our server.
     fn exchange(stored_password: &str, client_password: &str) -> Result<(), ScramError> {
         let verifier = Verifier::parse(&Verifier::generate(stored_password).to_string())?;
-        let mut client = ScramSha256::new(client_password.as_bytes(), ChannelBinding::unrequested());
+        let mut client =
+            ScramSha256::new(client_password.as_bytes(), ChannelBinding::unrequested());
         let server = ServerFirst::new(verifier, client.message())?;
-        client.update(server.server_first_message()).map_err(|_| ScramError::Protocol("client rejected server-first"))?;
+        client
+            .update(server.server_first_message())
+            .map_err(|_| ScramError::Protocol("client rejected server-first"))?;
         let server_final = server.finish(client.message())?;
-        client.finish(&server_final).map_err(|_| ScramError::Protocol("client rejected server signature"))?;
+        client
+            .finish(&server_final)
+            .map_err(|_| ScramError::Protocol("client rejected server signature"))?;
         Ok(())
     }
 
@@ -233,7 +285,10 @@ mod tests {
     #[test]
     fn channel_binding_request_is_refused() {
         let v = Verifier::generate("x");
-        assert!(matches!(ServerFirst::new(v, b"p=tls-server-end-point,,n=,r=abc"), Err(ScramError::ChannelBinding)));
+        assert!(matches!(
+            ServerFirst::new(v, b"p=tls-server-end-point,,n=,r=abc"),
+            Err(ScramError::ChannelBinding)
+        ));
     }
 
     #[test]
@@ -241,6 +296,9 @@ mod tests {
         let mut client = ScramSha256::new(b"", ChannelBinding::unrequested());
         let server = ServerFirst::new(Verifier::decoy(), client.message()).unwrap();
         client.update(server.server_first_message()).unwrap();
-        assert_eq!(server.finish(client.message()), Err(ScramError::WrongPassword));
+        assert_eq!(
+            server.finish(client.message()),
+            Err(ScramError::WrongPassword)
+        );
     }
 }

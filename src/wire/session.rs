@@ -50,12 +50,20 @@ pub struct SessionContext {
 
 impl SessionContext {
     pub fn from_config(config: &Config) -> Result<SessionContext, crate::wire::tls::TlsError> {
-        let tls = config.tls.as_ref().map(crate::wire::tls::load_acceptor).transpose()?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(crate::wire::tls::load_acceptor)
+            .transpose()?;
         let users = config
             .auth
             .users
             .iter()
-            .filter_map(|u| Verifier::parse(&u.verifier).ok().map(|v| (u.name.clone(), v)))
+            .filter_map(|u| {
+                Verifier::parse(&u.verifier)
+                    .ok()
+                    .map(|v| (u.name.clone(), v))
+            })
             .collect();
         Ok(SessionContext {
             backend: config.backend.clone(),
@@ -83,7 +91,10 @@ enum HandshakeError {
 
 impl HandshakeError {
     fn refused(code: &'static str, message: impl Into<String>) -> Self {
-        HandshakeError::Refused { code, message: message.into() }
+        HandshakeError::Refused {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -154,7 +165,10 @@ struct Established {
 }
 
 /// Runs the startup phase; `Ok(None)` when it ended quietly (a cancel request).
-async fn establish<S>(client: &mut ClientStream<S>, ctx: &SessionContext) -> Result<Option<Established>, HandshakeError>
+async fn establish<S>(
+    client: &mut ClientStream<S>,
+    ctx: &SessionContext,
+) -> Result<Option<Established>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -172,12 +186,17 @@ where
         };
         match packet {
             FirstPacket::SslRequest if client.is_tls() => {
-                return Err(HandshakeError::refused("08P01", "SSLRequest received twice"))
+                return Err(HandshakeError::refused(
+                    "08P01",
+                    "SSLRequest received twice",
+                ))
             }
             FirstPacket::SslRequest => match &ctx.tls {
                 Some(acceptor) => {
                     client.write_all(b"S").await?;
-                    timeout_at(deadline, client.upgrade(acceptor)).await.map_err(|_| timed_out())??;
+                    timeout_at(deadline, client.upgrade(acceptor))
+                        .await
+                        .map_err(|_| timed_out())??;
                 }
                 None => client.write_all(b"N").await?,
             },
@@ -193,16 +212,30 @@ where
     };
     let user = startup
         .user()
-        .ok_or_else(|| HandshakeError::refused("28000", "no PostgreSQL user name specified in startup packet"))?
+        .ok_or_else(|| {
+            HandshakeError::refused(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            )
+        })?
         .to_owned();
     let span = tracing::Span::current();
     span.record("user", user.as_str());
     span.record("db", startup.database().unwrap_or_default());
     if startup.minor_version > 0 || !startup.protocol_options.is_empty() {
-        client.write_all(&frame::negotiate_protocol_version(0, &startup.protocol_options)).await?;
+        client
+            .write_all(&frame::negotiate_protocol_version(
+                0,
+                &startup.protocol_options,
+            ))
+            .await?;
     }
     if ctx.auth_method == AuthMethod::ScramSha256 {
-        let verifier = ctx.users.iter().find(|(n, _)| *n == user).map(|(_, v)| v.clone());
+        let verifier = ctx
+            .users
+            .iter()
+            .find(|(n, _)| *n == user)
+            .map(|(_, v)| v.clone());
         match timeout_at(deadline, authenticate(client, &user, verifier)).await {
             Err(_) => return Err(timed_out()),
             Ok(Err(e)) => {
@@ -221,13 +254,15 @@ async fn connect_backend<S: AsyncWrite + Unpin>(
     ctx: &SessionContext,
     startup: &StartupMessage,
 ) -> Result<Established, HandshakeError> {
-    let backend = backend::connect(&ctx.backend, &startup.params).await.map_err(|e| match e {
-        BackendError::Rejected { raw } => HandshakeError::BackendRefused(raw),
-        other => {
-            tracing::warn!(error = %other, "backend session failed");
-            HandshakeError::refused(other.sqlstate(), other.to_string())
-        }
-    })?;
+    let backend = backend::connect(&ctx.backend, &startup.params)
+        .await
+        .map_err(|e| match e {
+            BackendError::Rejected { raw } => HandshakeError::BackendRefused(raw),
+            other => {
+                tracing::warn!(error = %other, "backend session failed");
+                HandshakeError::refused(other.sqlstate(), other.to_string())
+            }
+        })?;
     let cancel_key = ctx.cancels.register(backend.pid, backend.secret);
     let mut hello = BytesMut::with_capacity(512);
     hello.extend_from_slice(&frame::authentication(0, &[]));
@@ -237,19 +272,33 @@ async fn connect_backend<S: AsyncWrite + Unpin>(
     hello.extend_from_slice(&frame::backend_key_data(cancel_key.pid, cancel_key.secret));
     hello.extend_from_slice(&backend.ready);
     client.write_all(&hello).await?;
-    Ok(Established { backend, cancel_key })
+    Ok(Established {
+        backend,
+        cancel_key,
+    })
 }
 
 /// Reads one password-phase message ('p') from the client; returns its body.
-async fn read_password_message<S: AsyncRead + Unpin>(client: &mut S) -> Result<Vec<u8>, HandshakeError> {
+async fn read_password_message<S: AsyncRead + Unpin>(
+    client: &mut S,
+) -> Result<Vec<u8>, HandshakeError> {
     let mut header = [0u8; 5];
     client.read_exact(&mut header).await?;
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
     if header[0] != b'p' {
-        return Err(HandshakeError::refused("08P01", format!("expected a password message, got message type {:?}", char::from(header[0]))));
+        return Err(HandshakeError::refused(
+            "08P01",
+            format!(
+                "expected a password message, got message type {:?}",
+                char::from(header[0])
+            ),
+        ));
     }
     if !(4..=8192).contains(&len) {
-        return Err(HandshakeError::refused("08P01", format!("invalid password message length {len}")));
+        return Err(HandshakeError::refused(
+            "08P01",
+            format!("invalid password message length {len}"),
+        ));
     }
     let mut body = vec![0u8; len as usize - 4];
     client.read_exact(&mut body).await?;
@@ -258,29 +307,48 @@ async fn read_password_message<S: AsyncRead + Unpin>(client: &mut S) -> Result<V
 
 /// SCRAM-SHA-256 exchange with the client. An unknown user runs the exchange
 /// against a decoy verifier and fails like a wrong password.
-async fn authenticate<S>(client: &mut S, user: &str, verifier: Option<Verifier>) -> Result<(), HandshakeError>
+async fn authenticate<S>(
+    client: &mut S,
+    user: &str,
+    verifier: Option<Verifier>,
+) -> Result<(), HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let failed = || HandshakeError::refused("28P01", format!("password authentication failed for user \"{user}\""));
+    let failed = || {
+        HandshakeError::refused(
+            "28P01",
+            format!("password authentication failed for user \"{user}\""),
+        )
+    };
     let mechanisms = format!("{}\0\0", scram::MECHANISM);
-    client.write_all(&frame::authentication(10, mechanisms.as_bytes())).await?;
+    client
+        .write_all(&frame::authentication(10, mechanisms.as_bytes()))
+        .await?;
     let initial = read_password_message(client).await?;
     let (mechanism, data) = parse_sasl_initial(&initial)
         .ok_or_else(|| HandshakeError::refused("08P01", "malformed SASLInitialResponse"))?;
     if mechanism != scram::MECHANISM.as_bytes() {
-        return Err(HandshakeError::refused("28000", "client selected an invalid SASL authentication mechanism"));
+        return Err(HandshakeError::refused(
+            "28000",
+            "client selected an invalid SASL authentication mechanism",
+        ));
     }
     let scram_err = |e: ScramError| match e {
         ScramError::WrongPassword => failed(),
         ScramError::ChannelBinding => HandshakeError::refused("28000", e.to_string()),
         other => HandshakeError::refused("08P01", other.to_string()),
     };
-    let state = ServerFirst::new(verifier.unwrap_or_else(Verifier::decoy), data).map_err(scram_err)?;
-    client.write_all(&frame::authentication(11, state.server_first_message())).await?;
+    let state =
+        ServerFirst::new(verifier.unwrap_or_else(Verifier::decoy), data).map_err(scram_err)?;
+    client
+        .write_all(&frame::authentication(11, state.server_first_message()))
+        .await?;
     let client_final = read_password_message(client).await?;
     let server_final = state.finish(&client_final).map_err(scram_err)?;
-    client.write_all(&frame::authentication(12, &server_final)).await?;
+    client
+        .write_all(&frame::authentication(12, &server_final))
+        .await?;
     Ok(())
 }
 
@@ -296,12 +364,23 @@ fn parse_sasl_initial(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&body[..nul], data))
 }
 
-async fn run_relay<S>(client: ClientStream<S>, session: Established, ctx: &SessionContext, shutdown: Shutdown)
-where
+async fn run_relay<S>(
+    client: ClientStream<S>,
+    session: Established,
+    ctx: &SessionContext,
+    shutdown: Shutdown,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let state = SessionState::new(session.backend.ready.get(5).copied().unwrap_or(b'I'));
-    let end = relay::relay(client, session.backend.stream, &state, ctx.max_message_bytes, &shutdown).await;
+    let end = relay::relay(
+        client,
+        session.backend.stream,
+        &state,
+        ctx.max_message_bytes,
+        &shutdown,
+    )
+    .await;
     match &end {
         RelayEnd::ClientProtocolError(e) => {
             ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);

@@ -41,7 +41,10 @@ pub struct StartupMessage {
 
 impl StartupMessage {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn user(&self) -> Option<&str> {
@@ -50,27 +53,42 @@ impl StartupMessage {
 
     /// The database; Postgres defaults it to the user name.
     pub fn database(&self) -> Option<&str> {
-        self.get("database").filter(|d| !d.is_empty()).or_else(|| self.user())
+        self.get("database")
+            .filter(|d| !d.is_empty())
+            .or_else(|| self.user())
     }
 }
 
 /// Reads one length-prefixed startup-phase packet. An I/O error or EOF is
 /// reported as `Closed`, since there is nobody left to answer.
-pub async fn read_first_packet<S: AsyncRead + Unpin>(stream: &mut S) -> Result<FirstPacket, StartupError> {
+pub async fn read_first_packet<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<FirstPacket, StartupError> {
     let mut len_buf = [0u8; 4];
-    stream.read_exact(&mut len_buf).await.map_err(|_| StartupError::Closed)?;
+    stream
+        .read_exact(&mut len_buf)
+        .await
+        .map_err(|_| StartupError::Closed)?;
     let len = u32::from_be_bytes(len_buf);
     if !(8..=MAX_STARTUP_PACKET as u32).contains(&len) {
         return Err(StartupError::BadLength(len));
     }
     let mut body = vec![0u8; len as usize - 4];
-    stream.read_exact(&mut body).await.map_err(|_| StartupError::Closed)?;
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|_| StartupError::Closed)?;
     parse_first_packet(&body)
 }
 
 /// Parses a startup-phase packet body (everything after the length).
 pub fn parse_first_packet(body: &[u8]) -> Result<FirstPacket, StartupError> {
-    let code = u32::from_be_bytes(body.get(..4).ok_or(StartupError::Malformed("too short"))?.try_into().unwrap_or_default());
+    let code = u32::from_be_bytes(
+        body.get(..4)
+            .ok_or(StartupError::Malformed("too short"))?
+            .try_into()
+            .unwrap_or_default(),
+    );
     let rest = &body[4..];
     match code {
         SSL_REQUEST if rest.is_empty() => Ok(FirstPacket::SslRequest),
@@ -79,7 +97,9 @@ pub fn parse_first_packet(body: &[u8]) -> Result<FirstPacket, StartupError> {
             pid: i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]),
             secret: i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]),
         }),
-        SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => Err(StartupError::Malformed("wrong length for request code")),
+        SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => {
+            Err(StartupError::Malformed("wrong length for request code"))
+        }
         _ => {
             let (major, minor) = ((code >> 16) as u16, code as u16);
             if major != PROTOCOL_3 {
@@ -91,7 +111,10 @@ pub fn parse_first_packet(body: &[u8]) -> Result<FirstPacket, StartupError> {
 }
 
 fn parse_params(mut rest: &[u8], minor_version: u16) -> Result<StartupMessage, StartupError> {
-    let mut msg = StartupMessage { minor_version, ..Default::default() };
+    let mut msg = StartupMessage {
+        minor_version,
+        ..Default::default()
+    };
     loop {
         let key = take_cstr(&mut rest)?;
         if key.is_empty() {
@@ -111,8 +134,12 @@ fn parse_params(mut rest: &[u8], minor_version: u16) -> Result<StartupMessage, S
 }
 
 fn take_cstr(rest: &mut &[u8]) -> Result<String, StartupError> {
-    let nul = rest.iter().position(|&b| b == 0).ok_or(StartupError::Malformed("missing terminator"))?;
-    let s = std::str::from_utf8(&rest[..nul]).map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
+    let nul = rest
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(StartupError::Malformed("missing terminator"))?;
+    let s = std::str::from_utf8(&rest[..nul])
+        .map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
     let s = s.to_owned();
     *rest = &rest[nul + 1..];
     Ok(s)
@@ -141,7 +168,10 @@ mod tests {
 
     #[test]
     fn startup_round_trip() {
-        let params = vec![("user".to_string(), "app".to_string()), ("database".to_string(), "shop".to_string())];
+        let params = vec![
+            ("user".to_string(), "app".to_string()),
+            ("database".to_string(), "shop".to_string()),
+        ];
         let bytes = encode_startup(&params);
         match parse_first_packet(&bytes[4..]).unwrap() {
             FirstPacket::Startup(m) => {
@@ -155,12 +185,21 @@ mod tests {
 
     #[test]
     fn special_requests() {
-        assert_eq!(parse_first_packet(&SSL_REQUEST.to_be_bytes()), Ok(FirstPacket::SslRequest));
-        assert_eq!(parse_first_packet(&GSSENC_REQUEST.to_be_bytes()), Ok(FirstPacket::GssEncRequest));
+        assert_eq!(
+            parse_first_packet(&SSL_REQUEST.to_be_bytes()),
+            Ok(FirstPacket::SslRequest)
+        );
+        assert_eq!(
+            parse_first_packet(&GSSENC_REQUEST.to_be_bytes()),
+            Ok(FirstPacket::GssEncRequest)
+        );
         let mut cancel = CANCEL_REQUEST.to_be_bytes().to_vec();
         cancel.extend_from_slice(&7i32.to_be_bytes());
         cancel.extend_from_slice(&(-9i32).to_be_bytes());
-        assert_eq!(parse_first_packet(&cancel), Ok(FirstPacket::Cancel { pid: 7, secret: -9 }));
+        assert_eq!(
+            parse_first_packet(&cancel),
+            Ok(FirstPacket::Cancel { pid: 7, secret: -9 })
+        );
     }
 
     #[test]
@@ -177,7 +216,9 @@ mod tests {
     fn protocol_options_are_set_aside() {
         let mut body = (3u32 << 16 | 2).to_be_bytes().to_vec();
         body.extend_from_slice(b"user\0u\0_pq_.thing\0x\0\0");
-        let FirstPacket::Startup(m) = parse_first_packet(&body).unwrap() else { panic!() };
+        let FirstPacket::Startup(m) = parse_first_packet(&body).unwrap() else {
+            panic!()
+        };
         assert_eq!(m.minor_version, 2);
         assert_eq!(m.protocol_options, vec!["_pq_.thing".to_string()]);
         assert_eq!(m.params.len(), 1);
@@ -187,7 +228,13 @@ mod tests {
     async fn length_prefix_of_two_gib_is_refused_without_reading_it() {
         let (mut client, mut server) = tokio::io::duplex(64);
         use tokio::io::AsyncWriteExt;
-        client.write_all(&0x8000_0000u32.to_be_bytes()).await.unwrap();
-        assert_eq!(read_first_packet(&mut server).await, Err(StartupError::BadLength(0x8000_0000)));
+        client
+            .write_all(&0x8000_0000u32.to_be_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            read_first_packet(&mut server).await,
+            Err(StartupError::BadLength(0x8000_0000))
+        );
     }
 }

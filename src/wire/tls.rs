@@ -34,8 +34,14 @@ fn open(path: &Path) -> std::io::Result<BufReader<std::fs::File>> {
 
 /// Builds the acceptor used after a client's SSLRequest.
 pub fn load_acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
-    let cert_err = |reason: String| TlsError::Cert { path: cfg.cert.clone(), reason };
-    let key_err = |reason: String| TlsError::Key { path: cfg.key.clone(), reason };
+    let cert_err = |reason: String| TlsError::Cert {
+        path: cfg.cert.clone(),
+        reason,
+    };
+    let key_err = |reason: String| TlsError::Key {
+        path: cfg.key.clone(),
+        reason,
+    };
     let certs = rustls_pemfile::certs(&mut open(&cfg.cert).map_err(|e| cert_err(e.to_string()))?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| cert_err(e.to_string()))?;

@@ -1,0 +1,422 @@
+//! Test harness shared by the integration tests: one real PostgreSQL per test
+//! binary (cleaned up by its guardian when the binary exits, however it
+//! exits), meridian proxies run as real `meridian run` processes, and helpers
+//! for real clients (psql, pgbench, Python drivers).
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use meridian::cluster::postgres::{free_port, PgOptions, PgServer};
+use meridian::wire::scram::Verifier;
+
+pub const APP_USER: &str = "app";
+pub const APP_PASSWORD: &str = "correct horse battery staple";
+
+/// Roles the shared server authenticates by password over TCP, to exercise
+/// meridian's backend authentication.
+pub const SCRAM_ROLE: &str = "scram_role";
+pub const MD5_ROLE: &str = "md5_role";
+pub const ROLE_PASSWORD: &str = "backend-pw";
+
+/// The test binary's PostgreSQL server, started once.
+pub fn pg() -> &'static PgServer {
+    static PG: OnceLock<PgServer> = OnceLock::new();
+    PG.get_or_init(|| {
+        let dir = scratch_dir("pg");
+        let opts = PgOptions {
+            hba_first: vec![
+                format!("host all {SCRAM_ROLE} 127.0.0.1/32 scram-sha-256"),
+                format!("host all {MD5_ROLE} 127.0.0.1/32 md5"),
+            ],
+            ..PgOptions::default()
+        };
+        let server = PgServer::start(&dir, &opts).expect("start PostgreSQL");
+        let sql = format!(
+            "CREATE ROLE {APP_USER} LOGIN SUPERUSER;
+             SET password_encryption = 'scram-sha-256';
+             CREATE ROLE {SCRAM_ROLE} LOGIN SUPERUSER PASSWORD '{ROLE_PASSWORD}';
+             SET password_encryption = 'md5';
+             CREATE ROLE {MD5_ROLE} LOGIN SUPERUSER PASSWORD '{ROLE_PASSWORD}';"
+        );
+        let out = psql_raw(
+            &server.socket_conninfo("postgres"),
+            &["-c", &sql],
+            None,
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "set up roles: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        server
+    })
+}
+
+/// A fresh directory under the system temp dir, removed by its owner.
+pub fn scratch_dir(prefix: &str) -> PathBuf {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("meridian-test-{prefix}-"))
+        .tempdir()
+        .expect("tempdir");
+    dir.keep()
+}
+
+fn wait_for_port(addr: SocketAddr, child: &mut Child, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(addr).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("meridian exited before listening: {status}\n{log}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "meridian did not listen on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// TLS material for a proxy: a self-signed certificate for localhost/127.0.0.1.
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub cert_der: Vec<u8>,
+}
+
+pub fn tls_files() -> &'static TlsFiles {
+    static TLS: OnceLock<TlsFiles> = OnceLock::new();
+    TLS.get_or_init(|| {
+        let dir = scratch_dir("tls");
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])
+        .expect("certificate");
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        TlsFiles {
+            cert,
+            key,
+            cert_der: ck.cert.der().to_vec(),
+        }
+    })
+}
+
+/// How a test proxy is configured.
+pub struct ProxySpec {
+    pub scram: bool,
+    pub tls: bool,
+    /// Connect to the backend over TCP as this role with ROLE_PASSWORD, instead of the Unix socket.
+    pub backend_role_password: bool,
+    pub extra_proxy: String,
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        ProxySpec {
+            scram: true,
+            tls: true,
+            backend_role_password: false,
+            extra_proxy: String::new(),
+        }
+    }
+}
+
+/// A `meridian run` process; killed on drop.
+pub struct Proxy {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub scram: bool,
+    pub tls: bool,
+}
+
+impl Proxy {
+    pub fn start(spec: ProxySpec) -> Proxy {
+        let pg = pg();
+        let port = free_port().unwrap();
+        let admin_port = free_port().unwrap();
+        let verifier = Verifier::generate(APP_PASSWORD);
+        let mut users = String::new();
+        for user in [APP_USER, SCRAM_ROLE, MD5_ROLE, "postgres"] {
+            users.push_str(&format!(
+                "[[auth.users]]\nname = \"{user}\"\nverifier = \"{verifier}\"\n"
+            ));
+        }
+        let auth = if spec.scram {
+            format!("[auth]\nmethod = \"scram-sha-256\"\n{users}")
+        } else {
+            "[auth]\nmethod = \"trust\"\n".into()
+        };
+        let backend = if spec.backend_role_password {
+            format!(
+                "[backend]\nhost = \"127.0.0.1\"\nport = {}\npassword = \"{ROLE_PASSWORD}\"\n",
+                pg.port
+            )
+        } else {
+            format!(
+                "[backend]\nhost = \"{}\"\nport = {}\n",
+                pg.socket_dir().display(),
+                pg.port
+            )
+        };
+        let tls = if spec.tls {
+            let t = tls_files();
+            format!(
+                "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                t.cert.display(),
+                t.key.display()
+            )
+        } else {
+            String::new()
+        };
+        let config = format!(
+            "[region]\nname = \"test\"\nid = 1\n\n[proxy]\nlisten = \"127.0.0.1:{port}\"\n{}\n{backend}\n{auth}\n{tls}\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n",
+            spec.extra_proxy
+        );
+        let dir = scratch_dir("proxy");
+        let config_path = dir.join("meridian.toml");
+        std::fs::write(&config_path, config).unwrap();
+        Proxy::spawn(&config_path, port, admin_port, spec.scram, spec.tls)
+    }
+
+    /// Runs a proxy from an existing config file (TLS and SCRAM as it says).
+    pub fn start_with_config(config_path: &Path) -> Proxy {
+        let c = meridian::config::Config::load(config_path).expect("valid test config");
+        let admin = c.admin.listen.map(|a| a.port()).unwrap_or(0);
+        let scram = c.auth.method == meridian::config::AuthMethod::ScramSha256;
+        Proxy::spawn(
+            config_path,
+            c.proxy.listen.port(),
+            admin,
+            scram,
+            c.tls.is_some(),
+        )
+    }
+
+    fn spawn(config_path: &Path, port: u16, admin_port: u16, scram: bool, tls: bool) -> Proxy {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meridian"));
+        cmd.args(["run", "--config"])
+            .arg(config_path)
+            .env("MERIDIAN_LOG", "info,meridian=debug");
+        cmd.stdout(Stdio::null()).stderr(Stdio::from(
+            std::fs::File::create(config_path.with_extension("log")).unwrap(),
+        ));
+        // If the test process dies, the proxy dies with it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn meridian");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_for_port(addr, &mut child, &config_path.with_extension("log"));
+        Proxy {
+            child,
+            addr,
+            admin: format!("127.0.0.1:{admin_port}").parse().unwrap(),
+            config_path: config_path.into(),
+            scram,
+            tls,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// The proxy's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.config_path.with_extension("log")).unwrap_or_default()
+    }
+
+    /// libpq URL for `user` (password and sslmode as the proxy requires).
+    pub fn url(&self, user: &str, database: &str) -> String {
+        let password = if self.scram {
+            format!(":{}", urlencode(APP_PASSWORD))
+        } else {
+            String::new()
+        };
+        let ssl = if self.tls { "require" } else { "disable" };
+        format!(
+            "postgres://{user}{password}@127.0.0.1:{}/{database}?sslmode={ssl}",
+            self.addr.port()
+        )
+    }
+
+    /// Resident memory of the proxy process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- meridian log ---\n{}", self.log());
+        }
+        if let Some(dir) = self.config_path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Runs psql against `conninfo` with `args`, feeding `stdin`.
+pub fn psql_raw(
+    conninfo: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    env: &[(&str, &str)],
+) -> Output {
+    let mut cmd = Command::new("psql");
+    cmd.arg(conninfo)
+        .args(["-X", "-v", "ON_ERROR_STOP=1"])
+        .args(args);
+    cmd.envs(env.iter().copied());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("psql");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// psql that must succeed; returns stdout and stderr.
+pub fn psql(conninfo: &str, args: &[&str], stdin: Option<&str>) -> (String, String) {
+    let out = psql_raw(conninfo, args, stdin, &[]);
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "psql failed: {e}\n{o}");
+    (o, e)
+}
+
+/// A Python interpreter with psycopg 3 and asyncpg, in a venv under target/.
+pub fn python() -> &'static Path {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join("test-venv");
+        let py = venv.join("bin").join("python");
+        let ready = venv.join(".meridian-ready");
+        if !ready.exists() {
+            let ok = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .map(|s| s.success());
+            assert!(matches!(ok, Ok(true)), "python3 -m venv failed");
+            let out = Command::new(&py)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "psycopg[binary]>=3.1,<4",
+                    "asyncpg>=0.29",
+                ])
+                .output()
+                .expect("pip");
+            assert!(
+                out.status.success(),
+                "pip install failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::fs::write(&ready, "").unwrap();
+        }
+        py
+    })
+}
+
+/// Runs tests/python/<script> with the given URL; asserts it exits 0.
+pub fn run_python(script: &str, url: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("python")
+        .join(script);
+    let out = Command::new(python())
+        .arg(&path)
+        .arg(url)
+        .output()
+        .expect("python");
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "{script} failed:\nstdout:\n{o}\nstderr:\n{e}"
+    );
+    o
+}
+
+/// Runs pgbench with `args` against `url`; returns its stdout. Asserts success.
+pub fn pgbench(url: &str, args: &[&str]) -> String {
+    let out = Command::new("pgbench")
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("pgbench");
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{o}\n{e}");
+    o
+}
+
+/// Polls `cond` until it holds or the deadline passes.
+pub fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
