@@ -61,6 +61,7 @@ pub struct PgServer {
     pub dir: PathBuf,
     guardian: Child,
     guardian_stdin: Option<ChildStdin>,
+    remove_on_stop: bool,
 }
 
 const SUPERUSER: &str = "postgres";
@@ -232,6 +233,7 @@ if [ "{remove}" = 1 ]; then rm -rf "{dir}"; fi
             dir,
             guardian,
             guardian_stdin,
+            remove_on_stop: opts.remove_on_stop,
         };
         server.wait_ready(Duration::from_secs(60))?;
         Ok(server)
@@ -298,6 +300,11 @@ if [ "{remove}" = 1 ]; then rm -rf "{dir}"; fi
             let _ = stdin.write_all(b"\n");
             drop(stdin);
             let _ = self.guardian.wait();
+            if self.remove_on_stop {
+                // The guardian emptied it; the directory entry itself may sit in
+                // a parent only we (root) can write to.
+                let _ = std::fs::remove_dir_all(&self.dir);
+            }
         }
     }
 }

@@ -294,10 +294,9 @@ mod tests {
         v
     }
 
-    fn scan_all(
-        scanner: &mut FrameScanner,
-        chunks: &[&[u8]],
-    ) -> Result<Vec<(u8, Option<Vec<u8>>)>, FrameError> {
+    type SeenOwned = Vec<(u8, Option<Vec<u8>>)>;
+
+    fn scan_all(scanner: &mut FrameScanner, chunks: &[&[u8]]) -> Result<SeenOwned, FrameError> {
         let mut out = Vec::new();
         for c in chunks {
             scanner.scan(c, |s| out.push((s.tag, s.body.map(<[u8]>::to_vec))))?;
@@ -365,7 +364,7 @@ mod tests {
             let chunks: Vec<&[u8]> = cuts.windows(2).map(|w| &stream[w[0]..w[1]]).collect();
             let mut s = FrameScanner::new(Direction::Backend, 1 << 20, |t| t != b'D');
             let seen = scan_all(&mut s, &chunks).unwrap();
-            let expected: Vec<(u8, Option<Vec<u8>>)> = msgs
+            let expected: SeenOwned = msgs
                 .iter()
                 .map(|(t, b)| (*t, (*t != b'D').then(|| b.clone())))
                 .collect();

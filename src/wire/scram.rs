@@ -144,7 +144,7 @@ pub struct ServerFirst {
     nonce: String,
 }
 
-fn attr<'a>(part: Option<&'a str>, name: char) -> Result<&'a str, ScramError> {
+fn attr(part: Option<&str>, name: char) -> Result<&str, ScramError> {
     part.and_then(|p| p.strip_prefix(name))
         .and_then(|p| p.strip_prefix('='))
         .ok_or(ScramError::Protocol("missing attribute"))

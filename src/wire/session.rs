@@ -83,6 +83,8 @@ impl SessionContext {
 enum HandshakeError {
     #[error("client went away")]
     Gone,
+    #[error("timeout during connection startup")]
+    Timeout,
     #[error("{message}")]
     Refused { code: &'static str, message: String },
     #[error("backend refused the session")]
@@ -138,6 +140,11 @@ async fn report_handshake_error<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let reply = match &e {
         HandshakeError::Gone => return,
+        HandshakeError::Timeout => {
+            ctx.stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("handshake timed out");
+            frame::error_response(Severity::Fatal, "08P01", &e.to_string())
+        }
         HandshakeError::Refused { code, message } => {
             if *code == "08P01" {
                 ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
@@ -173,10 +180,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let deadline = Instant::now() + ctx.handshake_timeout;
-    let timed_out = || {
-        ctx.stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
-        HandshakeError::refused("08P01", "timeout during connection startup")
-    };
+    let timed_out = || HandshakeError::Timeout;
     let startup = loop {
         let packet = match timeout_at(deadline, read_first_packet(client)).await {
             Err(_) => return Err(timed_out()),

@@ -1,0 +1,84 @@
+//! The command line: `meridian check` explains config mistakes with the file
+//! and the key's path; `meridian verifier` makes verifiers `check` accepts.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn meridian(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn check_accepts_a_good_config_with_a_generated_verifier() {
+    let (ok, users, _) = meridian(&["verifier", "--user", "app"], Some("s3cret\n"));
+    assert!(ok);
+    assert!(
+        users.contains("verifier = \"SCRAM-SHA-256$4096:"),
+        "{users}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("region.toml");
+    std::fs::write(&path, format!("[region]\nname = \"eu-west\"\nid = 2\n[backend]\nhost = \"/run/postgresql\"\n[auth]\n{users}")).unwrap();
+    let (ok, out, err) = meridian(&["check", "--config", path.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("ok (region eu-west id 2"), "{out}");
+}
+
+#[test]
+fn check_names_file_and_key_for_each_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[region]\nname = \"eu-west\"\nid = 2\n[backend]\nhost = \"/tmp\"\nprot = 5432\n",
+    )
+    .unwrap();
+    let (ok, _, err) = meridian(&["check", "--config", path.to_str().unwrap()], None);
+    assert!(!ok);
+    let file = path.display().to_string();
+    assert!(
+        err.contains(&format!("{file}: backend.prot: unknown field `prot`")),
+        "{err}"
+    );
+
+    std::fs::write(&path, "[region]\nname = \"EU West\"\nid = 2\n[backend]\nhost = \"/tmp\"\n[[auth.users]]\nname = \"app\"\nverifier = \"md5deadbeef\"\n").unwrap();
+    let (ok, _, err) = meridian(&["check", "--config", path.to_str().unwrap()], None);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "{file}: region.name: \"EU West\" must be lowercase"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{file}: auth.users[0].verifier: malformed SCRAM verifier"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("2 problem(s) found"), "{err}");
+
+    let (ok, _, err) = meridian(&["check", "--config", "/nonexistent.toml"], None);
+    assert!(!ok);
+    assert!(err.contains("cannot read /nonexistent.toml"), "{err}");
+}

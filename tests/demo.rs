@@ -1,0 +1,234 @@
+//! `meridian demo` as a new user runs it: the binary, its printed lines,
+//! real clients against every region, and a clean stop on SIGINT/SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use support::*;
+
+struct Demo {
+    child: Child,
+    regions: Vec<(String, String, String)>,
+}
+
+/// Starts a demo on free ports, retrying if another process took one meanwhile.
+fn start_demo(regions: usize, extra: &[&str]) -> Demo {
+    for attempt in 0..5 {
+        let port = 20000 + (std::process::id() as u16 % 5000) * 2 + attempt * 10;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meridian"));
+        cmd.args([
+            "demo",
+            "--regions",
+            &regions.to_string(),
+            "--port",
+            &port.to_string(),
+        ])
+        .args(extra);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn meridian demo");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(120)) {
+                Ok(l) if l == "ready" => break,
+                Ok(l) => lines.push(l),
+                Err(_) => break,
+            }
+        }
+        if lines.len() != regions {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("already in use") {
+                continue;
+            }
+            panic!("demo did not become ready: {lines:?}\n{err}");
+        }
+        let regions = lines
+            .iter()
+            .map(|l| {
+                let parts: Vec<&str> = l.split(' ').collect();
+                assert_eq!(parts.len(), 3, "{l}");
+                let field = |i: usize, key: &str| {
+                    parts[i]
+                        .strip_prefix(key)
+                        .unwrap_or_else(|| panic!("{l}"))
+                        .to_string()
+                };
+                (field(0, "region="), field(1, "url="), field(2, "admin="))
+            })
+            .collect();
+        return Demo { child, regions };
+    }
+    panic!("no free ports for the demo");
+}
+
+impl Demo {
+    fn stop(mut self, signal: i32) -> std::process::ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+        let mut status = None;
+        eventually("the demo to exit", Duration::from_secs(60), || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+}
+
+fn http_get(url: &str) -> String {
+    let addr = url.strip_prefix("http://").unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn demo_runs_three_regions_serves_real_clients_and_cleans_up_on_sigint() {
+    let dir = scratch_dir("demo");
+    let data = dir.join("cluster");
+    let schema = dir.join("schema.sql");
+    std::fs::write(
+        &schema,
+        "CREATE TABLE accounts (id bigint PRIMARY KEY, owner text, balance numeric);\n",
+    )
+    .unwrap();
+    let demo = start_demo(
+        3,
+        &[
+            "--schema",
+            schema.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ],
+    );
+    let names: Vec<&str> = demo.regions.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(names, ["us-east", "eu-west", "ap-south"]);
+    for (name, url, admin) in &demo.regions {
+        let (out, _) = psql(
+            url,
+            &[
+                "-At",
+                "-c",
+                "SELECT count(*) FROM accounts",
+                "-c",
+                "\\conninfo",
+            ],
+            None,
+        );
+        assert!(
+            out.starts_with("0\n"),
+            "{name}: the schema was applied: {out}"
+        );
+        let health = http_get(admin);
+        assert!(
+            health.starts_with("HTTP/1.0 200") && health.ends_with("ok\n"),
+            "{name}: health: {health}"
+        );
+        assert!(data.join(name).join("data").is_dir());
+    }
+    // pgbench through the first region, in every query mode.
+    let url = &demo.regions[0].1;
+    pgbench(url, &["-i", "-q", "-s", "1"]);
+    for mode in ["simple", "extended", "prepared"] {
+        let out = pgbench(
+            url,
+            &["-S", "-M", mode, "-c", "8", "-j", "2", "-t", "50", "-n"],
+        );
+        assert!(
+            out.contains("number of failed transactions: 0 (0.000%)"),
+            "{out}"
+        );
+    }
+    let out = run_python("psycopg_client.py", &demo.regions[1].1);
+    assert!(out.contains("psycopg ok"));
+    let status = demo.stop(libc::SIGINT);
+    assert!(status.success(), "demo exits 0 on SIGINT: {status}");
+    for (name, _, _) in [
+        ("us-east", (), ()),
+        ("eu-west", (), ()),
+        ("ap-south", (), ()),
+    ] {
+        assert!(!data.join(name).exists(), "{name}'s files were removed");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn demo_keeps_its_files_with_keep_and_stops_on_sigterm() {
+    let dir = scratch_dir("demo-keep");
+    let data = dir.join("cluster");
+    let demo = start_demo(
+        1,
+        &[
+            "--data",
+            data.to_str().unwrap(),
+            "--keep",
+            "--latency",
+            "30ms",
+            "--jitter",
+            "5ms",
+        ],
+    );
+    let (out, _) = psql(&demo.regions[0].1, &["-At", "-c", "SELECT 1"], None);
+    assert_eq!(out.trim(), "1");
+    assert!(demo.stop(libc::SIGTERM).success());
+    assert!(
+        data.join("us-east")
+            .join("data")
+            .join("PG_VERSION")
+            .is_file(),
+        "kept"
+    );
+    assert!(
+        Path::new(&data.join("us-east.toml")).is_file(),
+        "the region's config is kept for `meridian check`"
+    );
+    let check = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["check", "--config"])
+        .arg(data.join("us-east.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn demo_refuses_bad_flags_clearly() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["demo", "--regions", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--regions must be between 1 and 8"));
+    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["demo", "--rules", "/nonexistent/rules"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("--rules /nonexistent/rules: directory does not exist"));
+}
