@@ -51,6 +51,10 @@ pub struct ProxyConfig {
     /// On SIGTERM, how long open transactions may run before sessions are cut.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Threads serving sessions; one per CPU when unset. See BENCHMARKS.md for
+    /// why 1 can be faster when the proxy shares a small machine with Postgres.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for ProxyConfig {
@@ -61,6 +65,7 @@ impl Default for ProxyConfig {
             max_message_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
+            worker_threads: None,
         }
     }
 }
@@ -242,6 +247,12 @@ impl Config {
         }
         if self.proxy.max_connections == 0 {
             problem("proxy.max_connections".into(), "must be at least 1".into());
+        }
+        if self.proxy.worker_threads == Some(0) {
+            problem(
+                "proxy.worker_threads".into(),
+                "must be at least 1 (leave it out for one per CPU)".into(),
+            );
         }
         if self.proxy.max_message_bytes < 1024 {
             problem(

@@ -100,7 +100,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check { config } => Ok(check(&config)),
         Command::Run { config } => {
             let config = Config::load(&config)?;
-            runtime()?.block_on(run(config))?;
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = config.proxy.worker_threads {
+                rt.worker_threads(n);
+            }
+            rt.enable_all().build()?.block_on(run(config))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {

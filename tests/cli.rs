@@ -82,3 +82,11 @@ fn check_names_file_and_key_for_each_mistake() {
     assert!(!ok);
     assert!(err.contains("cannot read /nonexistent.toml"), "{err}");
 }
+
+#[test]
+fn shipped_example_config_passes_check() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/meridian.example.toml");
+    let (ok, out, err) = meridian(&["check", "--config", path], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("ok (region us-east id 1"), "{out}");
+}

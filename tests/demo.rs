@@ -30,7 +30,7 @@ fn start_demo(regions: usize, extra: &[&str]) -> Demo {
         ])
         .args(extra);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn meridian demo");
+        let mut child = spawn_tied(&mut cmd);
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -77,8 +77,16 @@ fn start_demo(regions: usize, extra: &[&str]) -> Demo {
     panic!("no free ports for the demo");
 }
 
+impl Drop for Demo {
+    fn drop(&mut self) {
+        // Only reached with the process still running when a test failed.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Demo {
-    fn stop(mut self, signal: i32) -> std::process::ExitStatus {
+    fn stop(&mut self, signal: i32) -> std::process::ExitStatus {
         unsafe {
             libc::kill(self.child.id() as i32, signal);
         }
@@ -112,7 +120,7 @@ fn demo_runs_three_regions_serves_real_clients_and_cleans_up_on_sigint() {
         "CREATE TABLE accounts (id bigint PRIMARY KEY, owner text, balance numeric);\n",
     )
     .unwrap();
-    let demo = start_demo(
+    let mut demo = start_demo(
         3,
         &[
             "--schema",
@@ -177,7 +185,7 @@ fn demo_runs_three_regions_serves_real_clients_and_cleans_up_on_sigint() {
 fn demo_keeps_its_files_with_keep_and_stops_on_sigterm() {
     let dir = scratch_dir("demo-keep");
     let data = dir.join("cluster");
-    let demo = start_demo(
+    let mut demo = start_demo(
         1,
         &[
             "--data",

@@ -211,14 +211,7 @@ impl Proxy {
         cmd.stdout(Stdio::null()).stderr(Stdio::from(
             std::fs::File::create(config_path.with_extension("log")).unwrap(),
         ));
-        // If the test process dies, the proxy dies with it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("spawn meridian");
+        let mut child = spawn_tied(&mut cmd);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         wait_for_port(addr, &mut child, &config_path.with_extension("log"));
         Proxy {
@@ -283,6 +276,19 @@ impl Drop for Proxy {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// Spawns a child that the kernel kills if the spawning thread dies, so a
+/// failed test never leaves a meridian process (and its servers) behind.
+pub fn spawn_tied(cmd: &mut Command) -> Child {
+    // SAFETY: prctl is async-signal-safe and touches only this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("spawn meridian")
 }
 
 pub fn urlencode(s: &str) -> String {

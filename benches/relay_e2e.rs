@@ -1,0 +1,179 @@
+//! End-to-end relay benchmark: pgbench straight at PostgreSQL and through a
+//! `meridian run` process, against the same server, in one run, alternating
+//! so both see the same machine noise. Not a test: it asserts nothing.
+//!
+//! cargo bench --bench relay_e2e            (defaults: -T 20, 2 rounds)
+//! RELAY_BENCH_SECONDS=5 RELAY_BENCH_ROUNDS=1 cargo bench --bench relay_e2e
+
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meridian::cluster::postgres::{free_port, PgOptions, PgServer};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Result {
+    tps: f64,
+    latency_ms: f64,
+}
+
+fn pgbench(url: &str, args: &[&str]) -> Result {
+    let out = Command::new("pgbench")
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if args.contains(&"-i") {
+        return Result {
+            tps: 0.0,
+            latency_ms: 0.0,
+        };
+    }
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    let find = |prefix: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
+    };
+    Result {
+        tps: find("tps = "),
+        latency_ms: find("latency average = "),
+    }
+}
+
+/// Kills the proxy when dropped, also when the bench panics.
+struct ProxyProcess(Child);
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_proxy(dir: &std::path::Path, backend: &str, proxy_extra: &str) -> (ProxyProcess, u16) {
+    let port = free_port().unwrap();
+    let config = format!(
+        "[region]\nname = \"bench\"\nid = 1\n[proxy]\nlisten = \"127.0.0.1:{port}\"\n{proxy_extra}\n{backend}\n[auth]\nmethod = \"trust\"\n"
+    );
+    let path = dir.join(format!("proxy-{port}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("MERIDIAN_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("meridian");
+    let child = ProxyProcess(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "proxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; ignore arguments.
+    let seconds = env_or("RELAY_BENCH_SECONDS", 20).to_string();
+    let rounds = env_or("RELAY_BENCH_ROUNDS", 2);
+    let dir = tempfile::Builder::new()
+        .prefix("meridian-bench-")
+        .tempdir()
+        .unwrap();
+    let pg = PgServer::start(&dir.path().join("pg"), &PgOptions::default()).expect("PostgreSQL");
+    let direct = pg.url("postgres");
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let unix = format!(
+        "[backend]\nhost = \"{}\"\nport = {}",
+        pg.socket_dir().display(),
+        pg.port
+    );
+    let tcp = format!("[backend]\nhost = \"127.0.0.1\"\nport = {}", pg.port);
+    let proxies = [
+        (
+            "meridian, backend via Unix socket, 1 worker thread",
+            start_proxy(&work, &unix, "worker_threads = 1"),
+        ),
+        (
+            "meridian, backend via Unix socket, default threads (2)",
+            start_proxy(&work, &unix, ""),
+        ),
+        (
+            "meridian, backend via TCP, 1 worker thread",
+            start_proxy(&work, &tcp, "worker_threads = 1"),
+        ),
+    ];
+    pgbench(&direct, &["-i", "-q", "-s", "10"]);
+    let urls: Vec<(&str, String)> = std::iter::once(("direct", direct.clone()))
+        .chain(proxies.iter().map(|(name, (_, port))| {
+            (
+                *name,
+                format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            )
+        }))
+        .collect();
+    let targets: Vec<(&str, &String)> = urls.iter().map(|(n, u)| (*n, u)).collect();
+    let workloads: [(&str, Vec<&str>); 2] = [
+        (
+            "-S -M prepared -c 8 -j 2",
+            vec![
+                "-S", "-M", "prepared", "-c", "8", "-j", "2", "-n", "-T", &seconds,
+            ],
+        ),
+        (
+            "-S -M prepared -c 1",
+            vec!["-S", "-M", "prepared", "-c", "1", "-n", "-T", &seconds],
+        ),
+    ];
+    println!("| workload | target | round | tps | avg latency (ms) |");
+    println!("|---|---|---|---|---|");
+    let mut summary = Vec::new();
+    for (name, args) in &workloads {
+        let mut sums = vec![(0.0, 0.0); targets.len()];
+        for round in 1..=rounds {
+            for (i, (target, url)) in targets.iter().enumerate() {
+                let r = pgbench(url, args);
+                println!(
+                    "| `{name}` | {target} | {round} | {:.0} | {:.3} |",
+                    r.tps, r.latency_ms
+                );
+                sums[i].0 += r.tps;
+                sums[i].1 += r.latency_ms;
+            }
+        }
+        let n = rounds as f64;
+        let (d_tps, d_lat) = (sums[0].0 / n, sums[0].1 / n);
+        for (i, (target, _)) in targets.iter().enumerate().skip(1) {
+            let (tps, lat) = (sums[i].0 / n, sums[i].1 / n);
+            summary.push(format!(
+                "| `{name}` | {target} | {:.0} vs {:.0} direct | **{:.2}** | {:+.1} us |",
+                tps,
+                d_tps,
+                tps / d_tps,
+                (lat - d_lat) * 1000.0
+            ));
+        }
+    }
+    println!("\n| workload | target | mean tps | ratio to direct | added avg latency |");
+    println!("|---|---|---|---|---|");
+    for line in summary {
+        println!("{line}");
+    }
+    drop(pg);
+}
