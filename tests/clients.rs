@@ -165,6 +165,74 @@ fn backend_authentication_by_scram_and_md5() {
     assert!(err.contains("backend.password is not configured"), "{err}");
 }
 
+#[test]
+fn verifiers_interoperate_with_postgres_in_both_directions() {
+    // A verifier Postgres made (pg_authid.rolpassword) authenticates clients at the proxy.
+    let (pg_made, _) = psql(
+        &pg().url("postgres"),
+        &[
+            "-At",
+            "-c",
+            &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{SCRAM_ROLE}'"),
+        ],
+        None,
+    );
+    let pg_made = pg_made.trim();
+    assert!(pg_made.starts_with("SCRAM-SHA-256$"), "{pg_made}");
+    let proxy = Proxy::start(ProxySpec::default());
+    let cfg = std::fs::read_to_string(&proxy.config_path).unwrap();
+    drop(proxy);
+    let mut lines: Vec<String> = cfg.lines().map(str::to_owned).collect();
+    let at = lines
+        .iter()
+        .position(|l| l == &format!("name = \"{SCRAM_ROLE}\""))
+        .unwrap();
+    lines[at + 1] = format!("verifier = \"{pg_made}\"");
+    let dir = scratch_dir("pgverifier");
+    let path = dir.join("meridian.toml");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let proxy = Proxy::start_with_config(&path);
+    let url = format!(
+        "postgres://{SCRAM_ROLE}:{ROLE_PASSWORD}@127.0.0.1:{}/postgres?sslmode=require",
+        proxy.addr.port()
+    );
+    assert_eq!(
+        psql(&url, &["-At", "-c", "SELECT current_user"], None)
+            .0
+            .trim(),
+        SCRAM_ROLE
+    );
+    // A verifier meridian made is accepted by Postgres as a stored password.
+    let ours = meridian::wire::scram::Verifier::generate("made-by-meridian");
+    psql(
+        &pg().url("postgres"),
+        &[
+            "-c",
+            &format!("CREATE ROLE {MERIDIAN_MADE_ROLE} LOGIN PASSWORD '{ours}'"),
+        ],
+        None,
+    );
+    // pg_hba makes Postgres demand SCRAM from this role over TCP.
+    let direct = format!(
+        "postgres://{MERIDIAN_MADE_ROLE}:made-by-meridian@127.0.0.1:{}/postgres",
+        pg().port
+    );
+    assert_eq!(
+        psql(&direct, &["-At", "-c", "SELECT current_user"], None)
+            .0
+            .trim(),
+        MERIDIAN_MADE_ROLE
+    );
+    let wrong = format!(
+        "postgres://{MERIDIAN_MADE_ROLE}:other@127.0.0.1:{}/postgres",
+        pg().port
+    );
+    assert!(!psql_raw(&wrong, &["-c", "SELECT 1"], None, &[])
+        .status
+        .success());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_postgres_extended_protocol_pipelining_copy_notify_and_errors() {
     let proxy = Proxy::start(ProxySpec::default());

@@ -120,7 +120,7 @@ where
         ctx.stats.total.fetch_add(1, Ordering::Relaxed);
         let mut client = ClientStream::Plain(stream);
         tokio::select! {
-            r = establish(&mut client, &ctx) => match r {
+            r = establish(&mut client, &ctx, &shutdown) => match r {
                 Ok(Some(session)) => run_relay(client, session, &ctx, shutdown).await,
                 Ok(None) => {}
                 Err(e) => report_handshake_error(&mut client, &ctx, e).await,
@@ -175,6 +175,7 @@ struct Established {
 async fn establish<S>(
     client: &mut ClientStream<S>,
     ctx: &SessionContext,
+    shutdown: &Shutdown,
 ) -> Result<Option<Established>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -248,6 +249,12 @@ where
             }
             Ok(Ok(())) => {}
         }
+    }
+    if shutdown.drain.is_cancelled() {
+        return Err(HandshakeError::refused(
+            "57P03",
+            "meridian is shutting down; connect to another region",
+        ));
     }
     connect_backend(client, ctx, &startup).await.map(Some)
 }

@@ -23,6 +23,8 @@ pub const APP_PASSWORD: &str = "correct horse battery staple";
 pub const SCRAM_ROLE: &str = "scram_role";
 pub const MD5_ROLE: &str = "md5_role";
 pub const ROLE_PASSWORD: &str = "backend-pw";
+/// A role a test creates with a verifier meridian generated; SCRAM over TCP.
+pub const MERIDIAN_MADE_ROLE: &str = "meridian_made";
 
 /// The test binary's PostgreSQL server, started once.
 pub fn pg() -> &'static PgServer {
@@ -33,6 +35,7 @@ pub fn pg() -> &'static PgServer {
             hba_first: vec![
                 format!("host all {SCRAM_ROLE} 127.0.0.1/32 scram-sha-256"),
                 format!("host all {MD5_ROLE} 127.0.0.1/32 md5"),
+                format!("host all {MERIDIAN_MADE_ROLE} 127.0.0.1/32 scram-sha-256"),
             ],
             ..PgOptions::default()
         };
