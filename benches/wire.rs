@@ -7,10 +7,7 @@ use meridian::wire::frame::{self, Direction, FrameScanner};
 use meridian::wire::scram::{ServerFirst, Verifier};
 
 fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    v.extend_from_slice(body);
-    v
+    frame::encode(tag, body).to_vec()
 }
 
 fn scanner(c: &mut Criterion) {

@@ -90,24 +90,8 @@ impl Demo {
         unsafe {
             libc::kill(self.child.id() as i32, signal);
         }
-        let mut status = None;
-        eventually("the demo to exit", Duration::from_secs(60), || {
-            status = self.child.try_wait().unwrap();
-            status.is_some()
-        });
-        status.unwrap()
+        wait_exit(&mut self.child)
     }
-}
-
-fn http_get(url: &str) -> String {
-    let addr = url.strip_prefix("http://").unwrap();
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    use std::io::{Read, Write};
-    s.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 #[test]
@@ -147,7 +131,7 @@ fn demo_runs_three_regions_serves_real_clients_and_cleans_up_on_sigint() {
             out.starts_with("0\n"),
             "{name}: the schema was applied: {out}"
         );
-        let health = http_get(admin);
+        let health = http_get(admin.strip_prefix("http://").unwrap(), "/health");
         assert!(
             health.starts_with("HTTP/1.0 200") && health.ends_with("ok\n"),
             "{name}: health: {health}"

@@ -164,19 +164,9 @@ fn bad_clients_get_errors_while_others_keep_working() {
         "row description for the keeper's query: {reply:?}"
     );
 
-    let status = ureq_status(proxy.admin);
+    let status = http_get(&proxy.admin.to_string(), "/status");
     assert!(status.contains("\"protocol_errors\":5"), "{status}");
     assert!(status.contains("\"handshake_timeouts\":2"), "{status}");
-}
-
-/// GET /status from the admin endpoint, with a plain TCP request.
-fn ureq_status(admin: SocketAddr) -> String {
-    let mut s = TcpStream::connect(admin).unwrap();
-    s.write_all(b"GET /status HTTP/1.0\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 #[test]
@@ -270,15 +260,6 @@ fn send_query(s: &mut TcpStream, sql: &str) -> Vec<u8> {
     seen
 }
 
-fn wait_exit(proxy: &mut Proxy) -> std::process::ExitStatus {
-    let mut status = None;
-    eventually("meridian to exit", Duration::from_secs(30), || {
-        status = proxy.child.try_wait().unwrap();
-        status.is_some()
-    });
-    status.unwrap()
-}
-
 #[test]
 fn sigterm_drains_open_transactions_then_exits() {
     let mut proxy = plain_proxy("shutdown_timeout = \"60s\"");
@@ -316,7 +297,7 @@ fn sigterm_drains_open_transactions_then_exits() {
         "57P01",
         "meridian is shutting down",
     );
-    let status = wait_exit(&mut proxy);
+    let status = wait_exit(&mut proxy.child);
     assert!(status.success(), "{status}");
     let (out, _) = psql(
         &pg_url,
@@ -341,7 +322,7 @@ fn sigterm_cuts_a_transaction_that_outlives_the_shutdown_timeout() {
         "57P01",
         "meridian is shutting down",
     );
-    assert!(wait_exit(&mut proxy).success());
+    assert!(wait_exit(&mut proxy.child).success());
 }
 
 #[test]
@@ -364,7 +345,7 @@ fn sigint_exits_at_once_and_rolls_back_open_transactions() {
         "57P01",
         "meridian is shutting down",
     );
-    assert!(wait_exit(&mut proxy).success());
+    assert!(wait_exit(&mut proxy.child).success());
     eventually(
         "the backend session to end",
         Duration::from_secs(20),

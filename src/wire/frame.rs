@@ -279,6 +279,11 @@ pub fn negotiate_protocol_version(minor: u32, unrecognised: &[String]) -> Bytes 
     })
 }
 
+/// Any message from a tag and a body (tests, benchmarks, and the write path's injections).
+pub fn encode(tag: u8, body: &[u8]) -> Bytes {
+    message(tag, |b| b.put_slice(body))
+}
+
 /// The Terminate message a proxy sends to a backend it is closing.
 pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
@@ -288,10 +293,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
+        encode(tag, body).to_vec()
     }
 
     type SeenOwned = Vec<(u8, Option<Vec<u8>>)>;

@@ -237,10 +237,7 @@ mod tests {
     use tokio::io::duplex;
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
+        frame::encode(tag, body).to_vec()
     }
 
     /// Protocol test over in-memory pipes: bytes pass unchanged, status is tracked.

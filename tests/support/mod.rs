@@ -429,3 +429,24 @@ pub fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// GET `path` from an HTTP endpoint with a plain HTTP/1.0 request; the whole response.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Waits for a child process to exit; returns its status.
+pub fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let mut status = None;
+    eventually("the process to exit", Duration::from_secs(60), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status.unwrap()
+}
