@@ -14,7 +14,9 @@
 //! docs/architecture.md shows where each one plugs in.
 
 pub mod admin;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod proxy;
+pub mod sql;
 pub mod wire;

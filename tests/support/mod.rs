@@ -96,7 +96,9 @@ pub struct TlsFiles {
 pub fn tls_files() -> &'static TlsFiles {
     static TLS: OnceLock<TlsFiles> = OnceLock::new();
     TLS.get_or_init(|| {
-        let dir = scratch_dir("tls");
+        // Under target/: reused by later runs instead of piling up in /tmp.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-tls");
+        std::fs::create_dir_all(&dir).unwrap();
         let ck = rcgen::generate_simple_self_signed(vec![
             "localhost".to_string(),
             "127.0.0.1".to_string(),

@@ -1,0 +1,48 @@
+//! Micro-benchmarks for the write path's per-statement work: stamping a
+//! transaction with the HLC, and classifying statement text (a cache miss
+//! parses with sqlparser; a hit is a hash lookup).
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use meridian::clock::{Clock, DEFAULT_MAX_DRIFT};
+use meridian::sql::{classify, ClassifierCache};
+
+/// Typical statements: pgbench's TPC-B-like script and a few common shapes.
+const STATEMENTS: &[(&str, &str)] = &[
+    ("pgbench_update", "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2"),
+    ("pgbench_select", "SELECT abalance FROM pgbench_accounts WHERE aid = $1"),
+    ("pgbench_insert", "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES ($1, $2, $3, $4, CURRENT_TIMESTAMP)"),
+    ("begin", "BEGIN"),
+    ("upsert", "INSERT INTO accounts (id, owner, balance) VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE SET balance = accounts.balance + excluded.balance"),
+    ("cte_delete", "WITH gone AS (DELETE FROM sessions WHERE expires < now() RETURNING id) SELECT count(*) FROM gone"),
+    ("join_select", "SELECT o.id, c.name, sum(l.qty * l.price) FROM orders o JOIN customers c ON c.id = o.customer_id JOIN lines l ON l.order_id = o.id WHERE o.created > $1 GROUP BY o.id, c.name ORDER BY 3 DESC LIMIT 20"),
+];
+
+fn stamping(c: &mut Criterion) {
+    let clock = Clock::start(0, DEFAULT_MAX_DRIFT);
+    c.bench_function("hlc_stamp", |b| b.iter(|| black_box(clock.stamp())));
+    let remote = Clock::start(0, DEFAULT_MAX_DRIFT);
+    c.bench_function("hlc_observe_then_stamp", |b| {
+        b.iter(|| {
+            clock.observe(remote.stamp()).unwrap();
+            black_box(clock.stamp())
+        })
+    });
+}
+
+fn classification(c: &mut Criterion) {
+    let mut miss = c.benchmark_group("classify_miss");
+    for (name, sql) in STATEMENTS {
+        miss.bench_function(*name, |b| b.iter(|| classify(black_box(sql))));
+    }
+    miss.finish();
+    let cache = ClassifierCache::new(1024);
+    let mut hit = c.benchmark_group("classify_hit");
+    for (name, sql) in STATEMENTS {
+        cache.classify(sql);
+        hit.bench_function(*name, |b| b.iter(|| cache.classify(black_box(sql))));
+    }
+    hit.finish();
+}
+
+criterion_group!(benches, stamping, classification);
+criterion_main!(benches);
