@@ -34,7 +34,7 @@ fn scanner(c: &mut Criterion) {
     request.extend(msg(b'S', b""));
     group.throughput(Throughput::Elements(1));
     group.bench_function("client_bind_execute_sync", |b| {
-        let mut s = FrameScanner::new(Direction::Frontend, 64 << 20, frame::capture_none);
+        let mut s = FrameScanner::new(Direction::Frontend, 64 << 20, frame::capture_statements);
         b.iter(|| {
             let mut syncs = 0;
             s.scan(black_box(&request), |m| syncs += usize::from(m.tag == b'S'))

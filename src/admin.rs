@@ -1,6 +1,6 @@
 //! admin: the per-region HTTP endpoint. Today: `/health` (200 when the proxy
 //! accepts clients and its PostgreSQL answers, 503 otherwise) and `/status`
-//! (JSON counters). Metrics, lag and conflicts join it with replication.
+//! (JSON counters: sessions, and statements by class). Metrics, lag and conflicts join it with replication.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -74,6 +74,13 @@ async fn health(State(s): State<AdminState>) -> (StatusCode, String) {
 async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
     let st = &s.sessions.stats;
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let statements: serde_json::Map<String, serde_json::Value> = s
+        .sessions
+        .statements
+        .snapshot()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
     Json(serde_json::json!({
         "region": s.region,
         "draining": s.shutdown.drain.is_cancelled(),
@@ -85,5 +92,6 @@ async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
             "protocol_errors": n(&st.protocol_errors),
             "handshake_timeouts": n(&st.handshake_timeouts),
         },
+        "statements": statements,
     }))
 }

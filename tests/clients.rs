@@ -417,3 +417,59 @@ fn asyncpg_prepared_copy_and_transactions() {
     let out = run_python("asyncpg_client.py", &proxy.url(APP_USER, "postgres"));
     assert!(out.contains("asyncpg ok"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_are_classified_once_per_prepare_and_counted_per_execution() {
+    let proxy = Proxy::start(ProxySpec {
+        scram: false,
+        tls: false,
+        ..ProxySpec::default()
+    });
+    let url = proxy.url(APP_USER, "postgres");
+    psql(
+        &url,
+        &[
+            "-c",
+            "DROP TABLE IF EXISTS st_t; CREATE TABLE st_t (id int PRIMARY KEY, v int)",
+        ],
+        None,
+    );
+    psql(
+        &url,
+        &[
+            "-c",
+            "BEGIN; INSERT INTO st_t VALUES (1, 1); SELECT * FROM st_t; COMMIT",
+        ],
+        None,
+    );
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user={APP_USER} dbname=postgres",
+            proxy.addr.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let update = client
+        .prepare("UPDATE st_t SET v = v + 1 WHERE id = $1")
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        client.execute(&update, &[&1i32]).await.unwrap();
+    }
+    let status = http_get(&proxy.admin.to_string(), "/status");
+    let json: serde_json::Value =
+        serde_json::from_str(status.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let s = &json["statements"];
+    assert_eq!(s["ddl"], 2, "DROP and CREATE: {s}");
+    assert_eq!(s["transaction"], 2, "BEGIN and COMMIT: {s}");
+    assert_eq!(
+        s["write"],
+        1 + 5,
+        "one INSERT, five executions of the prepared UPDATE: {s}"
+    );
+    assert_eq!(s["read"], 1, "{s}");
+    assert_eq!(s["may_write"], 0, "{s}");
+}

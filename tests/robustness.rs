@@ -285,18 +285,23 @@ fn sigterm_drains_open_transactions_then_exits() {
         "57P01",
         "meridian is shutting down",
     );
-    // The open transaction may still finish.
-    let reply = send_query(&mut busy, "INSERT INTO drain_t VALUES (2); COMMIT;");
+    // The open transaction may still finish; the session closes right after it.
+    let mut msg = b"Q".to_vec();
+    let sql = "INSERT INTO drain_t VALUES (2); COMMIT;";
+    msg.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+    msg.extend_from_slice(sql.as_bytes());
+    msg.push(0);
+    busy.write_all(&msg).unwrap();
+    let reply = read_to_close(&mut busy);
+    let ready = reply
+        .windows(6)
+        .position(|w| w == b"Z\x00\x00\x00\x05I")
+        .expect("COMMIT acknowledged with ReadyForQuery(I)");
     assert!(
-        reply.ends_with(b"Z\x00\x00\x00\x05I"),
-        "COMMIT acknowledged: {:?}",
-        String::from_utf8_lossy(&reply)
+        String::from_utf8_lossy(&reply[..ready]).contains("COMMIT"),
+        "{reply:?}"
     );
-    assert_fatal(
-        &read_to_close(&mut busy),
-        "57P01",
-        "meridian is shutting down",
-    );
+    assert_fatal(&reply[ready + 6..], "57P01", "meridian is shutting down");
     let status = wait_exit(&mut proxy.child);
     assert!(status.success(), "{status}");
     let (out, _) = psql(

@@ -5,7 +5,7 @@ use libfuzzer_sys::fuzz_target;
 use meridian::wire::frame::{Direction, FrameScanner};
 
 fn run(chunks: &[&[u8]]) -> (Vec<(u8, Option<Vec<u8>>)>, bool) {
-    let mut s = FrameScanner::new(Direction::Frontend, 1 << 16, |t| t == b'Q' || t == b'P');
+    let mut s = FrameScanner::new(Direction::Frontend, 1 << 16, meridian::wire::frame::capture_statements);
     let mut seen = Vec::new();
     for c in chunks {
         if s.scan(c, |m| seen.push((m.tag, m.body.map(<[u8]>::to_vec)))).is_err() {

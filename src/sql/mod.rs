@@ -15,8 +15,10 @@
 //! token stream instead of by walking the tree.
 
 mod cache;
+mod tracker;
 
 pub use cache::ClassifierCache;
+pub use tracker::{StatementCounts, StatementTracker};
 
 use sqlparser::ast::{SetExpr, Statement};
 use sqlparser::dialect::PostgreSqlDialect;

@@ -62,26 +62,33 @@ pub struct Seen<'a> {
     pub end: usize,
 }
 
+/// How much of each message's body a scanner hands out, by tag: 0 for
+/// nothing, `usize::MAX` for the whole body, or a prefix length.
+pub type CapturePolicy = fn(u8) -> usize;
+
 /// Incremental message-boundary tracker. Feed it every chunk read from one
 /// direction of a connection, in order.
 #[derive(Debug)]
 pub struct FrameScanner {
     direction: Direction,
     max_len: u32,
-    capture: fn(u8) -> bool,
+    capture: CapturePolicy,
     header: [u8; 5],
     header_len: usize,
     tag: u8,
     remaining: usize,
-    /// Body bytes of a captured message that spans chunks. Bounded by `max_len`.
+    /// Captured body bytes of a message that spans chunks. Bounded by the
+    /// capture limit and `max_len`.
     spill: Vec<u8>,
     capturing: bool,
+    /// Bytes of the current body to capture.
+    capture_limit: usize,
 }
 
 impl FrameScanner {
     /// `max_len` bounds the length field (which counts itself but not the tag).
-    /// `capture` names the tags whose bodies are handed to the callback.
-    pub fn new(direction: Direction, max_len: u32, capture: fn(u8) -> bool) -> Self {
+    /// `capture` says how much of which bodies are handed to the callback.
+    pub fn new(direction: Direction, max_len: u32, capture: CapturePolicy) -> Self {
         FrameScanner {
             direction,
             max_len,
@@ -92,6 +99,7 @@ impl FrameScanner {
             remaining: 0,
             spill: Vec::new(),
             capturing: false,
+            capture_limit: 0,
         }
     }
 
@@ -129,20 +137,23 @@ impl FrameScanner {
             let piece = &chunk[pos..pos + take];
             pos += take;
             self.remaining -= take;
+            let wanted = &piece[..piece
+                .len()
+                .min(self.capture_limit - self.spill.len().min(self.capture_limit))];
             if self.remaining > 0 {
                 if self.capturing {
-                    self.spill.extend_from_slice(piece);
+                    self.spill.extend_from_slice(wanted);
                 }
                 continue;
             }
             if !self.capturing {
                 self.finish(&mut on_message, None, pos);
             } else if self.spill.is_empty() {
-                // Whole body inside this chunk: hand out a borrowed slice, no copy.
-                self.finish(&mut on_message, Some(piece), pos);
+                // Captured part inside this chunk: hand out a borrowed slice, no copy.
+                self.finish(&mut on_message, Some(wanted), pos);
             } else {
                 let mut spill = std::mem::take(&mut self.spill);
-                spill.extend_from_slice(piece);
+                spill.extend_from_slice(wanted);
                 self.finish(&mut on_message, Some(&spill), pos);
                 spill.clear();
                 self.spill = spill;
@@ -177,7 +188,8 @@ impl FrameScanner {
         }
         self.tag = tag;
         self.remaining = (len - 4) as usize;
-        self.capturing = (self.capture)(tag);
+        self.capture_limit = (self.capture)(tag);
+        self.capturing = self.capture_limit > 0;
         Ok(())
     }
 
@@ -193,13 +205,31 @@ impl FrameScanner {
 }
 
 /// Capture nothing.
-pub fn capture_none(_: u8) -> bool {
-    false
+pub fn capture_none(_: u8) -> usize {
+    0
 }
 
 /// The proxy's backend-side interest: ReadyForQuery carries the transaction status.
-pub fn capture_ready_for_query(tag: u8) -> bool {
-    tag == b'Z'
+pub fn capture_ready_for_query(tag: u8) -> usize {
+    if tag == b'Z' {
+        usize::MAX
+    } else {
+        0
+    }
+}
+
+/// Longest statement or portal name Postgres keeps (NAMEDATALEN - 1), plus its NUL.
+const NAME_FIELD: usize = 64;
+
+/// The proxy's client-side interest: statement texts (Query, Parse), and the
+/// names a Bind or Close refers to (a short prefix, never the parameters).
+pub fn capture_statements(tag: u8) -> usize {
+    match tag {
+        b'Q' | b'P' => usize::MAX,
+        b'B' => 2 * NAME_FIELD,
+        b'C' => 1 + NAME_FIELD,
+        _ => 0,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -364,11 +394,16 @@ mod tests {
             cuts.push(stream.len());
             cuts.sort_unstable();
             let chunks: Vec<&[u8]> = cuts.windows(2).map(|w| &stream[w[0]..w[1]]).collect();
-            let mut s = FrameScanner::new(Direction::Backend, 1 << 20, |t| t != b'D');
+            // 'Z' whole, 'C' a 3-byte prefix, 'D' nothing.
+            let mut s = FrameScanner::new(Direction::Backend, 1 << 20, |t| match t { b'Z' => usize::MAX, b'C' => 3, _ => 0 });
             let seen = scan_all(&mut s, &chunks).unwrap();
             let expected: SeenOwned = msgs
                 .iter()
-                .map(|(t, b)| (*t, (*t != b'D').then(|| b.clone())))
+                .map(|(t, b)| match t {
+                    b'Z' => (*t, Some(b.clone())),
+                    b'C' => (*t, Some(b[..b.len().min(3)].to_vec())),
+                    _ => (*t, None),
+                })
                 .collect();
             prop_assert_eq!(seen, expected);
             prop_assert!(s.at_boundary());
@@ -377,7 +412,7 @@ mod tests {
         /// Arbitrary bytes never panic the frontend scanner.
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let mut s = FrameScanner::new(Direction::Frontend, 4096, |t| t == b'Q');
+            let mut s = FrameScanner::new(Direction::Frontend, 4096, capture_statements);
             let _ = s.scan(&bytes, |_| {});
         }
     }

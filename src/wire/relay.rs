@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::sql::StatementTracker;
 use crate::wire::frame::{self, Direction, FrameError, FrameScanner, Severity};
 
 const READ_CHUNK: usize = 32 * 1024;
@@ -114,6 +115,7 @@ pub async fn relay<C, B>(
     client: C,
     backend: B,
     state: &SessionState,
+    statements: &mut StatementTracker,
     max_message: u32,
     shutdown: &Shutdown,
 ) -> RelayEnd
@@ -124,7 +126,7 @@ where
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut backend_rx, mut backend_tx) = tokio::io::split(backend);
     let end = tokio::select! {
-        up = client_to_backend(&mut client_rx, &mut backend_tx, state, max_message) => match up {
+        up = client_to_backend(&mut client_rx, &mut backend_tx, state, statements, max_message) => match up {
             Pumped::Protocol(e) => RelayEnd::ClientProtocolError(e),
             Pumped::Closed | Pumped::Io => RelayEnd::ClientClosed,
         },
@@ -161,13 +163,15 @@ async fn client_to_backend<R, W>(
     rx: &mut R,
     tx: &mut W,
     state: &SessionState,
+    statements: &mut StatementTracker,
     max_message: u32,
 ) -> Pumped
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut scanner = FrameScanner::new(Direction::Frontend, max_message, frame::capture_none);
+    let mut scanner =
+        FrameScanner::new(Direction::Frontend, max_message, frame::capture_statements);
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
         let n = match rx.read(&mut buf).await {
@@ -175,10 +179,22 @@ where
             Ok(n) => n,
         };
         let (mut requests, mut terminate) = (0, false);
-        let scanned = scanner.scan(&buf[..n], |m| match m.tag {
-            b'Q' | b'S' | b'F' => requests += 1,
-            b'X' => terminate = true,
-            _ => {}
+        let scanned = scanner.scan(&buf[..n], |m| {
+            let body = m.body.unwrap_or_default();
+            match m.tag {
+                b'Q' => {
+                    requests += 1;
+                    statements.on_query(body);
+                }
+                b'P' => statements.on_parse(body),
+                b'B' => {
+                    statements.on_bind(body);
+                }
+                b'C' => statements.on_close(body),
+                b'S' | b'F' => requests += 1,
+                b'X' => terminate = true,
+                _ => {}
+            }
         });
         if let Err(e) = scanned {
             return Pumped::Protocol(e);
@@ -234,7 +250,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::io::duplex;
+
+    use crate::sql::{ClassifierCache, StatementCounts};
+
+    fn tracker() -> StatementTracker {
+        StatementTracker::new(
+            Arc::new(ClassifierCache::new(16)),
+            Arc::new(StatementCounts::default()),
+        )
+    }
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         frame::encode(tag, body).to_vec()
@@ -271,8 +297,16 @@ mod tests {
             assert!(!state.is_idle());
             client_end.write_all(&msg(b'X', b"")).await.unwrap();
         };
+        let mut statements = tracker();
         let (end, ()) = tokio::join!(
-            relay(proxy_client, proxy_backend, &state, 1 << 20, &shutdown),
+            relay(
+                proxy_client,
+                proxy_backend,
+                &state,
+                &mut statements,
+                1 << 20,
+                &shutdown
+            ),
             script
         );
         assert!(matches!(end, RelayEnd::ClientClosed), "{end:?}");
@@ -291,6 +325,7 @@ mod tests {
             proxy_client,
             proxy_backend,
             &state,
+            &mut tracker(),
             1 << 20,
             &Shutdown::default(),
         )
@@ -324,8 +359,16 @@ mod tests {
             client_end.read_to_end(&mut out).await.unwrap();
             out
         };
+        let mut statements = tracker();
         let (end, out) = tokio::join!(
-            relay(proxy_client, proxy_backend, &state, 1 << 20, &shutdown),
+            relay(
+                proxy_client,
+                proxy_backend,
+                &state,
+                &mut statements,
+                1 << 20,
+                &shutdown
+            ),
             script
         );
         assert!(matches!(end, RelayEnd::Drained), "{end:?}");

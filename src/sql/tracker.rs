@@ -1,0 +1,231 @@
+//! Per-session statement tracking: what each Query, Parse and Bind a client
+//! sends will do, fed by the relay from the bodies its scanner captures.
+//!
+//! Prepared statements are classified once, at Parse, and looked up by name at
+//! each Bind, so a prepared write costs a hash lookup per execution, not a
+//! parse. The write path decides from this which transactions to stamp.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::{Classification, ClassifierCache, StatementKind};
+
+/// Named statements remembered per session. Beyond this, statements are not
+/// remembered and their executions count as `MayWrite` (conservative).
+pub const MAX_NAMED_STATEMENTS: usize = 10_000;
+
+/// Statement counts by kind, shared by all sessions of a proxy.
+#[derive(Debug, Default)]
+pub struct StatementCounts {
+    pub read: AtomicU64,
+    pub write: AtomicU64,
+    pub ddl: AtomicU64,
+    pub transaction: AtomicU64,
+    pub session: AtomicU64,
+    pub may_write: AtomicU64,
+}
+
+impl StatementCounts {
+    fn count(&self, kind: StatementKind) {
+        let counter = match kind {
+            StatementKind::Read => &self.read,
+            StatementKind::Write => &self.write,
+            StatementKind::Ddl => &self.ddl,
+            StatementKind::Transaction(_) => &self.transaction,
+            StatementKind::Session => &self.session,
+            StatementKind::MayWrite => &self.may_write,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (name, count) pairs for reporting.
+    pub fn snapshot(&self) -> [(&'static str, u64); 6] {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("read", n(&self.read)),
+            ("write", n(&self.write)),
+            ("ddl", n(&self.ddl)),
+            ("transaction", n(&self.transaction)),
+            ("session", n(&self.session)),
+            ("may_write", n(&self.may_write)),
+        ]
+    }
+}
+
+fn cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let nul = body.iter().position(|&b| b == 0)?;
+    Some((&body[..nul], &body[nul + 1..]))
+}
+
+fn unknown() -> Arc<Classification> {
+    Arc::new(Classification {
+        kinds: vec![StatementKind::MayWrite],
+        unparsed: true,
+    })
+}
+
+pub struct StatementTracker {
+    cache: Arc<ClassifierCache>,
+    counts: Arc<StatementCounts>,
+    /// Prepared statements by name ("" is the unnamed statement).
+    prepared: HashMap<Box<[u8]>, Arc<Classification>>,
+}
+
+impl StatementTracker {
+    pub fn new(cache: Arc<ClassifierCache>, counts: Arc<StatementCounts>) -> StatementTracker {
+        StatementTracker {
+            cache,
+            counts,
+            prepared: HashMap::new(),
+        }
+    }
+
+    fn classify_text(&self, text: &[u8]) -> Arc<Classification> {
+        match std::str::from_utf8(text) {
+            Ok(t) => self.cache.classify(t),
+            // Not UTF-8 (another client_encoding): cannot tell, so assume it writes.
+            Err(_) => unknown(),
+        }
+    }
+
+    fn count(&self, c: &Classification) {
+        for kind in &c.kinds {
+            self.counts.count(*kind);
+        }
+    }
+
+    /// A simple Query: classified and counted now.
+    pub fn on_query(&mut self, body: &[u8]) -> Arc<Classification> {
+        let text = cstr(body).map_or(body, |(t, _)| t);
+        let c = self.classify_text(text);
+        self.count(&c);
+        self.forget_if_discarded(&c, text);
+        c
+    }
+
+    /// Parse: classified once and remembered under the statement's name.
+    pub fn on_parse(&mut self, body: &[u8]) {
+        let Some((name, rest)) = cstr(body) else {
+            return;
+        };
+        let text = cstr(rest).map_or(rest, |(t, _)| t);
+        let c = self.classify_text(text);
+        if self.prepared.len() < MAX_NAMED_STATEMENTS
+            || name.is_empty()
+            || self.prepared.contains_key(name)
+        {
+            self.prepared.insert(name.into(), c);
+        }
+    }
+
+    /// Bind: the classification of the statement about to run, counted as one execution.
+    pub fn on_bind(&mut self, body_prefix: &[u8]) -> Arc<Classification> {
+        let statement = cstr(body_prefix)
+            .and_then(|(_portal, rest)| cstr(rest))
+            .map(|(s, _)| s);
+        let c = statement
+            .and_then(|s| self.prepared.get(s))
+            .cloned()
+            .unwrap_or_else(unknown);
+        self.count(&c);
+        self.forget_if_discarded(&c, b"");
+        c
+    }
+
+    /// Close of a statement ('S') forgets it; closing a portal changes nothing.
+    pub fn on_close(&mut self, body_prefix: &[u8]) {
+        if let Some((&b'S', rest)) = body_prefix.split_first() {
+            if let Some((name, _)) = cstr(rest) {
+                self.prepared.remove(name);
+            }
+        }
+    }
+
+    /// DISCARD ALL / DEALLOCATE drop server-side statements; so do we (anything
+    /// unknown later counts as MayWrite, which is safe).
+    fn forget_if_discarded(&mut self, c: &Classification, text: &[u8]) {
+        if c.kinds.contains(&StatementKind::Session) {
+            let head: Vec<u8> = text.iter().take(16).map(u8::to_ascii_uppercase).collect();
+            if head.starts_with(b"DISCARD") || head.starts_with(b"DEALLOCATE") {
+                self.prepared.clear();
+            }
+        }
+    }
+
+    pub fn prepared_len(&self) -> usize {
+        self.prepared.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker() -> (StatementTracker, Arc<StatementCounts>) {
+        let counts = Arc::new(StatementCounts::default());
+        (
+            StatementTracker::new(Arc::new(ClassifierCache::new(64)), counts.clone()),
+            counts,
+        )
+    }
+
+    fn parse_body(name: &str, sql: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        for s in [name, sql] {
+            b.extend_from_slice(s.as_bytes());
+            b.push(0);
+        }
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b
+    }
+
+    fn bind_prefix(portal: &str, statement: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        for s in [portal, statement] {
+            b.extend_from_slice(s.as_bytes());
+            b.push(0);
+        }
+        b.extend_from_slice(&[0, 1, 0, 1]);
+        b
+    }
+
+    #[test]
+    fn prepared_statements_are_classified_at_parse_and_counted_at_bind() {
+        let (mut t, counts) = tracker();
+        t.on_parse(&parse_body("upd", "UPDATE t SET v = $1 WHERE id = $2"));
+        t.on_parse(&parse_body("", "SELECT v FROM t WHERE id = $1"));
+        for _ in 0..3 {
+            assert!(t.on_bind(&bind_prefix("", "upd")).needs_stamp());
+        }
+        assert!(!t.on_bind(&bind_prefix("", "")).needs_stamp());
+        assert_eq!(counts.write.load(Ordering::Relaxed), 3);
+        assert_eq!(counts.read.load(Ordering::Relaxed), 1);
+        // An unknown statement name is assumed to write.
+        assert!(t.on_bind(&bind_prefix("", "never_parsed")).needs_stamp());
+        assert_eq!(counts.may_write.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn close_and_discard_forget_statements() {
+        let (mut t, _) = tracker();
+        t.on_parse(&parse_body("a", "SELECT 1"));
+        t.on_parse(&parse_body("b", "SELECT 2"));
+        t.on_close(b"Sa\0");
+        assert_eq!(t.prepared_len(), 1);
+        t.on_close(b"Pb\0");
+        assert_eq!(t.prepared_len(), 1, "closing a portal keeps the statement");
+        t.on_query(b"DISCARD ALL\0");
+        assert_eq!(t.prepared_len(), 0);
+    }
+
+    #[test]
+    fn simple_queries_count_each_statement_and_bad_encoding_is_may_write() {
+        let (mut t, counts) = tracker();
+        let c = t.on_query(b"BEGIN; INSERT INTO t VALUES (1); COMMIT;\0");
+        assert!(c.needs_stamp());
+        assert_eq!(counts.transaction.load(Ordering::Relaxed), 2);
+        assert_eq!(counts.write.load(Ordering::Relaxed), 1);
+        assert!(t.on_query(b"SELECT '\xe9t\xe9'\0").needs_stamp());
+    }
+}
