@@ -2,7 +2,7 @@
 //! `meridian run` process, against the same server, in one run, alternating
 //! so both see the same machine noise. Not a test: it asserts nothing.
 //!
-//! cargo bench --bench relay_e2e            (defaults: -T 20, 2 rounds)
+//! cargo bench --bench relay_e2e            (defaults: -T 20, 3 rounds)
 //! RELAY_BENCH_SECONDS=5 RELAY_BENCH_ROUNDS=1 cargo bench --bench relay_e2e
 
 use std::net::TcpStream;
@@ -90,7 +90,7 @@ fn start_proxy(dir: &std::path::Path, backend: &str, proxy_extra: &str) -> (Prox
 fn main() {
     // `cargo bench` passes --bench; ignore arguments.
     let seconds = env_or("RELAY_BENCH_SECONDS", 20).to_string();
-    let rounds = env_or("RELAY_BENCH_ROUNDS", 2);
+    let rounds = env_or("RELAY_BENCH_ROUNDS", 3);
     let dir = tempfile::Builder::new()
         .prefix("meridian-bench-")
         .tempdir()
@@ -145,32 +145,40 @@ fn main() {
     println!("|---|---|---|---|---|");
     let mut summary = Vec::new();
     for (name, args) in &workloads {
-        let mut sums = vec![(0.0, 0.0); targets.len()];
+        // results[round][target]
+        let mut results: Vec<Vec<Result>> = Vec::new();
         for round in 1..=rounds {
-            for (i, (target, url)) in targets.iter().enumerate() {
+            let mut this_round = Vec::new();
+            for (target, url) in &targets {
                 let r = pgbench(url, args);
                 println!(
                     "| `{name}` | {target} | {round} | {:.0} | {:.3} |",
                     r.tps, r.latency_ms
                 );
-                sums[i].0 += r.tps;
-                sums[i].1 += r.latency_ms;
+                this_round.push(r);
             }
+            results.push(this_round);
         }
-        let n = rounds as f64;
-        let (d_tps, d_lat) = (sums[0].0 / n, sums[0].1 / n);
+        // Each round pairs the direct run with proxied runs made right after it;
+        // the median over rounds of those paired ratios resists the machine's noise.
         for (i, (target, _)) in targets.iter().enumerate().skip(1) {
-            let (tps, lat) = (sums[i].0 / n, sums[i].1 / n);
+            let mut ratios: Vec<f64> = results.iter().map(|r| r[i].tps / r[0].tps).collect();
+            let mut added: Vec<f64> = results
+                .iter()
+                .map(|r| (r[i].latency_ms - r[0].latency_ms) * 1000.0)
+                .collect();
+            ratios.sort_by(f64::total_cmp);
+            added.sort_by(f64::total_cmp);
             summary.push(format!(
-                "| `{name}` | {target} | {:.0} vs {:.0} direct | **{:.2}** | {:+.1} us |",
-                tps,
-                d_tps,
-                tps / d_tps,
-                (lat - d_lat) * 1000.0
+                "| `{name}` | {target} | **{:.2}** | {:.2}-{:.2} | {:+.1} us |",
+                ratios[ratios.len() / 2],
+                ratios[0],
+                ratios[ratios.len() - 1],
+                added[added.len() / 2]
             ));
         }
     }
-    println!("\n| workload | target | mean tps | ratio to direct | added avg latency |");
+    println!("\n| workload | target | median ratio to direct | range over rounds | median added avg latency |");
     println!("|---|---|---|---|---|");
     for line in summary {
         println!("{line}");
