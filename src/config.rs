@@ -304,15 +304,6 @@ impl Config {
         }
         problems
     }
-
-    /// Looks up a client user's verifier.
-    pub fn verifier_for(&self, user: &str) -> Option<Verifier> {
-        self.auth
-            .users
-            .iter()
-            .find(|u| u.name == user)
-            .and_then(|u| Verifier::parse(&u.verifier).ok())
-    }
 }
 
 #[cfg(test)]

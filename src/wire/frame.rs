@@ -238,14 +238,12 @@ pub fn capture_statements(tag: u8) -> usize {
 /// Severity of an ErrorResponse the proxy writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
-    Error,
     Fatal,
 }
 
 impl Severity {
     fn as_str(self) -> &'static str {
         match self {
-            Severity::Error => "ERROR",
             Severity::Fatal => "FATAL",
         }
     }
