@@ -1,26 +1,15 @@
 //! The command line: `meridian check` explains config mistakes with the file
 //! and the key's path; `meridian verifier` makes verifiers `check` accepts.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod support;
+
+use std::process::Command;
 
 fn meridian(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = support::run_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_meridian")).args(args),
+        stdin,
+    );
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into(),

@@ -129,7 +129,6 @@ impl StatementTracker {
             .cloned()
             .unwrap_or_else(unknown);
         self.count(&c);
-        self.forget_if_discarded(&c, b"");
         c
     }
 

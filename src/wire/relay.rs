@@ -251,7 +251,7 @@ where
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use tokio::io::duplex;
+    use tokio::io::{duplex, DuplexStream};
 
     use crate::sql::{ClassifierCache, StatementCounts};
 
@@ -260,6 +260,16 @@ mod tests {
             Arc::new(ClassifierCache::new(16)),
             Arc::new(StatementCounts::default()),
         )
+    }
+
+    /// The relay under test with a fresh statement tracker and a 1 MiB message limit.
+    async fn run(
+        client: DuplexStream,
+        backend: DuplexStream,
+        state: &SessionState,
+        shutdown: &Shutdown,
+    ) -> RelayEnd {
+        relay(client, backend, state, &mut tracker(), 1 << 20, shutdown).await
     }
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -297,18 +307,7 @@ mod tests {
             assert!(!state.is_idle());
             client_end.write_all(&msg(b'X', b"")).await.unwrap();
         };
-        let mut statements = tracker();
-        let (end, ()) = tokio::join!(
-            relay(
-                proxy_client,
-                proxy_backend,
-                &state,
-                &mut statements,
-                1 << 20,
-                &shutdown
-            ),
-            script
-        );
+        let (end, ()) = tokio::join!(run(proxy_client, proxy_backend, &state, &shutdown), script);
         assert!(matches!(end, RelayEnd::ClientClosed), "{end:?}");
     }
 
@@ -321,15 +320,7 @@ mod tests {
             .write_all(b"\xde\xad\xbe\xef garbage")
             .await
             .unwrap();
-        let end = relay(
-            proxy_client,
-            proxy_backend,
-            &state,
-            &mut tracker(),
-            1 << 20,
-            &Shutdown::default(),
-        )
-        .await;
+        let end = run(proxy_client, proxy_backend, &state, &Shutdown::default()).await;
         assert!(matches!(
             end,
             RelayEnd::ClientProtocolError(FrameError::UnknownTag(0xde))
@@ -359,18 +350,7 @@ mod tests {
             client_end.read_to_end(&mut out).await.unwrap();
             out
         };
-        let mut statements = tracker();
-        let (end, out) = tokio::join!(
-            relay(
-                proxy_client,
-                proxy_backend,
-                &state,
-                &mut statements,
-                1 << 20,
-                &shutdown
-            ),
-            script
-        );
+        let (end, out) = tokio::join!(run(proxy_client, proxy_backend, &state, &shutdown), script);
         assert!(matches!(end, RelayEnd::Drained), "{end:?}");
         assert!(
             out.starts_with(&msg(b'C', b"COMMIT\0")),

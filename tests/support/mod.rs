@@ -317,6 +317,11 @@ pub fn psql_raw(
         .args(["-X", "-v", "ON_ERROR_STOP=1"])
         .args(args);
     cmd.envs(env.iter().copied());
+    run_with_stdin(&mut cmd, stdin)
+}
+
+/// Runs `cmd` with stdout/stderr captured, feeding it `stdin` if given.
+pub fn run_with_stdin(cmd: &mut Command, stdin: Option<&str>) -> Output {
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
     } else {
@@ -324,7 +329,7 @@ pub fn psql_raw(
     })
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("psql");
+    let mut child = cmd.spawn().expect("spawn");
     if let Some(input) = stdin {
         child
             .stdin
