@@ -93,5 +93,9 @@ async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
             "handshake_timeouts": n(&st.handshake_timeouts),
         },
         "statements": statements,
+        "stamps": {
+            "injected": n(&st.stamps_injected),
+            "failures": n(&st.stamp_failures),
+        },
     }))
 }

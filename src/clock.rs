@@ -46,59 +46,68 @@ pub fn physical_ms(hlc: u64) -> Option<i64> {
     HlcTimestamp::try_from(hlc).ok().map(|t| t.timestamp())
 }
 
+/// Where the clock reads the time: the system clock, optionally shifted (so a
+/// test can start a real proxy with its clock set back), or a manual value.
+#[derive(Debug)]
+enum TimeSource {
+    System { offset_ms: i64 },
+    Manual(AtomicI64),
+}
+
 /// The region's clock. Cheap to share: all operations are lock-free.
-pub struct Clock<S: ClockSource = UtcClock> {
-    generator: HlcGenerator<S>,
+///
+/// hlc-gen's generator only comes with a system or a manual source, so the
+/// generator runs on a manual source that is set from [`TimeSource`] just
+/// before each stamp.
+pub struct Clock {
+    generator: HlcGenerator<ManualClock>,
     max_drift: Duration,
-    /// Mirror of a manual source's time (hlc-gen does not expose its source).
-    manual_now: Option<AtomicI64>,
+    source: TimeSource,
 }
 
-impl Clock<UtcClock> {
+impl Clock {
     /// A clock on system time that issues stamps above `high_water`.
-    pub fn start(high_water: u64, max_drift: Duration) -> Clock<UtcClock> {
-        Clock::with_generator(HlcGenerator::new(0), high_water, max_drift)
+    pub fn start(high_water: u64, max_drift: Duration) -> Clock {
+        Clock::shifted(0, high_water, max_drift)
     }
-}
 
-impl Clock<ManualClock> {
+    /// A clock on system time shifted by `offset_ms` (negative: set back).
+    pub fn shifted(offset_ms: i64, high_water: u64, max_drift: Duration) -> Clock {
+        Clock::with_source(TimeSource::System { offset_ms }, high_water, max_drift)
+    }
+
     /// A clock on manually set time (milliseconds since the Unix epoch), for tests.
-    pub fn manual(now_ms: i64, high_water: u64, max_drift: Duration) -> Clock<ManualClock> {
-        let generator = HlcGenerator::manual(0);
-        generator.set_current_timestamp(now_ms);
-        let mut clock = Clock::with_generator(generator, high_water, max_drift);
-        clock.manual_now = Some(AtomicI64::new(now_ms));
-        clock
+    pub fn manual(now_ms: i64, high_water: u64, max_drift: Duration) -> Clock {
+        Clock::with_source(
+            TimeSource::Manual(AtomicI64::new(now_ms)),
+            high_water,
+            max_drift,
+        )
     }
 
+    /// Sets a manual clock's time; ignored by a system clock.
     pub fn set_time(&self, now_ms: i64) {
-        self.generator.set_current_timestamp(now_ms);
-        if let Some(now) = &self.manual_now {
+        if let TimeSource::Manual(now) = &self.source {
             now.store(now_ms, Ordering::SeqCst);
         }
     }
-}
 
-impl<S: ClockSource> Clock<S> {
-    fn with_generator(
-        generator: HlcGenerator<S>,
-        high_water: u64,
-        max_drift: Duration,
-    ) -> Clock<S> {
-        if let Ok(mark) = HlcTimestamp::try_from(high_water) {
-            // With drift 0 inside hlc-gen this cannot fail: it only moves forward.
-            let _ = generator.update(&mark);
-        }
-        Clock {
+    fn with_source(source: TimeSource, high_water: u64, max_drift: Duration) -> Clock {
+        let generator = HlcGenerator::manual(0);
+        let clock = Clock {
             generator,
             max_drift,
-            manual_now: None,
-        }
+            source,
+        };
+        clock.generator.set_current_timestamp(clock.now_ms());
+        clock.advance_past(high_water);
+        clock
     }
 
     /// A stamp for a local event, larger than every stamp issued or observed before.
     pub fn stamp(&self) -> u64 {
         loop {
+            self.generator.set_current_timestamp(self.now_ms());
             if let Some(ts) = self.generator.next_timestamp() {
                 return ts.as_u64();
             }
@@ -122,16 +131,33 @@ impl<S: ClockSource> Clock<S> {
         if ahead_ms > max_ms as i64 {
             return Err(ClockError::TooFarAhead { ahead_ms, max_ms });
         }
+        self.generator.set_current_timestamp(now);
         let _ = self.generator.update(&ts);
         Ok(())
     }
 
+    /// Moves past a persisted high-water mark, however far ahead of local
+    /// time it is (the wall clock may have been set back since it was written).
+    pub fn advance_past(&self, high_water: u64) {
+        if let Ok(mark) = HlcTimestamp::try_from(high_water) {
+            self.generator.set_current_timestamp(self.now_ms());
+            let _ = self.generator.update(&mark);
+        }
+    }
+
     /// Local time in milliseconds since the Unix epoch, from the injected source.
     pub fn now_ms(&self) -> i64 {
-        match &self.manual_now {
-            Some(now) => now.load(Ordering::SeqCst),
-            None => UtcClock.current_timestamp(),
+        match &self.source {
+            TimeSource::Manual(now) => now.load(Ordering::SeqCst),
+            TimeSource::System { offset_ms } => UtcClock.current_timestamp() + offset_ms,
         }
+    }
+
+    /// The HLC whose physical part is `unix_ms` and whose counter is 0.
+    pub fn hlc_at(unix_ms: i64) -> u64 {
+        HlcTimestamp::from_parts(unix_ms, 0)
+            .map(|t| t.as_u64())
+            .unwrap_or(0)
     }
 }
 

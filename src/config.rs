@@ -25,6 +25,37 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+}
+
+/// What is replicated, and how keys stay region-disjoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// Every table of these schemas is replicated (plus tables named in rule files).
+    pub schemas: Vec<String>,
+    /// Directory of conflict rule files (`*.toml`); relative to the config file.
+    /// A missing directory means no rules.
+    pub rules: PathBuf,
+    /// Sequences and identity columns of replicated tables step by this much,
+    /// each region starting at its id, so regions never mint the same key.
+    /// Region ids must be below it.
+    pub sequence_stride: u16,
+    /// Largest clock offset accepted from a peer (and the base of the clock lease).
+    #[serde(with = "humantime_serde")]
+    pub max_drift: Duration,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            schemas: vec!["public".into()],
+            rules: PathBuf::from("conflict-rules"),
+            sequence_stride: 64,
+            max_drift: crate::clock::DEFAULT_MAX_DRIFT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,6 +117,21 @@ pub struct BackendConfig {
     pub password_env: Option<String>,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Role meridian itself uses (migrate, clock high-water mark). Client
+    /// sessions always use the client's own role.
+    #[serde(default = "default_backend_user")]
+    pub user: String,
+    /// Database holding the replicated schemas and meridian's own schema.
+    #[serde(default = "default_backend_database")]
+    pub database: String,
+}
+
+fn default_backend_user() -> String {
+    "postgres".into()
+}
+
+fn default_backend_database() -> String {
+    "postgres".into()
 }
 
 fn default_pg_port() -> u16 {
@@ -199,10 +245,17 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        Config::from_toml(&text).map_err(|problems| ConfigError::Invalid {
+        let mut config = Config::from_toml(&text).map_err(|problems| ConfigError::Invalid {
             path: path.into(),
             problems,
-        })
+        })?;
+        // Relative paths in a config file mean relative to that file.
+        if let Some(dir) = path.parent() {
+            if config.replication.rules.is_relative() {
+                config.replication.rules = dir.join(&config.replication.rules);
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and validates config text, returning every problem found.
@@ -294,6 +347,29 @@ impl Config {
                         "{e}; make one with `meridian verifier --user {}`",
                         user.name
                     ),
+                );
+            }
+        }
+        let r = &self.replication;
+        if r.sequence_stride < 2 {
+            problem(
+                "replication.sequence_stride".into(),
+                "must be at least 2".into(),
+            );
+        } else if self.region.id == 0 || self.region.id >= r.sequence_stride {
+            problem(
+                "region.id".into(),
+                format!(
+                    "must be between 1 and {} (below replication.sequence_stride)",
+                    r.sequence_stride - 1
+                ),
+            );
+        }
+        for (i, schema) in r.schemas.iter().enumerate() {
+            if schema.is_empty() || schema == "meridian" || schema.starts_with("pg_") {
+                problem(
+                    format!("replication.schemas[{i}]"),
+                    format!("{schema:?} cannot be replicated"),
                 );
             }
         }

@@ -14,9 +14,11 @@
 //! docs/architecture.md shows where each one plugs in.
 
 pub mod admin;
+pub mod capture;
 pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod proxy;
+pub mod rules;
 pub mod sql;
 pub mod wire;

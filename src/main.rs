@@ -10,9 +10,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
+use meridian::capture;
 use meridian::cluster::demo::{self, DemoOptions};
 use meridian::config::Config;
 use meridian::proxy::{Region, Shutdown};
+use meridian::rules::RuleSet;
 use meridian::wire::scram::Verifier;
 
 #[derive(Parser)]
@@ -30,6 +32,15 @@ struct Cli {
 enum Command {
     /// Run one region's proxy.
     Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Shift the clock's time source (milliseconds, negative = back). For tests.
+        #[arg(long, default_value_t = 0, hide = true, allow_negative_numbers = true)]
+        clock_offset_ms: i64,
+    },
+    /// Install or upgrade meridian's schema in the region's database and
+    /// enable capture on every replicated table.
+    Migrate {
         #[arg(long)]
         config: PathBuf,
     },
@@ -98,13 +109,42 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check { config } => Ok(check(&config)),
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            clock_offset_ms,
+        } => {
             let config = Config::load(&config)?;
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = config.proxy.worker_threads {
                 rt.worker_threads(n);
             }
-            rt.enable_all().build()?.block_on(run(config))?;
+            rt.enable_all()
+                .build()?
+                .block_on(run(config, clock_offset_ms))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate { config } => {
+            let config = Config::load(&config)?;
+            let rules = RuleSet::load(&config.replication.rules)?;
+            let report = runtime()?.block_on(async {
+                let mut client = capture::connect(&config).await?;
+                capture::migrate(&mut client, &config, &rules).await
+            })?;
+            for (version, name) in &report.applied {
+                println!("applied migration {version:04}_{name}");
+            }
+            if report.applied.is_empty() {
+                println!("schema up to date");
+            }
+            for (table, status) in &report.tables {
+                println!("{table}: {status}");
+            }
+            println!(
+                "{} replicated table(s) in region {} (id {})",
+                report.tables.len(),
+                config.region.name,
+                config.region.id
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {
@@ -159,6 +199,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(c) => {
+            let rules = match RuleSet::load(&c.replication.rules) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("{e}");
+                    eprintln!("1 problem(s) found");
+                    return ExitCode::FAILURE;
+                }
+            };
             println!(
                 "{}: ok (region {} id {}, listening on {}, backend {}:{}, auth {:?}, tls {})",
                 path.display(),
@@ -169,6 +217,11 @@ fn check(path: &std::path::Path) -> ExitCode {
                 c.backend.port,
                 c.auth.method,
                 if c.tls.is_some() { "on" } else { "off" }
+            );
+            println!(
+                "rules: {} table rule(s) from {}",
+                rules.tables.len(),
+                c.replication.rules.display()
             );
             ExitCode::SUCCESS
         }
@@ -187,8 +240,8 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 /// `meridian run`: SIGTERM drains, a second SIGTERM or SIGINT exits at once.
-async fn run(config: Config) -> anyhow::Result<()> {
-    let region = Region::bind(&config).await?;
+async fn run(config: Config, clock_offset_ms: i64) -> anyhow::Result<()> {
+    let region = Region::bind_with_clock_offset(&config, clock_offset_ms).await?;
     tracing::info!(
         region = %config.region.name,
         listen = %region.client_addr()?,

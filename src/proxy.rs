@@ -13,6 +13,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::wire::frame::{self, Severity};
 pub use crate::wire::relay::Shutdown;
@@ -38,19 +41,26 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub async fn bind(config: &Config) -> Result<Proxy, ProxyError> {
+    pub async fn bind(config: &Config, clock: Option<Arc<Clock>>) -> Result<Proxy, ProxyError> {
         let addr = config.proxy.listen;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ProxyError::Bind { addr, source })?;
-        Proxy::with_listener(config, listener)
+        Proxy::with_listener(config, listener, clock)
     }
 
-    /// Uses an already bound listener (tests bind port 0).
-    pub fn with_listener(config: &Config, listener: TcpListener) -> Result<Proxy, ProxyError> {
+    /// Uses an already bound listener (tests bind port 0). Without a clock,
+    /// sessions are relayed without stamping.
+    pub fn with_listener(
+        config: &Config,
+        listener: TcpListener,
+        clock: Option<Arc<Clock>>,
+    ) -> Result<Proxy, ProxyError> {
+        let mut ctx = SessionContext::from_config(config)?;
+        ctx.clock = clock;
         Ok(Proxy {
             listener,
-            ctx: Arc::new(SessionContext::from_config(config)?),
+            ctx: Arc::new(ctx),
             max_connections: config.proxy.max_connections,
             shutdown_timeout: config.proxy.shutdown_timeout,
         })
@@ -126,16 +136,28 @@ async fn refuse_full(mut socket: TcpStream, max: usize) {
     let _ = tokio::time::timeout(Duration::from_secs(1), socket.write_all(&msg)).await;
 }
 
-/// A region's proxy plus its admin endpoint, bound and ready to run.
+/// A region's proxy plus its admin endpoint and its clock, bound and ready to run.
 pub struct Region {
     name: String,
+    config: Config,
+    clock: Arc<Clock>,
     proxy: Proxy,
     admin: Option<TcpListener>,
 }
 
 impl Region {
     pub async fn bind(config: &Config) -> Result<Region, ProxyError> {
-        let proxy = Proxy::bind(config).await?;
+        Region::bind_with_clock_offset(config, 0).await
+    }
+
+    /// As [`Region::bind`], with the clock's time source shifted by
+    /// `offset_ms` (tests set the clock back to check it never goes backwards).
+    pub async fn bind_with_clock_offset(
+        config: &Config,
+        offset_ms: i64,
+    ) -> Result<Region, ProxyError> {
+        let clock = Arc::new(Clock::shifted(offset_ms, 0, config.replication.max_drift));
+        let proxy = Proxy::bind(config, Some(clock.clone())).await?;
         let admin = match config.admin.listen {
             Some(addr) => Some(
                 crate::admin::bind(addr)
@@ -146,6 +168,8 @@ impl Region {
         };
         Ok(Region {
             name: config.region.name.clone(),
+            config: config.clone(),
+            clock,
             proxy,
             admin,
         })
@@ -159,8 +183,25 @@ impl Region {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// Runs until shutdown completes.
+    pub fn clock(&self) -> Arc<Clock> {
+        self.clock.clone()
+    }
+
+    /// Runs until shutdown completes. Client sessions are accepted once the
+    /// clock has moved past its persisted high-water mark (or that mark could
+    /// not be read within the backend's connect timeout; it keeps trying).
     pub async fn run(self, shutdown: Shutdown) {
+        let (ready, stop) = (CancellationToken::new(), CancellationToken::new());
+        let lease = tokio::spawn(crate::capture::clock_store::keep_lease(
+            self.config.clone(),
+            self.clock.clone(),
+            ready.clone(),
+            stop.clone(),
+        ));
+        let wait = self.config.backend.connect_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(wait, ready.cancelled()).await.is_err() {
+            tracing::warn!("clock high-water mark not read yet; serving anyway");
+        }
         let admin = self.admin.map(|listener| {
             let (name, ctx, shutdown) = (self.name.clone(), self.proxy.context(), shutdown.clone());
             tokio::spawn(async move {
@@ -170,6 +211,8 @@ impl Region {
             })
         });
         self.proxy.run(shutdown).await;
+        stop.cancel();
+        let _ = lease.await;
         if let Some(a) = admin {
             let _ = a.await;
         }

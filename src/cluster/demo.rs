@@ -8,11 +8,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::capture::{self, CaptureError};
 use crate::cluster::postgres::{PgError, PgOptions, PgServer};
 use crate::config::{
     AdminConfig, AuthConfig, AuthMethod, BackendConfig, Config, ProxyConfig, RegionConfig,
+    ReplicationConfig,
 };
 use crate::proxy::{ProxyError, Region, Shutdown};
+use crate::rules::{RuleSet, RulesError};
 
 /// Region names in the order regions are created.
 pub const REGION_NAMES: [&str; 8] = [
@@ -60,6 +63,13 @@ pub enum DemoError {
     #[error("starting PostgreSQL for {region}: {source}")]
     Postgres { region: String, source: PgError },
     #[error(transparent)]
+    RuleFile(RulesError),
+    #[error("meridian migrate for {region}: {source}")]
+    Migrate {
+        region: String,
+        source: CaptureError,
+    },
+    #[error(transparent)]
     Proxy(#[from] ProxyError),
 }
 
@@ -101,7 +111,7 @@ fn plan(opts: &DemoOptions) -> Result<Vec<RegionPlan>, DemoError> {
     Ok(plans)
 }
 
-fn region_config(plan: &RegionPlan, pg: &PgServer) -> Config {
+fn region_config(plan: &RegionPlan, pg: &PgServer, rules: &std::path::Path) -> Config {
     Config {
         region: RegionConfig {
             name: plan.name.to_string(),
@@ -117,6 +127,8 @@ fn region_config(plan: &RegionPlan, pg: &PgServer) -> Config {
             password: None,
             password_env: None,
             connect_timeout: Duration::from_secs(5),
+            user: pg.superuser().to_string(),
+            database: "postgres".into(),
         },
         auth: AuthConfig {
             method: AuthMethod::Trust,
@@ -125,6 +137,10 @@ fn region_config(plan: &RegionPlan, pg: &PgServer) -> Config {
         tls: None,
         admin: AdminConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], plan.admin_port))),
+        },
+        replication: ReplicationConfig {
+            rules: std::path::absolute(rules).unwrap_or_else(|_| rules.to_path_buf()),
+            ..ReplicationConfig::default()
         },
     }
 }
@@ -225,11 +241,26 @@ pub async fn run(
                 })?;
         }
     }
+    let rules = RuleSet::load(&opts.rules).map_err(DemoError::RuleFile)?;
+    let configs: Vec<Config> = plans
+        .iter()
+        .zip(&servers)
+        .map(|(p, pg)| region_config(p, pg, &opts.rules))
+        .collect();
+    for (p, config) in plans.iter().zip(&configs) {
+        let failed = |e: CaptureError| DemoError::Migrate {
+            region: p.name.into(),
+            source: e,
+        };
+        let mut client = capture::connect(config).await.map_err(failed)?;
+        capture::migrate(&mut client, config, &rules)
+            .await
+            .map_err(failed)?;
+    }
     let shutdown = Shutdown::default();
     let mut tasks = Vec::new();
     let mut lines = String::new();
-    for (p, pg) in plans.iter().zip(&servers) {
-        let config = region_config(p, pg);
+    for ((p, config), pg) in plans.iter().zip(configs).zip(&servers) {
         let config_path = base.join(format!("{}.toml", p.name));
         if let Ok(text) = toml::to_string(&config) {
             let _ = std::fs::write(&config_path, text);
@@ -244,18 +275,11 @@ pub async fn run(
         ));
         tasks.push(tokio::spawn(region.run(shutdown.clone())));
     }
-    let rule_files = std::fs::read_dir(&opts.rules)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "toml"))
-                .count()
-        })
-        .unwrap_or(0);
     tracing::info!(
         latency = %humantime::format_duration(opts.latency),
         jitter = %humantime::format_duration(opts.jitter),
-        rule_files,
-        "links and rules are recorded but not used yet: replication and the rule engine are not built"
+        rule_tables = rules.tables.len(),
+        "capture is on; links and conflict policies are recorded but not used yet: replication and the rule engine are not built"
     );
     lines.push_str("ready\n");
     let _ = out.write_all(lines.as_bytes());

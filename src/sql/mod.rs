@@ -60,11 +60,12 @@ pub enum TxControl {
 
 impl StatementKind {
     /// Whether a transaction containing this statement must be stamped.
+    /// DDL writes no rows of replicated tables (capture of a table created by
+    /// CREATE TABLE AS starts after it exists), and some DDL (CREATE INDEX
+    /// CONCURRENTLY, CREATE DATABASE) refuses to run after anything else in
+    /// the same pipeline, so it is never stamped.
     pub fn needs_stamp(self) -> bool {
-        matches!(
-            self,
-            StatementKind::Write | StatementKind::MayWrite | StatementKind::Ddl
-        )
+        matches!(self, StatementKind::Write | StatementKind::MayWrite)
     }
 }
 
@@ -74,6 +75,8 @@ pub struct Classification {
     pub kinds: Vec<StatementKind>,
     /// The text did not parse; `kinds` is then `[MayWrite]`.
     pub unparsed: bool,
+    /// DISCARD ALL / DISCARD PLANS / DEALLOCATE: drops server-side prepared statements.
+    pub drops_prepared: bool,
 }
 
 impl Classification {
@@ -96,6 +99,7 @@ pub fn classify(text: &str) -> Classification {
     let unparsed = Classification {
         kinds: vec![StatementKind::MayWrite],
         unparsed: true,
+        drops_prepared: false,
     };
     if text.len() > MAX_PARSED_TEXT {
         return unparsed;
@@ -103,10 +107,11 @@ pub fn classify(text: &str) -> Classification {
     let statements = match Parser::parse_sql(&PostgreSqlDialect {}, text) {
         Ok(s) => s,
         Err(_) => {
-            return match copy_direction(text) {
+            return match copy_direction(text).or_else(|| non_transactional_utility(text)) {
                 Some(kind) => Classification {
                     kinds: vec![kind],
                     unparsed: true,
+                    drops_prepared: false,
                 },
                 None => unparsed,
             }
@@ -118,11 +123,15 @@ pub fn classify(text: &str) -> Classification {
             *k = StatementKind::MayWrite;
         }
     }
+    let drops_prepared = statements
+        .iter()
+        .any(|s| matches!(s, Statement::Discard { .. } | Statement::Deallocate { .. }));
     // Dropping a deep tree recurses; the size bound above keeps it shallow enough.
     drop(statements);
     Classification {
         kinds,
         unparsed: false,
+        drops_prepared,
     }
 }
 
@@ -247,6 +256,26 @@ fn set_expr_writes(body: &SetExpr) -> bool {
         }
         _ => false,
     }
+}
+
+/// Commands that cannot run inside a transaction block or a pipeline and
+/// write no rows of replicated tables, recognised by their first words when
+/// sqlparser cannot parse them: they must not be stamped (a stamp injected
+/// before them in the same pipeline would make Postgres refuse them).
+fn non_transactional_utility(text: &str) -> Option<StatementKind> {
+    let words: Vec<String> = text
+        .split_whitespace()
+        .take(4)
+        .map(|w| w.trim_end_matches(';').to_ascii_uppercase())
+        .collect();
+    let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
+    let utility = matches!(w(0), "VACUUM" | "REINDEX" | "CLUSTER" | "CHECKPOINT")
+        || (w(0) == "ALTER" && w(1) == "SYSTEM")
+        || (matches!(w(0), "CREATE" | "DROP")
+            && (matches!(w(1), "DATABASE" | "TABLESPACE" | "SUBSCRIPTION")
+                || w(2) == "CONCURRENTLY"
+                || (w(1) == "UNIQUE" && w(3) == "CONCURRENTLY")));
+    utility.then_some(StatementKind::Session)
 }
 
 /// Built-in functions known not to write. Anything else may (user functions,
@@ -438,6 +467,29 @@ mod tests {
             assert_eq!(kinds(sql), [MayWrite], "{sql}");
         }
         assert!(classify("this is not sql").unparsed);
+    }
+
+    #[test]
+    fn ddl_and_non_transactional_utilities_are_never_stamped() {
+        for sql in [
+            "CREATE TABLE t (id int PRIMARY KEY)",
+            "CREATE INDEX CONCURRENTLY i ON t (v)",
+            "CREATE UNIQUE INDEX CONCURRENTLY i ON t (v)",
+            "DROP INDEX CONCURRENTLY i",
+            "REINDEX TABLE CONCURRENTLY t",
+            "VACUUM (VERBOSE) t",
+            "CREATE DATABASE d",
+            "ALTER SYSTEM SET work_mem = '8MB'",
+        ] {
+            assert!(!classify(sql).needs_stamp(), "{sql}: {:?}", classify(sql));
+        }
+    }
+
+    #[test]
+    fn discard_and_deallocate_drop_prepared_statements() {
+        assert!(classify("DISCARD ALL").drops_prepared);
+        assert!(classify("DEALLOCATE ALL").drops_prepared);
+        assert!(!classify("SELECT 1").drops_prepared);
     }
 
     #[test]

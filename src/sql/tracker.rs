@@ -62,6 +62,7 @@ fn unknown() -> Arc<Classification> {
     Arc::new(Classification {
         kinds: vec![StatementKind::MayWrite],
         unparsed: true,
+        drops_prepared: false,
     })
 }
 
@@ -100,7 +101,9 @@ impl StatementTracker {
         let text = cstr(body).map_or(body, |(t, _)| t);
         let c = self.classify_text(text);
         self.count(&c);
-        self.forget_if_discarded(&c, text);
+        if c.drops_prepared {
+            self.prepared.clear();
+        }
         c
     }
 
@@ -137,17 +140,6 @@ impl StatementTracker {
         if let Some((&b'S', rest)) = body_prefix.split_first() {
             if let Some((name, _)) = cstr(rest) {
                 self.prepared.remove(name);
-            }
-        }
-    }
-
-    /// DISCARD ALL / DEALLOCATE drop server-side statements; so do we (anything
-    /// unknown later counts as MayWrite, which is safe).
-    fn forget_if_discarded(&mut self, c: &Classification, text: &[u8]) {
-        if c.kinds.contains(&StatementKind::Session) {
-            let head: Vec<u8> = text.iter().take(16).map(u8::to_ascii_uppercase).collect();
-            if head.starts_with(b"DISCARD") || head.starts_with(b"DEALLOCATE") {
-                self.prepared.clear();
             }
         }
     }

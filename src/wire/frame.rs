@@ -108,6 +108,11 @@ impl FrameScanner {
         self.header_len == 0
     }
 
+    /// The tag of the message the stream is in the middle of, if any.
+    pub fn pending_tag(&self) -> Option<u8> {
+        (self.header_len > 0).then_some(self.header[0])
+    }
+
     /// Scans `chunk`, calling `on_message` for each message completed in it.
     /// On error the stream is unusable; the caller reports it and disconnects.
     pub fn scan(
@@ -212,6 +217,16 @@ pub fn capture_none(_: u8) -> usize {
 /// The proxy's backend-side interest: ReadyForQuery carries the transaction status.
 pub fn capture_ready_for_query(tag: u8) -> usize {
     if tag == b'Z' {
+        usize::MAX
+    } else {
+        0
+    }
+}
+
+/// ReadyForQuery and ErrorResponse bodies (the write path reads the SQLSTATE
+/// of errors answering what it injected).
+pub fn capture_ready_and_errors(tag: u8) -> usize {
+    if tag == b'Z' || tag == b'E' {
         usize::MAX
     } else {
         0

@@ -143,6 +143,8 @@ pub struct Proxy {
     pub config_path: PathBuf,
     pub scram: bool,
     pub tls: bool,
+    /// The config's directory was made by `Proxy::start` and goes with the proxy.
+    owns_dir: bool,
 }
 
 impl Proxy {
@@ -191,11 +193,18 @@ impl Proxy {
         let dir = scratch_dir("proxy");
         let config_path = dir.join("meridian.toml");
         std::fs::write(&config_path, config).unwrap();
-        Proxy::spawn(&config_path, port, admin_port, spec.scram, spec.tls)
+        let mut proxy = Proxy::spawn(&config_path, port, admin_port, spec.scram, spec.tls, &[]);
+        proxy.owns_dir = true;
+        proxy
     }
 
     /// Runs a proxy from an existing config file (TLS and SCRAM as it says).
     pub fn start_with_config(config_path: &Path) -> Proxy {
+        Proxy::start_with_config_args(config_path, &[])
+    }
+
+    /// As `start_with_config`, with extra `meridian run` arguments.
+    pub fn start_with_config_args(config_path: &Path, args: &[&str]) -> Proxy {
         let c = meridian::config::Config::load(config_path).expect("valid test config");
         let admin = c.admin.listen.map(|a| a.port()).unwrap_or(0);
         let scram = c.auth.method == meridian::config::AuthMethod::ScramSha256;
@@ -205,13 +214,22 @@ impl Proxy {
             admin,
             scram,
             c.tls.is_some(),
+            args,
         )
     }
 
-    fn spawn(config_path: &Path, port: u16, admin_port: u16, scram: bool, tls: bool) -> Proxy {
+    fn spawn(
+        config_path: &Path,
+        port: u16,
+        admin_port: u16,
+        scram: bool,
+        tls: bool,
+        args: &[&str],
+    ) -> Proxy {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_meridian"));
         cmd.args(["run", "--config"])
             .arg(config_path)
+            .args(args)
             .env("MERIDIAN_LOG", "info,meridian=debug");
         cmd.stdout(Stdio::null()).stderr(Stdio::from(
             std::fs::File::create(config_path.with_extension("log")).unwrap(),
@@ -226,6 +244,7 @@ impl Proxy {
             config_path: config_path.into(),
             scram,
             tls,
+            owns_dir: false,
         }
     }
 
@@ -277,7 +296,7 @@ impl Drop for Proxy {
         if std::thread::panicking() {
             eprintln!("--- meridian log ---\n{}", self.log());
         }
-        if let Some(dir) = self.config_path.parent() {
+        if let Some(dir) = self.config_path.parent().filter(|_| self.owns_dir) {
             let _ = std::fs::remove_dir_all(dir);
         }
     }

@@ -1,0 +1,656 @@
+//! The write path against real PostgreSQL: `meridian migrate`, capture of
+//! every committed change with the transaction's stamp, the safe read order,
+//! stamps that survive a restart with the clock set back, and real clients
+//! (psql, pgbench, psycopg pipeline mode, asyncpg) writing through the proxy.
+//!
+//! Each test works in its own database of the binary's shared server, with
+//! its own `meridian migrate` and `meridian run`.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use meridian::capture::reader::{read_changes, Operation, Position};
+use meridian::clock::physical_ms;
+use meridian::cluster::postgres::free_port;
+use support::*;
+use tokio_postgres::{Client, NoTls};
+
+/// A database with meridian migrated into it and a proxy in front of it.
+struct Region {
+    db: String,
+    config: PathBuf,
+    proxy: Option<Proxy>,
+}
+
+impl Region {
+    /// Creates database `db` from `schema`, writes `rules` (file name, text)
+    /// and a config, and runs `meridian migrate`; returns the region and the
+    /// migrate output. Does not start the proxy.
+    fn prepare(db: &str, schema: &str, rules: &[(&str, &str)]) -> (Region, std::process::Output) {
+        let pg = pg();
+        psql(
+            &pg.socket_conninfo("postgres"),
+            &[
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+                "-c",
+                &format!("CREATE DATABASE {db}"),
+            ],
+            None,
+        );
+        if !schema.is_empty() {
+            psql(&pg.socket_conninfo(db), &["-c", schema], None);
+        }
+        let dir = scratch_dir(db);
+        let rules_dir = dir.join("rules");
+        std::fs::create_dir_all(&rules_dir).unwrap();
+        for (name, text) in rules {
+            std::fs::write(rules_dir.join(name), text).unwrap();
+        }
+        let (port, admin) = (free_port().unwrap(), free_port().unwrap());
+        let config = dir.join("meridian.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[region]\nname = \"test\"\nid = 3\n\n[proxy]\nlisten = \"127.0.0.1:{port}\"\n\n\
+                 [backend]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndatabase = \"{db}\"\n\n\
+                 [auth]\nmethod = \"trust\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+                 [replication]\nrules = \"rules\"\n",
+                pg.socket_dir().display(),
+                pg.port,
+                pg.superuser()
+            ),
+        )
+        .unwrap();
+        let region = Region {
+            db: db.into(),
+            config,
+            proxy: None,
+        };
+        let out = region.migrate();
+        (region, out)
+    }
+
+    /// `prepare` that must migrate cleanly, then starts the proxy.
+    fn start(db: &str, schema: &str, rules: &[(&str, &str)]) -> Region {
+        let (mut region, out) = Region::prepare(db, schema, rules);
+        assert!(
+            out.status.success(),
+            "migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        region.proxy = Some(Proxy::start_with_config(&region.config));
+        region
+    }
+
+    fn migrate(&self) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["migrate", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap()
+    }
+
+    fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("proxy started")
+    }
+
+    /// libpq URL through the proxy.
+    fn url(&self) -> String {
+        self.proxy().url(pg().superuser(), &self.db)
+    }
+
+    /// conninfo straight to Postgres, bypassing the proxy.
+    fn direct(&self) -> String {
+        pg().socket_conninfo(&self.db)
+    }
+
+    async fn client(&self) -> Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    async fn direct_client(&self) -> Client {
+        let (client, conn) = tokio_postgres::connect(&self.direct(), NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    /// One column of one query, straight to Postgres, as text.
+    fn query(&self, sql: &str) -> Vec<String> {
+        let (out, _) = psql(&self.direct(), &["-At", "-c", sql], None);
+        out.lines().map(str::to_string).collect()
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        self.proxy.take();
+        if let Some(dir) = self.config.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn stamps(r: &Region, proxy: &Proxy) -> u64 {
+    let _ = r;
+    let status = http_get(&proxy.admin.to_string(), "/status");
+    let body = status.split("\r\n\r\n").nth(1).unwrap_or(&status);
+    let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    v["stamps"]["injected"].as_u64().unwrap()
+}
+
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, v text);
+     CREATE TABLE parent (id int PRIMARY KEY);
+     CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent ON DELETE CASCADE);
+     CREATE FUNCTION add_item(i int) RETURNS void LANGUAGE sql AS $$ INSERT INTO items VALUES (i, 'fn') $$;";
+
+#[test]
+fn migrate_refuses_tables_without_a_key_and_is_idempotent() {
+    let schema =
+        "CREATE TABLE keyed (id int PRIMARY KEY); CREATE TABLE events (at timestamptz, what text);";
+    let (region, out) = Region::prepare("cap_migrate", schema, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("public.events"), "{err}");
+    assert!(err.contains("ADD PRIMARY KEY"), "{err}");
+    assert!(err.contains("insert_only = true"), "{err}");
+    assert!(
+        region.query("SELECT count(*) FROM meridian.replicated_table WHERE captured") == ["0"],
+        "a refused run enables nothing"
+    );
+    // The way out by rule: declare the table insert-only.
+    std::fs::write(
+        region.config.parent().unwrap().join("rules/events.toml"),
+        "[[table]]\nname = \"public.events\"\ninsert_only = true\n",
+    )
+    .unwrap();
+    let first = region.migrate();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let second = region.migrate();
+    assert!(second.status.success());
+    let second_out = String::from_utf8_lossy(&second.stdout);
+    assert!(second_out.contains("schema up to date"), "{second_out}");
+    assert!(second_out.contains("public.events"), "{second_out}");
+    assert!(second_out.contains("public.keyed"), "{second_out}");
+    assert_eq!(
+        region.query("SELECT version FROM meridian.migration"),
+        ["1"]
+    );
+    // A rule naming a table that does not exist names the file and the table.
+    std::fs::write(
+        region.config.parent().unwrap().join("rules/ghost.toml"),
+        "[[table]]\nname = \"public.ghost\"\n",
+    )
+    .unwrap();
+    let ghost = region.migrate();
+    assert!(!ghost.status.success());
+    let err = String::from_utf8_lossy(&ghost.stderr);
+    assert!(
+        err.contains("ghost.toml") && err.contains("public.ghost"),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_kind_of_write_through_the_proxy_is_captured_once_with_one_stamp_per_transaction() {
+    let mut r = Region::start("cap_kinds", ITEMS, &[]);
+    let before_ms = meridian::clock::Clock::start(0, Duration::from_millis(500)).now_ms();
+    let url = r.url();
+    psql(
+        &url,
+        &[],
+        Some(
+            "INSERT INTO items VALUES (1, 'a'), (2, 'b'), (3, 'c');
+             UPDATE items SET v = 'B' WHERE id = 2;
+             DELETE FROM items WHERE id = 3;
+             BEGIN; INSERT INTO items VALUES (4, 'd'); UPDATE items SET id = 40 WHERE id = 4; COMMIT;
+             BEGIN; INSERT INTO items VALUES (5, 'rolled back'); ROLLBACK;
+             SELECT add_item(6);
+             INSERT INTO parent VALUES (1); INSERT INTO child VALUES (10, 1), (11, 1);
+             DELETE FROM parent WHERE id = 1;
+             COPY items FROM STDIN;
+7\tcopied
+8\tcopied
+\\.
+             ",
+        ),
+    );
+    let rows = r.query(
+        "SELECT format('%s %s %s %s', \"table\", operation, key, via_proxy) FROM meridian.changes ORDER BY xid, seq",
+    );
+    let expected = [
+        "public.items insert {\"id\": 1} t",
+        "public.items insert {\"id\": 2} t",
+        "public.items insert {\"id\": 3} t",
+        "public.items update {\"id\": 2} t",
+        "public.items delete {\"id\": 3} t",
+        "public.items insert {\"id\": 4} t",
+        "public.items delete {\"id\": 4} t",
+        "public.items insert {\"id\": 40} t",
+        "public.items insert {\"id\": 6} t",
+        "public.parent insert {\"id\": 1} t",
+        "public.child insert {\"id\": 10} t",
+        "public.child insert {\"id\": 11} t",
+        "public.child delete {\"id\": 10} t",
+        "public.child delete {\"id\": 11} t",
+        "public.parent delete {\"id\": 1} t",
+        "public.items insert {\"id\": 7} t",
+        "public.items insert {\"id\": 8} t",
+    ];
+    let mut got = rows.clone();
+    let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "in capture order: {rows:#?}");
+    // One stamp per transaction, a different one for each, close to now.
+    let per_tx = r.query("SELECT count(DISTINCT tx_hlc) FROM meridian.change GROUP BY xid");
+    assert!(per_tx.iter().all(|n| n == "1"), "{per_tx:?}");
+    let txs = r.query("SELECT count(DISTINCT xid) = count(DISTINCT tx_hlc) FROM meridian.change");
+    assert_eq!(txs, ["t"]);
+    for hlc in r.query("SELECT DISTINCT tx_hlc FROM meridian.change") {
+        let ms = physical_ms(hlc.parse().unwrap()).unwrap();
+        assert!(
+            ms >= before_ms - 1000 && ms <= before_ms + 120_000,
+            "stamp {hlc} ({ms} ms) is not from this test (started {before_ms})"
+        );
+    }
+    // The new row image and the origin.
+    assert_eq!(
+        r.query("SELECT \"row\"->>'v' FROM meridian.changes WHERE key = '{\"id\": 2}' AND operation = 'update'"),
+        ["B"]
+    );
+    assert_eq!(
+        r.query("SELECT DISTINCT origin || ' ' || origin_name FROM meridian.changes"),
+        ["3 test"]
+    );
+    // TRUNCATE is captured as one change.
+    psql(&url, &["-c", "TRUNCATE child"], None);
+    assert_eq!(
+        r.query("SELECT count(*) FROM meridian.changes WHERE operation = 'truncate' AND \"table\" = 'public.child'"),
+        ["1"]
+    );
+    // A write straight to Postgres is captured too, marked as bypassing the proxy.
+    psql(
+        &r.direct(),
+        &["-c", "INSERT INTO items VALUES (100, 'cron job')"],
+        None,
+    );
+    assert_eq!(
+        r.query("SELECT via_proxy FROM meridian.changes WHERE key = '{\"id\": 100}'"),
+        ["f"]
+    );
+    let bypass: u64 = r.query("SELECT tx_hlc FROM meridian.changes WHERE key = '{\"id\": 100}'")[0]
+        .parse()
+        .unwrap();
+    assert!(physical_ms(bypass).unwrap() >= before_ms - 1000);
+    r.proxy.take();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_write_always_gets_a_larger_version_than_the_rows_current_one() {
+    let r = Region::start("cap_versions", ITEMS, &[]);
+    psql(
+        &r.url(),
+        &["-c", "INSERT INTO items VALUES (1, 'x'), (2, 'y')"],
+        None,
+    );
+    let (a, b) = (r.client().await, r.client().await);
+    // A takes its stamp first (by writing another row), B takes a later one.
+    a.batch_execute("BEGIN; UPDATE items SET v = 'a' WHERE id = 2")
+        .await
+        .unwrap();
+    b.batch_execute("UPDATE items SET v = 'b' WHERE id = 1")
+        .await
+        .unwrap();
+    // A now writes the row B already committed with its later stamp.
+    a.batch_execute("UPDATE items SET v = 'a' WHERE id = 1; COMMIT")
+        .await
+        .unwrap();
+    let rows = r.query(
+        "SELECT format('%s %s %s', row->>'v', hlc, tx_hlc) FROM meridian.changes
+         WHERE key = '{\"id\": 1}' AND operation = 'update' ORDER BY xid, seq",
+    );
+    let parsed: Vec<(String, u64, u64)> = rows
+        .iter()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (
+                f[0].to_string(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    let b_change = parsed.iter().find(|c| c.0 == "b").unwrap();
+    let a_change = parsed.iter().find(|c| c.0 == "a").unwrap();
+    assert!(a_change.2 < b_change.2, "A's stamp is older: {parsed:?}");
+    assert!(
+        a_change.1 > b_change.1,
+        "but A's version of the row is larger: {parsed:?}"
+    );
+    assert_eq!(
+        r.query("SELECT hlc FROM meridian.row_version WHERE pk = '{\"id\": 1}'"),
+        [a_change.1.to_string()]
+    );
+}
+
+/// 16 clients mixing long and short transactions (some rolled back) while a
+/// reader follows the change stream: every committed change is read exactly
+/// once, positions only grow, and nothing rolled back appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_clients_every_committed_change_read_once_in_a_safe_order() {
+    let r = Region::start("cap_order", ITEMS, &[]);
+    let reader = r.direct_client().await;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let follow = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut pos = Position::default();
+            let mut seen = Vec::new();
+            loop {
+                let finished = done.load(std::sync::atomic::Ordering::Acquire);
+                let batch = read_changes(&reader, pos, 50).await.unwrap();
+                for c in &batch {
+                    assert!(c.position > pos, "read position went backwards");
+                    pos = c.position;
+                    seen.push(c.clone());
+                }
+                if batch.is_empty() {
+                    if finished {
+                        return seen;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+    };
+    let mut writers = Vec::new();
+    for w in 0..16 {
+        let client = r.client().await;
+        writers.push(tokio::spawn(async move {
+            let mut committed = Vec::new();
+            for t in 0..12 {
+                let id = w * 1000 + t;
+                let long = (w + t) % 4 == 0;
+                let rollback = (w * 7 + t) % 5 == 0;
+                client.batch_execute("BEGIN").await.unwrap();
+                client
+                    .execute("INSERT INTO items VALUES ($1, 'first')", &[&id])
+                    .await
+                    .unwrap();
+                if long {
+                    // Holds its xid while later transactions commit.
+                    client.batch_execute("SELECT pg_sleep(0.05)").await.unwrap();
+                }
+                client
+                    .execute("UPDATE items SET v = 'second' WHERE id = $1", &[&id])
+                    .await
+                    .unwrap();
+                if rollback {
+                    client.batch_execute("ROLLBACK").await.unwrap();
+                } else {
+                    client.batch_execute("COMMIT").await.unwrap();
+                    committed.push(id);
+                }
+            }
+            committed
+        }));
+    }
+    let mut committed = BTreeSet::new();
+    for w in writers {
+        committed.extend(w.await.unwrap());
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let seen = follow.await.unwrap();
+    // Exactly once: an insert and an update per committed id, nothing else.
+    let mut per_id: BTreeMap<i64, Vec<Operation>> = BTreeMap::new();
+    for c in &seen {
+        let id = c.key.as_ref().unwrap()["id"].as_i64().unwrap();
+        per_id.entry(id).or_default().push(c.operation);
+    }
+    let ids: BTreeSet<i32> = per_id.keys().map(|&i| i as i32).collect();
+    assert_eq!(ids, committed, "read ids differ from committed ids");
+    for (id, ops) in &per_id {
+        assert_eq!(ops, &[Operation::Insert, Operation::Update], "id {id}");
+    }
+    assert!(seen.iter().all(|c| c.via_proxy));
+    let distinct: BTreeSet<Position> = seen.iter().map(|c| c.position).collect();
+    assert_eq!(distinct.len(), seen.len(), "a change was read twice");
+}
+
+#[test]
+fn a_restart_with_the_clock_set_back_an_hour_still_issues_larger_stamps() {
+    let mut r = Region::start("cap_restart", ITEMS, &[]);
+    psql(
+        &r.url(),
+        &["-c", "INSERT INTO items VALUES (1, 'before')"],
+        None,
+    );
+    let before: u64 = r.query("SELECT max(tx_hlc) FROM meridian.change")[0]
+        .parse()
+        .unwrap();
+    // SIGKILL: no orderly shutdown, only what the lease persisted.
+    r.proxy.take();
+    r.proxy = Some(Proxy::start_with_config_args(
+        &r.config,
+        &["--clock-offset-ms=-3600000"],
+    ));
+    psql(
+        &r.url(),
+        &["-c", "INSERT INTO items VALUES (2, 'after')"],
+        None,
+    );
+    let after: u64 = r.query("SELECT tx_hlc FROM meridian.change WHERE pk = '{\"id\": 2}'")[0]
+        .parse()
+        .unwrap();
+    assert!(after > before, "stamp after restart {after} <= {before}");
+    assert_eq!(
+        r.query("SELECT via_proxy FROM meridian.change WHERE pk = '{\"id\": 2}'"),
+        ["t"]
+    );
+}
+
+#[test]
+fn reads_pay_nothing_and_each_writing_transaction_is_stamped_once() {
+    let r = Region::start("cap_reads", ITEMS, &[]);
+    let url = r.url();
+    let proxy = r.proxy();
+    let start = stamps(&r, proxy);
+    psql(
+        &url,
+        &[],
+        Some("SELECT 1; BEGIN; SELECT count(*) FROM items; COMMIT; SHOW work_mem; SELECT now();"),
+    );
+    assert_eq!(stamps(&r, proxy), start, "read-only work was stamped");
+    psql(
+        &url,
+        &[],
+        Some("BEGIN; INSERT INTO items VALUES (1, 'a'); INSERT INTO items VALUES (2, 'b'); UPDATE items SET v = 'c'; COMMIT;"),
+    );
+    assert_eq!(stamps(&r, proxy), start + 1, "one stamp per transaction");
+}
+
+#[test]
+fn pgbench_tpcb_in_all_three_modes_captures_exactly_what_it_committed() {
+    let r = Region::prepare("cap_pgbench", "", &[]).0;
+    let direct_url = format!(
+        "postgresql:///{}?host={}&port={}&user={}",
+        r.db,
+        pg().socket_dir().display(),
+        pg().port,
+        pg().superuser()
+    );
+    pgbench(&direct_url, &["-i", "-s", "1", "-q"]);
+    std::fs::write(
+        r.config.parent().unwrap().join("rules/pgbench.toml"),
+        "[[table]]\nname = \"public.pgbench_history\"\ninsert_only = true\n",
+    )
+    .unwrap();
+    let out = r.migrate();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut r = r;
+    r.proxy = Some(Proxy::start_with_config(&r.config));
+    let url = r.url();
+    for mode in ["simple", "extended", "prepared"] {
+        let before: u64 = r.query("SELECT count(*) FROM meridian.change")[0]
+            .parse()
+            .unwrap();
+        let out = pgbench(&url, &["-M", mode, "-c", "4", "-j", "2", "-t", "25", "-n"]);
+        let processed: u64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|v| v.split('/').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no transaction count in: {out}"));
+        assert_eq!(processed, 100, "{out}");
+        let after: u64 = r.query("SELECT count(*) FROM meridian.change")[0]
+            .parse()
+            .unwrap();
+        // Per TPC-B-like transaction: 3 updates and 1 history insert.
+        assert_eq!(after - before, 4 * processed, "mode {mode}");
+    }
+    assert_eq!(
+        r.query("SELECT count(*) FROM meridian.change WHERE NOT via_proxy"),
+        ["0"]
+    );
+    let per_tx = r.query("SELECT count(*) FROM (SELECT xid FROM meridian.change GROUP BY xid HAVING count(DISTINCT tx_hlc) > 1) x");
+    assert_eq!(per_tx, ["0"]);
+    assert_eq!(
+        r.query("SELECT count(*) FROM (SELECT xid FROM meridian.change GROUP BY xid) x"),
+        ["300"]
+    );
+    assert_eq!(
+        r.query("SELECT count(DISTINCT tx_hlc) FROM meridian.change"),
+        ["300"],
+        "every transaction has its own stamp"
+    );
+}
+
+#[test]
+fn psycopg_pipeline_and_asyncpg_writes_carry_proxy_stamps() {
+    let r = Region::start(
+        "cap_python",
+        "CREATE TABLE notes (id int PRIMARY KEY, body text, n int NOT NULL DEFAULT 0);",
+        &[],
+    );
+    let out = run_python("capture_writes.py", &r.url());
+    assert!(out.contains("ok"), "{out}");
+    // psycopg: 20 inserts in an autocommit pipeline, a transaction of an
+    // insert and an update in a pipeline; asyncpg: executemany of 25 rows in
+    // one transaction, then 10 single updates.
+    let txs: HashMap<String, String> = r
+        .query("SELECT format('%s=%s', xid, count(*)) FROM meridian.change GROUP BY xid")
+        .into_iter()
+        .map(|l| {
+            let (a, b) = l.split_once('=').unwrap();
+            (a.to_string(), b.to_string())
+        })
+        .collect();
+    assert_eq!(
+        r.query("SELECT count(*) FROM meridian.change WHERE tbl = 'public.notes'"),
+        ["57"]
+    );
+    // asyncpg's executemany ran in one transaction and its 10 updates in 10.
+    assert!(txs.values().any(|n| n == "25"), "{txs:?}");
+    // At least: the pipeline, the psycopg transaction, executemany, 10 updates.
+    assert!(txs.len() >= 13, "{txs:?}");
+    assert_eq!(
+        r.query("SELECT bool_and(via_proxy) FROM meridian.change"),
+        ["t"]
+    );
+    assert_eq!(
+        r.query("SELECT count(DISTINCT tx_hlc) FROM meridian.change"),
+        [txs.len().to_string()],
+        "one distinct proxy stamp per transaction"
+    );
+}
+
+#[test]
+fn tables_created_through_the_proxy_get_capture_and_keys_are_region_disjoint() {
+    let r = Region::start("cap_ddl", "", &[]);
+    let url = r.url();
+    let (_, stderr) = psql(
+        &url,
+        &[],
+        Some(
+            "CREATE TABLE orders (id bigserial PRIMARY KEY, what text);
+             CREATE TABLE tickets (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, what text);
+             CREATE TABLE loose (what text);
+             INSERT INTO orders (what) VALUES ('a'), ('b');
+             INSERT INTO tickets (what) VALUES ('a'), ('b');
+             INSERT INTO loose VALUES ('not captured yet');
+             ALTER TABLE loose ADD COLUMN id serial PRIMARY KEY;
+             INSERT INTO loose (what) VALUES ('captured');",
+        ),
+    );
+    assert!(
+        stderr.contains("public.loose") && stderr.contains("primary key"),
+        "a NOTICE names the table without a key: {stderr}"
+    );
+    assert_eq!(
+        r.query("SELECT \"table\" || ' ' || count(*) FROM meridian.changes GROUP BY \"table\" ORDER BY 1"),
+        ["public.loose 1", "public.orders 2", "public.tickets 2"]
+    );
+    // Region id 3, stride 64: every generated key is 3 modulo 64.
+    for t in ["orders", "tickets"] {
+        assert_eq!(
+            r.query(&format!("SELECT DISTINCT id % 64 FROM {t}")),
+            ["3"],
+            "{t}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_an_aborted_transaction_gets_the_usual_error_and_the_session_survives() {
+    let r = Region::start("cap_aborted", ITEMS, &[]);
+    let client = r.client().await;
+    let insert = client
+        .prepare("INSERT INTO items VALUES ($1, 'x')")
+        .await
+        .unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    assert!(client.batch_execute("SELECT 1/0").await.is_err());
+    // Simple protocol: the stamp goes first in its own group and fails with
+    // 25P02; the client's statement then gets its own 25P02.
+    let err = client
+        .batch_execute("INSERT INTO items VALUES (1, 'x')")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION),
+        "{err}"
+    );
+    // Extended protocol: the client's Bind fails first; Postgres skips the rest.
+    let err = client.execute(&insert, &[&1i32]).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION),
+        "{err}"
+    );
+    client.batch_execute("ROLLBACK").await.unwrap();
+    client.execute(&insert, &[&2i32]).await.unwrap();
+    assert_eq!(
+        r.query("SELECT format('%s %s', key->>'id', via_proxy) FROM meridian.changes"),
+        ["2 t"],
+        "{}",
+        r.proxy().log()
+    );
+}
