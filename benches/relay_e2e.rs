@@ -5,87 +5,10 @@
 //! cargo bench --bench relay_e2e            (defaults: -T 20, 3 rounds)
 //! RELAY_BENCH_SECONDS=5 RELAY_BENCH_ROUNDS=1 cargo bench --bench relay_e2e
 
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use meridian::cluster::postgres::{free_port, PgOptions, PgServer};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Result {
-    tps: f64,
-    latency_ms: f64,
-}
-
-fn pgbench(url: &str, args: &[&str]) -> Result {
-    let out = Command::new("pgbench")
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("pgbench");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "pgbench failed: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if args.contains(&"-i") {
-        return Result {
-            tps: 0.0,
-            latency_ms: 0.0,
-        };
-    }
-    assert!(text.contains("number of failed transactions: 0"), "{text}");
-    let find = |prefix: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
-    };
-    Result {
-        tps: find("tps = "),
-        latency_ms: find("latency average = "),
-    }
-}
-
-/// Kills the proxy when dropped, also when the bench panics.
-struct ProxyProcess(Child);
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_proxy(dir: &std::path::Path, backend: &str, proxy_extra: &str) -> (ProxyProcess, u16) {
-    let port = free_port().unwrap();
-    let config = format!(
-        "[region]\nname = \"bench\"\nid = 1\n[proxy]\nlisten = \"127.0.0.1:{port}\"\n{proxy_extra}\n{backend}\n[auth]\nmethod = \"trust\"\n"
-    );
-    let path = dir.join(format!("proxy-{port}.toml"));
-    std::fs::write(&path, config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("MERIDIAN_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("meridian");
-    let child = ProxyProcess(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "proxy did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (child, port)
-}
+use common::{env_or, paired_ratios, pgbench, start_proxy, Result};
+use meridian::cluster::postgres::{PgOptions, PgServer};
 
 fn main() {
     // `cargo bench` passes --bench; ignore arguments.
@@ -162,18 +85,14 @@ fn main() {
         // Each round pairs the direct run with proxied runs made right after it;
         // the median over rounds of those paired ratios resists the machine's noise.
         for (i, (target, _)) in targets.iter().enumerate().skip(1) {
-            let mut ratios: Vec<f64> = results.iter().map(|r| r[i].tps / r[0].tps).collect();
+            let (median, low, high) = paired_ratios(&results, i);
             let mut added: Vec<f64> = results
                 .iter()
                 .map(|r| (r[i].latency_ms - r[0].latency_ms) * 1000.0)
                 .collect();
-            ratios.sort_by(f64::total_cmp);
             added.sort_by(f64::total_cmp);
             summary.push(format!(
-                "| `{name}` | {target} | **{:.2}** | {:.2}-{:.2} | {:+.1} us |",
-                ratios[ratios.len() / 2],
-                ratios[0],
-                ratios[ratios.len() - 1],
+                "| `{name}` | {target} | **{median:.2}** | {low:.2}-{high:.2} | {:+.1} us |",
                 added[added.len() / 2]
             ));
         }

@@ -252,6 +252,13 @@ insert_only = true
     }
 
     #[test]
+    fn shipped_examples_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("conflict-rules/examples");
+        let set = RuleSet::load(&dir).unwrap();
+        assert!(!set.tables.is_empty());
+    }
+
+    #[test]
     fn missing_directory_is_no_rules() {
         assert_eq!(
             RuleSet::load(Path::new("/nonexistent/rules")).unwrap(),

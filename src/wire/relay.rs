@@ -331,31 +331,11 @@ where
                 let start = asm.start();
                 inject.clear();
                 match m.tag {
-                    b'Q' => {
-                        requests += 1;
-                        let c = statements.on_query(body);
-                        injector.on_query(&c, state, &mut inject, &mut units);
-                    }
-                    b'E' => injector.on_execute(body, state, &mut inject, &mut units),
-                    b'P' => {
-                        statements.on_parse(body);
-                        injector.on_other(b'P', &mut units);
-                    }
-                    b'B' => {
-                        let c = statements.on_bind(body);
-                        injector.on_bind(body, &c, &mut units);
-                    }
-                    b'C' => {
-                        statements.on_close(body);
-                        injector.on_close(body, &mut units);
-                    }
-                    b'S' | b'F' => {
-                        requests += 1;
-                        injector.on_other(m.tag, &mut units);
-                    }
+                    b'Q' | b'S' | b'F' => requests += 1,
                     b'X' => terminate = true,
-                    tag => injector.on_other(tag, &mut units),
+                    _ => {}
                 }
+                injector.on_message(m.tag, body, statements, state, &mut inject, &mut units);
                 match start {
                     Some(s) if !inject.is_empty() => {
                         asm.take_until(s);

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use bytes::{BufMut, BytesMut};
 
 use crate::clock::Clock;
-use crate::sql::{Classification, StatementKind};
+use crate::sql::{Classification, StatementKind, StatementTracker};
 
 /// The session setting the capture trigger reads.
 pub const STAMP_SETTING: &str = "meridian.stamp";
@@ -418,6 +418,40 @@ impl Injector {
         }
         self.stamped_at = Some(self.syncs_sent);
         self.injected += 1;
+    }
+
+    /// One complete client message, about to be forwarded: classifies it
+    /// (`statements`), injects a stamp into `out` when it needs one, and
+    /// records its unit. `body` is what the relay's scanner captured.
+    pub fn on_message(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        statements: &mut StatementTracker,
+        log: &impl ReadyLog,
+        out: &mut BytesMut,
+        units: &mut VecDeque<Unit>,
+    ) {
+        match tag {
+            b'Q' => {
+                let c = statements.on_query(body);
+                self.on_query(&c, log, out, units);
+            }
+            b'E' => self.on_execute(body, log, out, units),
+            b'P' => {
+                statements.on_parse(body);
+                self.on_other(b'P', units);
+            }
+            b'B' => {
+                let c = statements.on_bind(body);
+                self.on_bind(body, &c, units);
+            }
+            b'C' => {
+                statements.on_close(body);
+                self.on_close(body, units);
+            }
+            tag => self.on_other(tag, units),
+        }
     }
 
     /// A simple Query the client is about to send: injects into `out` first

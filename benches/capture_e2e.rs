@@ -1,0 +1,131 @@
+//! Write-path benchmark: pgbench's TPC-B-like script (`-M prepared -c 8 -j 2`)
+//! against one PostgreSQL, in one run, alternating targets each round:
+//!
+//! 1. direct, no capture (the baseline every ratio is taken against);
+//! 2. through meridian, no capture: relay plus stamp injection;
+//! 3. direct, with capture, the stamp set by PGOPTIONS as the proxy would:
+//!    the capture triggers alone;
+//! 4. through meridian, with capture: what an application sees.
+//!
+//! Two databases of the same scale: `plain` without meridian's schema,
+//! `captured` after `meridian migrate` (pgbench_history is insert-only by
+//! rule, having no primary key). Not a test: it asserts nothing about speed.
+//!
+//! cargo bench --bench capture_e2e            (defaults: -T 20, 3 rounds, scale 10, durable)
+//! CAPTURE_BENCH_SECONDS=5 CAPTURE_BENCH_ROUNDS=1 cargo bench --bench capture_e2e
+
+mod common;
+
+use std::process::Command;
+
+use common::{env_or, paired_ratios, pgbench, pgbench_env, start_proxy, Result};
+use meridian::clock::Clock;
+use meridian::cluster::postgres::{PgOptions, PgServer};
+
+fn main() {
+    let seconds = env_or("CAPTURE_BENCH_SECONDS", 20).to_string();
+    let rounds = env_or("CAPTURE_BENCH_ROUNDS", 3);
+    let scale = env_or("CAPTURE_BENCH_SCALE", 10).to_string();
+    let dir = tempfile::Builder::new()
+        .prefix("meridian-bench-")
+        .tempdir()
+        .unwrap();
+    // Durable (fsync, synchronous commit) as in production and `meridian demo`;
+    // CAPTURE_BENCH_DURABLE=0 measures with commits made cheap instead.
+    let durable = env_or("CAPTURE_BENCH_DURABLE", 1) == 1;
+    let pg = PgServer::start(
+        &dir.path().join("pg"),
+        &PgOptions {
+            durable,
+            ..PgOptions::default()
+        },
+    )
+    .expect("PostgreSQL");
+    println!("durable: {durable}, scale {scale}, {seconds} s per run, {rounds} round(s)\n");
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(work.join("rules")).unwrap();
+    std::fs::write(
+        work.join("rules/pgbench.toml"),
+        "[[table]]\nname = \"public.pgbench_history\"\ninsert_only = true\n",
+    )
+    .unwrap();
+    for db in ["plain", "captured"] {
+        let out = Command::new("psql")
+            .arg(pg.socket_conninfo("postgres"))
+            .args(["-X", "-q", "-c", &format!("CREATE DATABASE {db}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pgbench(&pg.url(db), &["-i", "-q", "-s", &scale]);
+    }
+    let backend = format!(
+        "[backend]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndatabase = \"captured\"\n[replication]\nrules = \"{}\"",
+        pg.socket_dir().display(),
+        pg.port,
+        pg.superuser(),
+        work.join("rules").display()
+    );
+    let (_proxy, port) = start_proxy(&work, &backend, "worker_threads = 1");
+    let config = std::fs::read_dir(&work)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "toml"))
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["migrate", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let via = |db: &str| format!("postgres://{}@127.0.0.1:{port}/{db}", pg.superuser());
+    // What the proxy would set: a current stamp (the trigger moves past it).
+    let stamp = Clock::start(0, std::time::Duration::from_millis(500)).stamp();
+    let pgoptions = format!("-c meridian.stamp={stamp}");
+    let targets: [(&str, String, Vec<(&str, &str)>); 4] = [
+        ("direct, no capture", pg.url("plain"), vec![]),
+        ("meridian, no capture", via("plain"), vec![]),
+        (
+            "direct, capture (stamp via PGOPTIONS)",
+            pg.url("captured"),
+            vec![("PGOPTIONS", pgoptions.as_str())],
+        ),
+        ("meridian, capture", via("captured"), vec![]),
+    ];
+    let args = ["-M", "prepared", "-c", "8", "-j", "2", "-n", "-T", &seconds];
+    println!("| target | round | tps | avg latency (ms) |");
+    println!("|---|---|---|---|");
+    let mut results: Vec<Vec<Result>> = Vec::new();
+    for round in 1..=rounds {
+        let mut this_round = Vec::new();
+        for (name, url, env) in &targets {
+            let r = pgbench_env(url, &args, env);
+            println!("| {name} | {round} | {:.0} | {:.3} |", r.tps, r.latency_ms);
+            this_round.push(r);
+        }
+        results.push(this_round);
+    }
+    println!("\n| `-M prepared -c 8 -j 2` (TPC-B-like) | median ratio to direct without capture | range over rounds |");
+    println!("|---|---|---|");
+    for (i, (name, _, _)) in targets.iter().enumerate().skip(1) {
+        let (median, low, high) = paired_ratios(&results, i);
+        println!("| {name} | **{median:.2}** | {low:.2}-{high:.2} |");
+    }
+    let captured = Command::new("psql")
+        .arg(pg.socket_conninfo("captured"))
+        .args(["-X", "-At", "-c", "SELECT count(*) FILTER (WHERE via_proxy) || ' via proxy, ' || count(*) FILTER (WHERE NOT via_proxy) || ' bypass' FROM meridian.change"])
+        .output()
+        .unwrap();
+    println!(
+        "\ncaptured changes: {}",
+        String::from_utf8_lossy(&captured.stdout).trim()
+    );
+}

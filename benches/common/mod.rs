@@ -1,0 +1,102 @@
+//! Helpers shared by the end-to-end benchmarks: pgbench runs and `meridian
+//! run` processes. Not tests: nothing here asserts on speed.
+#![allow(dead_code)]
+
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meridian::cluster::postgres::free_port;
+
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub struct Result {
+    pub tps: f64,
+    pub latency_ms: f64,
+}
+
+pub fn pgbench(url: &str, args: &[&str]) -> Result {
+    pgbench_env(url, args, &[])
+}
+
+/// pgbench with extra environment (for example PGOPTIONS).
+pub fn pgbench_env(url: &str, args: &[&str], env: &[(&str, &str)]) -> Result {
+    let out = Command::new("pgbench")
+        .args(args)
+        .arg(url)
+        .envs(env.iter().copied())
+        .output()
+        .expect("pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if args.contains(&"-i") {
+        return Result {
+            tps: 0.0,
+            latency_ms: 0.0,
+        };
+    }
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    let find = |prefix: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
+    };
+    Result {
+        tps: find("tps = "),
+        latency_ms: find("latency average = "),
+    }
+}
+
+/// Kills the proxy when dropped, also when the bench panics.
+pub struct ProxyProcess(Child);
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn start_proxy(dir: &std::path::Path, backend: &str, proxy_extra: &str) -> (ProxyProcess, u16) {
+    let port = free_port().unwrap();
+    let config = format!(
+        "[region]\nname = \"bench\"\nid = 1\n[proxy]\nlisten = \"127.0.0.1:{port}\"\n{proxy_extra}\n{backend}\n[auth]\nmethod = \"trust\"\n"
+    );
+    let path = dir.join(format!("proxy-{port}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("MERIDIAN_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("meridian");
+    let child = ProxyProcess(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "proxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
+}
+
+/// Median and range of paired ratios (`runs[round][target] / runs[round][0]`).
+pub fn paired_ratios(results: &[Vec<Result>], target: usize) -> (f64, f64, f64) {
+    let mut ratios: Vec<f64> = results.iter().map(|r| r[target].tps / r[0].tps).collect();
+    ratios.sort_by(f64::total_cmp);
+    (
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1],
+    )
+}
