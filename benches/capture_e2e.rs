@@ -22,6 +22,9 @@ use common::{env_or, paired_ratios, pgbench, pgbench_env, start_proxy, Result};
 use meridian::clock::Clock;
 use meridian::cluster::postgres::{PgOptions, PgServer};
 
+/// A name, a URL, and extra environment for pgbench.
+type Target<'a> = (&'a str, String, Vec<(&'a str, &'a str)>);
+
 fn main() {
     let seconds = env_or("CAPTURE_BENCH_SECONDS", 20).to_string();
     let rounds = env_or("CAPTURE_BENCH_ROUNDS", 3);
@@ -90,7 +93,7 @@ fn main() {
     // What the proxy would set: a current stamp (the trigger moves past it).
     let stamp = Clock::start(0, std::time::Duration::from_millis(500)).stamp();
     let pgoptions = format!("-c meridian.stamp={stamp}");
-    let targets: [(&str, String, Vec<(&str, &str)>); 4] = [
+    let targets: [Target; 4] = [
         ("direct, no capture", pg.url("plain"), vec![]),
         ("meridian, no capture", via("plain"), vec![]),
         (
