@@ -628,12 +628,18 @@ mod tests {
     }
 
     /// Protocol test: a prepared write is stamped between the client's Bind and
-    /// Execute, every reply to the injection is swallowed, and this holds when
-    /// both streams arrive one byte at a time.
+    /// Execute, every reply to the injection is swallowed, and this holds
+    /// however the streams are cut (one byte at a time up to whole messages).
     #[tokio::test]
-    async fn injection_is_invisible_to_the_client_even_byte_by_byte() {
-        let (mut client_end, proxy_client) = duplex(1);
-        let (proxy_backend, mut backend_end) = duplex(1);
+    async fn injection_is_invisible_to_the_client_however_the_stream_is_cut() {
+        for capacity in [1, 2, 3, 5, 8, 13, 21, 64, 4096] {
+            injection_is_invisible(capacity).await;
+        }
+    }
+
+    async fn injection_is_invisible(capacity: usize) {
+        let (mut client_end, proxy_client) = duplex(capacity);
+        let (proxy_backend, mut backend_end) = duplex(capacity);
         let state = SessionState::new(b'I');
         let shutdown = Shutdown::default();
         let clock = Arc::new(Clock::start(0, crate::clock::DEFAULT_MAX_DRIFT));
@@ -714,5 +720,74 @@ mod tests {
         let (end, ()) = tokio::join!(relayed, script);
         assert!(matches!(end, RelayEnd::ClientClosed), "{end:?}");
         assert_eq!(injected.load(Ordering::Relaxed), 1);
+    }
+
+    /// Protocol test: an injected stamp that fails for a reason other than an
+    /// aborted transaction ends the session with FATAL and the original
+    /// SQLSTATE; the client never sees the answer to its own write.
+    #[tokio::test]
+    async fn a_failed_stamp_ends_the_session_with_a_clear_fatal_error() {
+        let (mut client_end, proxy_client) = duplex(4096);
+        let (proxy_backend, mut backend_end) = duplex(4096);
+        let state = SessionState::new(b'I');
+        let clock = Arc::new(Clock::start(0, crate::clock::DEFAULT_MAX_DRIFT));
+        let injected = AtomicU64::new(0);
+        let script = async {
+            client_end
+                .write_all(&msg(b'Q', b"INSERT INTO t VALUES (1)\0"))
+                .await
+                .unwrap();
+            // Parse, Bind, Execute, Close, Sync of the stamp, then the Query.
+            let sent = read_messages(&mut backend_end, 6, Direction::Frontend).await;
+            assert_eq!(scan_tags(&sent, Direction::Frontend), b"PBECSQ");
+            let mut error = Vec::new();
+            for (f, v) in [
+                (b'S', "ERROR"),
+                (b'C', "57014"),
+                (b'M', "canceling statement due to statement timeout"),
+            ] {
+                error.push(f);
+                error.extend_from_slice(v.as_bytes());
+                error.push(0);
+            }
+            error.push(0);
+            let mut replies = msg(b'1', b"");
+            replies.extend(msg(b'2', b""));
+            replies.extend(msg(b'E', &error));
+            backend_end.write_all(&replies).await.unwrap();
+            let mut out = Vec::new();
+            client_end.read_to_end(&mut out).await.unwrap();
+            out
+        };
+        let mut statements = tracker();
+        let stamping = Some(Stamping {
+            clock,
+            injected: &injected,
+        });
+        let shutdown = Shutdown::default();
+        let (end, out) = tokio::join!(
+            relay(
+                proxy_client,
+                proxy_backend,
+                &state,
+                &mut statements,
+                stamping,
+                1 << 20,
+                &shutdown
+            ),
+            script
+        );
+        assert!(
+            matches!(&end, RelayEnd::StampFailed { code, .. } if code == "57014"),
+            "{end:?}"
+        );
+        assert_eq!(
+            scan_tags(&out, Direction::Backend),
+            b"E",
+            "only the FATAL reaches the client"
+        );
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("FATAL") && text.contains("57014"), "{text}");
+        assert!(text.contains("could not stamp the transaction"), "{text}");
     }
 }
