@@ -45,7 +45,11 @@
 --     left alone.
 --   * Partitioned tables are captured through the partitioned table (its
 --     row triggers are cloned onto the partitions); partitions themselves are
---     not captured separately. TRUNCATE of a single partition is not captured.
+--     not captured separately. TRUNCATE of a single partition is not captured,
+--     and a captured table must have capture disabled before it is attached
+--     as a partition of a captured table (the trigger names would clash).
+--   * A captured table stays captured when it is renamed or moved to another
+--     schema (its rules follow it, see follow_rename); disable_capture stops it.
 
 --------------------------------------------------------------------------------
 -- Configuration of this region
@@ -111,6 +115,9 @@ CREATE SEQUENCE meridian.change_seq AS bigint CACHE 32;
 --   row       the new row as to_jsonb(NEW) for 'I' and 'U'; else null
 --   old       for 'U' on a table with counter columns, their old values
 --             {column: value}; else null
+-- Only the capture triggers write here. op has no CHECK constraint on purpose:
+-- a CHECK is re-read from the catalog for every INSERT statement, i.e. for
+-- every captured row.
 CREATE TABLE meridian.change (
     xid       xid8   NOT NULL DEFAULT pg_current_xact_id(),
     seq       bigint NOT NULL DEFAULT nextval('meridian.change_seq'),
@@ -506,7 +513,9 @@ BEGIN
         END IF;
         -- The event trigger must not react to this ALTER TABLE.
         PERFORM set_config('meridian.in_capture', 'on', true);
-        EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET %s', rel, col, change);
+        -- (ALTER COLUMN ... SET INCREMENT BY n, but ALTER COLUMN ... RESTART WITH n.)
+        EXECUTE format('ALTER TABLE %s ALTER COLUMN %I %s%s', rel, col,
+                       CASE WHEN change LIKE 'RESTART%' THEN '' ELSE 'SET ' END, change);
         PERFORM set_config('meridian.in_capture', 'off', true);
     END;
 END
@@ -929,7 +938,9 @@ SELECT c.xid,
 -- After CREATE TABLE, CREATE TABLE AS, SELECT INTO and ALTER TABLE: every
 -- permanent table (not a partition, not in schema meridian) that is in a
 -- replicated schema, has a rule row, or is already captured gets capture
--- installed or refreshed. A table that has no primary key and is not
+-- installed or refreshed (refreshing after every ALTER TABLE picks up primary
+-- key and column changes; it only rewrites the trigger function if its text
+-- changed). A table that has no primary key and is not
 -- insert-only is left uncaptured with a NOTICE (a WARNING if it was captured
 -- until now, e.g. its primary key was dropped). Tables outside that scope
 -- are not looked at beyond the scope test. Runs as its owner, so any role may
