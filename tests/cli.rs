@@ -1,5 +1,6 @@
 //! The command line: `meridian check` explains config mistakes with the file
-//! and the key's path; `meridian verifier` makes verifiers `check` accepts.
+//! and the key's path (rule files too); `meridian verifier` makes verifiers
+//! `check` accepts.
 
 mod support;
 
@@ -78,4 +79,36 @@ fn shipped_example_config_passes_check() {
     let (ok, out, err) = meridian(&["check", "--config", path], None);
     assert!(ok, "{err}");
     assert!(out.contains("ok (region us-east id 1"), "{out}");
+}
+
+#[test]
+fn check_reads_the_rule_files_and_names_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    let path = dir.path().join("region.toml");
+    std::fs::write(
+        &path,
+        "[region]\nname = \"eu-west\"\nid = 2\n[backend]\nhost = \"/tmp\"\n[auth]\nmethod = \"trust\"\n[replication]\nrules = \"rules\"\n",
+    )
+    .unwrap();
+    let rule = dir.path().join("rules/accounts.toml");
+    std::fs::write(
+        &rule,
+        "[[table]]\nname = \"public.accounts\"\n[table.columns]\nbalance = \"counter\"\n",
+    )
+    .unwrap();
+    let (ok, out, err) = meridian(&["check", "--config", path.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 table rule(s)"), "{out}");
+    std::fs::write(
+        &rule,
+        "[[table]]\nname = \"public.accounts\"\n[table.columns]\nbalance = \"sum\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = meridian(&["check", "--config", path.to_str().unwrap()], None);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("{}: table[0].columns.balance", rule.display())),
+        "{err}"
+    );
 }
