@@ -150,7 +150,11 @@ fn stamps(r: &Region, proxy: &Proxy) -> u64 {
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, v text);
      CREATE TABLE parent (id int PRIMARY KEY);
      CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent ON DELETE CASCADE);
-     CREATE FUNCTION add_item(i int) RETURNS void LANGUAGE sql AS $$ INSERT INTO items VALUES (i, 'fn') $$;";
+     CREATE FUNCTION add_item(i int) RETURNS void LANGUAGE sql AS $$ INSERT INTO items VALUES (i, 'fn') $$;
+     CREATE TABLE audit (id int PRIMARY KEY, what text);
+     CREATE FUNCTION audit_parent() RETURNS trigger LANGUAGE plpgsql AS
+       $$ BEGIN INSERT INTO audit VALUES (NEW.id, 'parent added'); RETURN NEW; END $$;
+     CREATE TRIGGER parent_audit AFTER INSERT ON parent FOR EACH ROW EXECUTE FUNCTION audit_parent();";
 
 #[test]
 fn migrate_refuses_tables_without_a_key_and_is_idempotent() {
@@ -241,6 +245,7 @@ fn every_kind_of_write_through_the_proxy_is_captured_once_with_one_stamp_per_tra
         "public.items insert {\"id\": 40} t",
         "public.items insert {\"id\": 6} t",
         "public.parent insert {\"id\": 1} t",
+        "public.audit insert {\"id\": 1} t",
         "public.child insert {\"id\": 10} t",
         "public.child insert {\"id\": 11} t",
         "public.child delete {\"id\": 10} t",
@@ -296,6 +301,27 @@ fn every_kind_of_write_through_the_proxy_is_captured_once_with_one_stamp_per_tra
         .unwrap();
     assert!(physical_ms(bypass).unwrap() >= before_ms - 1000);
     r.proxy.take();
+}
+
+#[test]
+fn counter_columns_record_their_old_values() {
+    let r = Region::start(
+        "cap_counters",
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance numeric NOT NULL, owner text);",
+        &[(
+            "accounts.toml",
+            "[[table]]\nname = \"public.accounts\"\n[table.columns]\nbalance = \"counter\"\n",
+        )],
+    );
+    psql(
+        &r.url(),
+        &[],
+        Some("INSERT INTO accounts VALUES (1, 100, 'ann'); UPDATE accounts SET balance = balance - 30 WHERE id = 1;"),
+    );
+    assert_eq!(
+        r.query("SELECT format('%s %s %s', operation, old, row->'balance') FROM meridian.changes ORDER BY xid, seq -- format() prints NULL as nothing"),
+        ["insert  100", "update {\"balance\": 100} 70"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
