@@ -7,17 +7,21 @@
 //! - [`proxy`]: a region's accept loop, connection limit and graceful shutdown.
 //! - [`admin`]: the per-region HTTP endpoint.
 //! - [`config`]: the TOML configuration and its validation.
+//! - [`sql`]: statement classification; [`clock`]: the hybrid logical clock.
+//! - [`capture`]: `meridian migrate`, the change reader, the clock lease;
+//!   [`rules`]: the conflict rule files.
+//! - [`link`]: the WAN emulator between regions.
 //! - [`cluster`]: local PostgreSQL servers and the multi-region `demo`.
 //!
-//! Statement classification, the hybrid logical clock, capture, replication,
-//! conflict rules and the link emulator arrive with the issues that build them;
-//! docs/architecture.md shows where each one plugs in.
+//! Replication and the conflict rule engine arrive with the issues that build
+//! them; docs/architecture.md shows where each one plugs in.
 
 pub mod admin;
 pub mod capture;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod link;
 pub mod proxy;
 pub mod rules;
 pub mod sql;

@@ -13,6 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use meridian::capture;
 use meridian::cluster::demo::{self, DemoOptions};
 use meridian::config::Config;
+use meridian::link;
 use meridian::proxy::{Region, Shutdown};
 use meridian::rules::RuleSet;
 use meridian::wire::scram::Verifier;
@@ -75,6 +76,28 @@ enum Command {
         /// Keep the servers' files on exit.
         #[arg(long)]
         keep: bool,
+    },
+    /// Emulate a WAN link: a TCP relay adding latency, jitter and a bandwidth
+    /// limit, with an HTTP control API to partition, heal and change settings.
+    Link {
+        /// Address to accept connections on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Address to relay them to (host:port).
+        #[arg(long)]
+        to: String,
+        /// One-way delay.
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        latency: Duration,
+        /// Delay varies uniformly in latency ± jitter (bytes are never reordered).
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        jitter: Duration,
+        /// Per direction of each connection, e.g. 10MB/s or 100Mbit/s (default: unlimited).
+        #[arg(long, value_parser = meridian::link::parse_bandwidth)]
+        bandwidth: Option<u64>,
+        /// HTTP control API: GET /status, POST /partition, /heal, /settings?latency=..&jitter=..&bandwidth=..
+        #[arg(long)]
+        control: Option<std::net::SocketAddr>,
     },
     /// Make a SCRAM-SHA-256 verifier for [[auth.users]] from a password read on stdin.
     Verifier {
@@ -177,6 +200,22 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Link {
+            listen,
+            to,
+            latency,
+            jitter,
+            bandwidth,
+            control,
+        } => {
+            let settings = link::LinkSettings {
+                latency,
+                jitter,
+                bandwidth,
+            };
+            runtime()?.block_on(run_link(listen, to, settings, control))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Verifier { user } => {
             eprintln!("password for {user} (read from stdin):");
             let mut password = String::new();
@@ -237,6 +276,48 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `meridian link`: prints `link listen=... to=... control=...` and `ready`,
+/// runs until SIGINT or SIGTERM.
+async fn run_link(
+    listen: std::net::SocketAddr,
+    to: String,
+    settings: link::LinkSettings,
+    control: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    let (listener, state) = link::bind(listen, to.clone(), settings)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let control = match control {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--control)"))?,
+        ),
+        None => None,
+    };
+    let control_url = match &control {
+        Some(l) => format!("http://{}", l.local_addr()?),
+        None => "none".into(),
+    };
+    println!("link listen={} to={to} control={control_url}", state.listen);
+    println!("ready");
+    let stop = tokio_util::sync::CancellationToken::new();
+    if let Some(l) = control {
+        let (state, stop) = (state.clone(), stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = link::serve_control(l, state, stop).await {
+                tracing::warn!(error = %e, "link control API failed");
+            }
+        });
+    }
+    let relay = tokio::spawn(link::run(listener, state, stop.clone()));
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+    stop.cancel();
+    let _ = relay.await;
+    Ok(())
 }
 
 /// `meridian run`: SIGTERM drains, a second SIGTERM or SIGINT exits at once.

@@ -458,9 +458,14 @@ pub fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 
 /// GET `path` from an HTTP endpoint with a plain HTTP/1.0 request; the whole response.
 pub fn http_get(addr: &str, path: &str) -> String {
+    http(addr, "GET", path)
+}
+
+/// An HTTP/1.0 request without a body; the whole response (status line, headers, body).
+pub fn http(addr: &str, method: &str, path: &str) -> String {
     use std::io::Read;
     let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
