@@ -93,6 +93,7 @@ async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
             "handshake_timeouts": n(&st.handshake_timeouts),
         },
         "statements": statements,
+        "replication": s.sessions.replication.snapshot(),
         "stamps": {
             "injected": n(&st.stamps_injected),
             "failures": n(&st.stamp_failures),

@@ -45,6 +45,35 @@ pub struct ReplicationConfig {
     /// Largest clock offset accepted from a peer (and the base of the clock lease).
     #[serde(with = "humantime_serde")]
     pub max_drift: Duration,
+    /// Where peers connect to ship their changes here; no replication when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Shared cluster secret authenticating peer links (or `secret_env`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Name of an environment variable holding the cluster secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// The other regions: this region ships its changes to each.
+    pub peers: Vec<PeerConfig>,
+}
+
+/// Another region this one ships its changes to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub name: String,
+    pub id: u16,
+    /// The peer's `replication.listen` address (or a link in front of it), `host:port`.
+    pub address: String,
+}
+
+impl ReplicationConfig {
+    pub fn resolve_secret(&self) -> Option<String> {
+        self.secret
+            .clone()
+            .or_else(|| self.secret_env.as_ref().and_then(|v| std::env::var(v).ok()))
+    }
 }
 
 impl Default for ReplicationConfig {
@@ -54,6 +83,10 @@ impl Default for ReplicationConfig {
             rules: PathBuf::from("conflict-rules"),
             sequence_stride: 64,
             max_drift: crate::clock::DEFAULT_MAX_DRIFT,
+            listen: None,
+            secret: None,
+            secret_env: None,
+            peers: Vec::new(),
         }
     }
 }
@@ -370,6 +403,27 @@ impl Config {
                 problem(
                     format!("replication.schemas[{i}]"),
                     format!("{schema:?} cannot be replicated"),
+                );
+            }
+        }
+        let replicating = r.listen.is_some() || !r.peers.is_empty();
+        if replicating && !r.resolve_secret().is_some_and(|s| s.len() >= 16) {
+            problem(
+                "replication.secret".into(),
+                "replication needs a cluster secret of at least 16 characters (replication.secret or replication.secret_env), the same in every region".into(),
+            );
+        }
+        for (i, peer) in r.peers.iter().enumerate() {
+            if peer.id == self.region.id {
+                problem(
+                    format!("replication.peers[{i}].id"),
+                    format!("{} is this region's own id", peer.id),
+                );
+            }
+            if r.peers[..i].iter().any(|p| p.id == peer.id) {
+                problem(
+                    format!("replication.peers[{i}].id"),
+                    format!("peer id {} is listed twice", peer.id),
                 );
             }
         }

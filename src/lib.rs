@@ -10,11 +10,12 @@
 //! - [`sql`]: statement classification; [`clock`]: the hybrid logical clock.
 //! - [`capture`]: `meridian migrate`, the change reader, the clock lease;
 //!   [`rules`]: the conflict rule files.
+//! - [`replication`]: shipping changes to peers and applying theirs.
 //! - [`link`]: the WAN emulator between regions.
 //! - [`cluster`]: local PostgreSQL servers and the multi-region `demo`.
 //!
-//! Replication and the conflict rule engine arrive with the issues that build
-//! them; docs/architecture.md shows where each one plugs in.
+//! The conflict rule engine arrives with the issue that builds it;
+//! docs/architecture.md shows where it plugs in.
 
 pub mod admin;
 pub mod capture;
@@ -22,7 +23,9 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod link;
+pub mod net;
 pub mod proxy;
+pub mod replication;
 pub mod rules;
 pub mod sql;
 pub mod wire;

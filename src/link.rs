@@ -184,18 +184,7 @@ pub async fn bind(
 
 /// Accepts and relays until `stop`.
 pub async fn run(listener: TcpListener, state: Arc<LinkState>, stop: CancellationToken) {
-    loop {
-        let (inbound, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "link accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => return,
-        };
+    while let Some((inbound, peer)) = crate::net::accept(&listener, &stop, "link").await {
         if state.is_partitioned() {
             state.refused.fetch_add(1, Ordering::Relaxed);
             drop(inbound);
@@ -213,7 +202,6 @@ pub async fn run(listener: TcpListener, state: Arc<LinkState>, stop: Cancellatio
                         return;
                     }
                 };
-                let _ = inbound.set_nodelay(true);
                 let _ = outbound.set_nodelay(true);
                 tokio::select! {
                     _ = relay(inbound, outbound, &state) => {}

@@ -143,6 +143,8 @@ pub struct Region {
     clock: Arc<Clock>,
     proxy: Proxy,
     admin: Option<TcpListener>,
+    /// Where peers ship their changes to, when replication is configured.
+    replication: Option<TcpListener>,
 }
 
 impl Region {
@@ -166,7 +168,16 @@ impl Region {
             ),
             None => None,
         };
+        let replication = match config.replication.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ProxyError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Region {
+            replication,
             name: config.region.name.clone(),
             config: config.clone(),
             clock,
@@ -177,6 +188,10 @@ impl Region {
 
     pub fn client_addr(&self) -> std::io::Result<SocketAddr> {
         self.proxy.local_addr()
+    }
+
+    pub fn replication_addr(&self) -> Option<SocketAddr> {
+        self.replication.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -202,6 +217,25 @@ impl Region {
         if tokio::time::timeout(wait, ready.cancelled()).await.is_err() {
             tracing::warn!("clock high-water mark not read yet; serving anyway");
         }
+        let stats = self.proxy.context().replication.clone();
+        let mut replication = Vec::new();
+        if let Some(listener) = self.replication {
+            replication.push(tokio::spawn(crate::replication::receive(
+                listener,
+                self.config.clone(),
+                self.clock.clone(),
+                stats.clone(),
+                stop.clone(),
+            )));
+        }
+        for peer in &self.config.replication.peers {
+            replication.push(tokio::spawn(crate::replication::ship_to(
+                self.config.clone(),
+                peer.clone(),
+                stats.clone(),
+                stop.clone(),
+            )));
+        }
         let admin = self.admin.map(|listener| {
             let (name, ctx, shutdown) = (self.name.clone(), self.proxy.context(), shutdown.clone());
             tokio::spawn(async move {
@@ -213,6 +247,9 @@ impl Region {
         self.proxy.run(shutdown).await;
         stop.cancel();
         let _ = lease.await;
+        for task in replication {
+            let _ = task.await;
+        }
         if let Some(a) = admin {
             let _ = a.await;
         }

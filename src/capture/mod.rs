@@ -34,11 +34,18 @@ pub struct Migration {
 
 /// Every migration, in order. `migrations/NNNN_name.sql` on disk must match
 /// this list (a unit test checks).
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "capture",
-    sql: include_str!("../../migrations/0001_capture.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "capture",
+        sql: include_str!("../../migrations/0001_capture.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "apply",
+        sql: include_str!("../../migrations/0002_apply.sql"),
+    },
+];
 
 /// Serialises concurrent `meridian migrate` runs against one database.
 const MIGRATE_LOCK: i64 = 0x6d65_7269_6469_616e; // "meridian"

@@ -57,6 +57,8 @@ pub struct SessionContext {
     pub statements: Arc<StatementCounts>,
     /// The region's clock; `None` relays without stamping.
     pub clock: Option<Arc<Clock>>,
+    /// Replication counters (shipping and applying), shown by the admin endpoint.
+    pub replication: Arc<crate::replication::ReplicationStats>,
 }
 
 /// Statement texts remembered by the shared classification cache.
@@ -91,6 +93,7 @@ impl SessionContext {
             classifier: Arc::new(ClassifierCache::new(CLASSIFIER_CACHE_ENTRIES)),
             statements: Arc::new(StatementCounts::default()),
             clock: None,
+            replication: Arc::default(),
         })
     }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use meridian::cluster::postgres::{free_port, PgOptions, PgServer};
 use meridian::wire::scram::Verifier;
+use tokio_postgres::{Client, NoTls};
 
 pub const APP_USER: &str = "app";
 pub const APP_PASSWORD: &str = "correct horse battery staple";
@@ -480,4 +481,141 @@ pub fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
         status.is_some()
     });
     status.unwrap()
+}
+
+/// A database with meridian migrated into it and a proxy in front of it.
+pub struct Region {
+    pub db: String,
+    pub config: PathBuf,
+    pub proxy: Option<Proxy>,
+}
+
+impl Region {
+    /// Creates database `db` from `schema`, writes `rules` (file name, text)
+    /// and a config, and runs `meridian migrate`; returns the region and the
+    /// migrate output. Does not start the proxy.
+    pub fn prepare(
+        db: &str,
+        schema: &str,
+        rules: &[(&str, &str)],
+    ) -> (Region, std::process::Output) {
+        Region::prepare_as(db, 3, schema, rules, "")
+    }
+
+    /// As `prepare`, as region `id`, with `extra` appended to the config's
+    /// `[replication]` section (listen, secret, peers).
+    pub fn prepare_as(
+        db: &str,
+        id: u16,
+        schema: &str,
+        rules: &[(&str, &str)],
+        extra: &str,
+    ) -> (Region, std::process::Output) {
+        let pg = pg();
+        psql(
+            &pg.socket_conninfo("postgres"),
+            &[
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+                "-c",
+                &format!("CREATE DATABASE {db}"),
+            ],
+            None,
+        );
+        if !schema.is_empty() {
+            psql(&pg.socket_conninfo(db), &["-c", schema], None);
+        }
+        let dir = scratch_dir(db);
+        let rules_dir = dir.join("rules");
+        std::fs::create_dir_all(&rules_dir).unwrap();
+        for (name, text) in rules {
+            std::fs::write(rules_dir.join(name), text).unwrap();
+        }
+        let (port, admin) = (free_port().unwrap(), free_port().unwrap());
+        let name = db.replace('_', "-");
+        let config = dir.join("meridian.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[region]\nname = \"{name}\"\nid = {id}\n\n[proxy]\nlisten = \"127.0.0.1:{port}\"\n\n\
+                 [backend]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndatabase = \"{db}\"\n\n\
+                 [auth]\nmethod = \"trust\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+                 [replication]\nrules = \"rules\"\n{extra}\n",
+                pg.socket_dir().display(),
+                pg.port,
+                pg.superuser()
+            ),
+        )
+        .unwrap();
+        let region = Region {
+            db: db.into(),
+            config,
+            proxy: None,
+        };
+        let out = region.migrate();
+        (region, out)
+    }
+
+    /// `prepare` that must migrate cleanly, then starts the proxy.
+    pub fn start(db: &str, schema: &str, rules: &[(&str, &str)]) -> Region {
+        let (mut region, out) = Region::prepare(db, schema, rules);
+        assert!(
+            out.status.success(),
+            "migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        region.proxy = Some(Proxy::start_with_config(&region.config));
+        region
+    }
+
+    pub fn migrate(&self) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["migrate", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap()
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("proxy started")
+    }
+
+    /// libpq URL through the proxy.
+    pub fn url(&self) -> String {
+        self.proxy().url(pg().superuser(), &self.db)
+    }
+
+    /// conninfo straight to Postgres, bypassing the proxy.
+    pub fn direct(&self) -> String {
+        pg().socket_conninfo(&self.db)
+    }
+
+    pub async fn client(&self) -> Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    pub async fn direct_client(&self) -> Client {
+        let (client, conn) = tokio_postgres::connect(&self.direct(), NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    /// One column of one query, straight to Postgres, as text.
+    pub fn query(&self, sql: &str) -> Vec<String> {
+        let (out, _) = psql(&self.direct(), &["-At", "-c", sql], None);
+        out.lines().map(str::to_string).collect()
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        self.proxy.take();
+        if let Some(dir) = self.config.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }

@@ -1,0 +1,210 @@
+-- meridian migration 0002: applying changes from other regions.
+--
+-- A receiving region applies each batch of an origin's changes in one
+-- transaction, together with the position it has applied up to for that
+-- origin (meridian.applied), so a restart resumes exactly there: nothing lost,
+-- nothing applied twice.
+--
+-- Conflicts are decided row by row by version, last writer wins: a change
+-- whose (hlc, origin) is not above the row's current version in
+-- meridian.row_version is skipped. Deletes leave their version behind as a
+-- tombstone (row_version.deleted), so a late, older insert or update cannot
+-- bring a deleted row back. An update of a row this region does not have yet
+-- (its insert comes from a third region, later) inserts the full row image it
+-- carries; a delete of a missing row only records the tombstone. Whatever the
+-- arrival order, every region ends with the row of the highest version.
+--
+-- Applied changes are not captured again: the batch runs with
+-- session_replication_role = replica (the capture triggers, like all ordinary
+-- triggers, do not fire) and meridian.applying = on (which the capture
+-- triggers also check). Replica mode also skips foreign-key checks, on
+-- purpose: within a batch, changes come in (transaction id, sequence) order,
+-- not commit order, and a child can come before its parent; requiring
+-- order there would stall replication. Orphans left by a concurrent delete of
+-- a parent in another region are a matter for the conflict rules.
+--
+-- A change that cannot be applied (its table does not exist here yet, a type
+-- or constraint error) is not dropped and does not block anything else: it is
+-- kept in meridian.held with the error, and the batch goes on.
+
+CREATE TABLE meridian.applied (
+    origin     int         PRIMARY KEY,
+    xid        bigint      NOT NULL,
+    seq        bigint      NOT NULL,
+    changes    bigint      NOT NULL DEFAULT 0,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+COMMENT ON TABLE meridian.applied IS
+    'Per origin region: the last change applied here (its xid and seq in the origin), updated in the same transaction as the changes.';
+
+CREATE TABLE meridian.held (
+    origin  int         NOT NULL,
+    xid     bigint      NOT NULL,
+    seq     bigint      NOT NULL,
+    tbl     text        NOT NULL,
+    change  jsonb       NOT NULL,
+    error   text        NOT NULL,
+    sqlstate text       NOT NULL,
+    held_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (origin, xid, seq)
+);
+
+COMMENT ON TABLE meridian.held IS
+    'Changes from other regions that could not be applied yet, with the reason; never dropped.';
+
+-- Applies one change under last-writer-wins. Returns 'applied' or 'older'.
+CREATE FUNCTION meridian.apply_change(tbl text, op "char", pk jsonb, new_row jsonb,
+                                      hlc bigint, origin int) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    rel regclass := apply_change.tbl::regclass;
+    cur meridian.row_version;
+    key_cols text;
+    all_cols text;
+    excluded_cols text;
+BEGIN
+    IF op = 'T' THEN
+        -- TRUNCATE: every row whose version is older than the truncate goes;
+        -- rows written later (in any region) stay.
+        SELECT string_agg(format('t.%I', a.attname), ', ' ORDER BY k.ord)
+          INTO key_cols
+          FROM pg_index i
+          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = rel AND i.indisprimary;
+        IF key_cols IS NULL THEN
+            EXECUTE format('DELETE FROM %s', rel);
+        ELSE
+            EXECUTE format(
+                'DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM meridian.row_version v
+                   WHERE v.tbl = $1 AND v.pk = to_jsonb(t) - (SELECT array_agg(c) FROM jsonb_object_keys(to_jsonb(t)) c
+                                                              WHERE c <> ALL (string_to_array($4, '','')))
+                     AND (v.hlc, v.origin) > ($2, $3))',
+                rel)
+            USING apply_change.tbl, hlc, origin,
+                  (SELECT string_agg(a.attname, ',') FROM pg_index i
+                     CROSS JOIN LATERAL unnest(i.indkey) AS k(attnum)
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                    WHERE i.indrelid = rel AND i.indisprimary);
+            UPDATE meridian.row_version v SET hlc = apply_change.hlc, origin = apply_change.origin, deleted = true
+             WHERE v.tbl = apply_change.tbl AND (v.hlc, v.origin) < (apply_change.hlc, apply_change.origin);
+        END IF;
+        RETURN 'applied';
+    END IF;
+
+    SELECT * INTO cur FROM meridian.row_version v
+     WHERE v.tbl = apply_change.tbl AND v.pk = apply_change.pk
+       FOR UPDATE;
+    IF FOUND AND (cur.hlc, cur.origin) >= (apply_change.hlc, apply_change.origin) THEN
+        RETURN 'older';
+    END IF;
+
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord)
+      INTO key_cols
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+
+    IF op = 'D' THEN
+        IF key_cols IS NOT NULL THEN
+            EXECUTE format('DELETE FROM %s WHERE (%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $1))',
+                           rel, key_cols, key_cols, rel)
+            USING pk;
+        END IF;
+    ELSE
+        SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum),
+               string_agg('EXCLUDED.' || quote_ident(attname), ', ' ORDER BY attnum)
+          INTO all_cols, excluded_cols
+          FROM pg_attribute
+         WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attgenerated = '';
+        IF key_cols IS NULL THEN
+            -- Insert-only table: each row arrives once.
+            EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1)',
+                           rel, all_cols, all_cols, rel)
+            USING new_row;
+        ELSE
+            EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1)
+                            ON CONFLICT (%s) DO UPDATE SET (%s) = ROW(%s)',
+                           rel, all_cols, all_cols, rel, key_cols, all_cols, excluded_cols)
+            USING new_row;
+        END IF;
+    END IF;
+
+    INSERT INTO meridian.row_version AS v (tbl, pk, hlc, origin, deleted)
+    VALUES (apply_change.tbl, apply_change.pk, apply_change.hlc, apply_change.origin, op = 'D')
+    ON CONFLICT (tbl, pk) DO UPDATE
+       SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted;
+    RETURN 'applied';
+END
+$$;
+
+-- Applies a batch of one origin's changes (a JSON array of objects with xid,
+-- seq, tbl, op, pk, row, hlc) and records the position of its last change,
+-- all in the caller's transaction. A batch at or below the recorded position
+-- (a resend after a lost acknowledgement) changes nothing. Returns
+-- {"applied": n, "older": n, "held": n, "duplicate": bool}.
+CREATE FUNCTION meridian.apply_batch(origin int, changes jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    c jsonb;
+    pos meridian.applied;
+    last_xid bigint;
+    last_seq bigint;
+    outcome text;
+    n_applied int := 0;
+    n_older int := 0;
+    n_held int := 0;
+    has_pos bool;
+    n int := jsonb_array_length(changes);
+BEGIN
+    IF n = 0 THEN
+        RETURN jsonb_build_object('applied', 0, 'older', 0, 'held', 0, 'duplicate', false);
+    END IF;
+    PERFORM set_config('session_replication_role', 'replica', true);
+    PERFORM set_config('meridian.applying', 'on', true);
+    SELECT * INTO pos FROM meridian.applied a WHERE a.origin = apply_batch.origin FOR UPDATE;
+    has_pos := FOUND;
+    last_xid := (changes -> (n - 1) ->> 'xid')::bigint;
+    last_seq := (changes -> (n - 1) ->> 'seq')::bigint;
+    IF has_pos AND (last_xid, last_seq) <= (pos.xid, pos.seq) THEN
+        RETURN jsonb_build_object('applied', 0, 'older', 0, 'held', 0, 'duplicate', true);
+    END IF;
+    FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
+        IF has_pos AND ((c ->> 'xid')::bigint, (c ->> 'seq')::bigint) <= (pos.xid, pos.seq) THEN
+            CONTINUE;   -- part of an earlier batch
+        END IF;
+        BEGIN
+            outcome := meridian.apply_change(c ->> 'tbl', (c ->> 'op')::"char", c -> 'pk',
+                                             c -> 'row', (c ->> 'hlc')::bigint, apply_batch.origin);
+            IF outcome = 'applied' THEN
+                n_applied := n_applied + 1;
+            ELSE
+                n_older := n_older + 1;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            INSERT INTO meridian.held (origin, xid, seq, tbl, change, error, sqlstate)
+            VALUES (apply_batch.origin, (c ->> 'xid')::bigint, (c ->> 'seq')::bigint,
+                    c ->> 'tbl', c, SQLERRM, SQLSTATE)
+            ON CONFLICT DO NOTHING;
+            n_held := n_held + 1;
+        END;
+    END LOOP;
+    INSERT INTO meridian.applied AS a (origin, xid, seq, changes, applied_at)
+    VALUES (apply_batch.origin, last_xid, last_seq, n, now())
+    ON CONFLICT (origin) DO UPDATE
+       SET xid = excluded.xid, seq = excluded.seq, changes = a.changes + excluded.changes,
+           applied_at = excluded.applied_at;
+    RETURN jsonb_build_object('applied', n_applied, 'older', n_older, 'held', n_held, 'duplicate', false);
+END
+$$;
+
+REVOKE ALL ON FUNCTION meridian.apply_change(text, "char", jsonb, jsonb, bigint, int) FROM PUBLIC;
+REVOKE ALL ON FUNCTION meridian.apply_batch(int, jsonb) FROM PUBLIC;

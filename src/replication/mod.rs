@@ -1,0 +1,431 @@
+//! replication: shipping this region's captured changes to every peer, and
+//! applying the changes peers ship here.
+//!
+//! - **Shipper** (one task per peer, [`ship_to`]): connects to the peer's
+//!   `replication.listen` (or a link in front of it), proves it knows the
+//!   cluster secret, learns how far the peer has applied this region's
+//!   changes, then sends batches read with `meridian.read_changes` (the safe
+//!   order) from there, one batch in flight at a time, each acknowledged
+//!   after the peer committed it. Any failure: reconnect with back-off and
+//!   resume from what the peer says it has. A slow or absent peer only delays
+//!   its own shipper; client writes never wait for it.
+//! - **Receiver** ([`receive`]): for each connection, a challenge, the
+//!   shipper's proof, then each batch is checked against the clock (a batch
+//!   stamped further ahead than `replication.max_drift` is held, neither
+//!   applied nor dropped, and retried) and applied by `meridian.apply_batch`
+//!   in one transaction together with the origin's position, then acknowledged.
+//!
+//! Not yet here (see README, feature status): causal delivery across three or
+//! more regions, DDL replication, pruning of shipped changes, TLS on peer links.
+
+pub mod protocol;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_postgres::Client;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::capture::{self, reader::read_changes, CaptureError};
+use crate::clock::{Clock, ClockError};
+use crate::config::{Config, PeerConfig};
+use protocol::{Message, ProtocolError, WireChange, WirePosition};
+
+/// Changes per batch.
+pub const BATCH: i64 = 1000;
+/// How often an idle shipper looks for new changes.
+pub const POLL: Duration = Duration::from_millis(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A silent peer is given up on after this long.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Counters for one region's replication, for `/status`.
+#[derive(Debug, Default)]
+pub struct ReplicationStats {
+    pub batches_sent: AtomicU64,
+    pub changes_sent: AtomicU64,
+    pub batches_applied: AtomicU64,
+    pub changes_applied: AtomicU64,
+    pub changes_older: AtomicU64,
+    pub changes_held: AtomicU64,
+    pub batches_held_for_drift: AtomicU64,
+    pub peers_refused: AtomicU64,
+}
+
+impl ReplicationStats {
+    pub fn snapshot(&self) -> serde_json::Value {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "batches_sent": n(&self.batches_sent),
+            "changes_sent": n(&self.changes_sent),
+            "batches_applied": n(&self.batches_applied),
+            "changes_applied": n(&self.changes_applied),
+            "changes_older": n(&self.changes_older),
+            "changes_held": n(&self.changes_held),
+            "batches_held_for_drift": n(&self.batches_held_for_drift),
+            "peers_refused": n(&self.peers_refused),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error("cannot reach {address}: {source}")]
+    Connect {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("peer went silent for {0:?}")]
+    Timeout(Duration),
+    #[error("applying a batch failed: {0}")]
+    Apply(String),
+}
+
+type Conn = Framed<TcpStream, LengthDelimitedCodec>;
+
+async fn send(conn: &mut Conn, m: &Message) -> Result<(), ReplicationError> {
+    tokio::time::timeout(IO_TIMEOUT, conn.send(m.encode()))
+        .await
+        .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
+        .map_err(ProtocolError::Io)?;
+    Ok(())
+}
+
+async fn recv(conn: &mut Conn) -> Result<Message, ReplicationError> {
+    let frame = tokio::time::timeout(IO_TIMEOUT, conn.next())
+        .await
+        .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
+        .ok_or(ProtocolError::Closed)?
+        .map_err(ProtocolError::Io)?;
+    Ok(Message::decode(&frame)?)
+}
+
+fn unexpected(expected: &'static str, got: &Message) -> ReplicationError {
+    ProtocolError::Unexpected {
+        expected,
+        got: got.kind().into(),
+    }
+    .into()
+}
+
+/// Ships this region's changes to `peer` until `stop`, reconnecting as needed.
+pub async fn ship_to(
+    config: Config,
+    peer: PeerConfig,
+    stats: Arc<ReplicationStats>,
+    stop: CancellationToken,
+) {
+    let span = tracing::info_span!("ship", peer = %peer.name, address = %peer.address);
+    async move {
+        let mut backoff = BACKOFF_MIN;
+        let mut last_error = String::new();
+        loop {
+            let result = tokio::select! {
+                r = ship_once(&config, &peer, &stats, &stop) => r,
+                _ = stop.cancelled() => return,
+            };
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    let text = e.to_string();
+                    if text != last_error {
+                        tracing::warn!(error = %text, "shipping interrupted; retrying");
+                        last_error = text;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn ship_once(
+    config: &Config,
+    peer: &PeerConfig,
+    stats: &ReplicationStats,
+    stop: &CancellationToken,
+) -> Result<(), ReplicationError> {
+    let secret = config.replication.resolve_secret().unwrap_or_default();
+    let client = capture::connect(config).await?;
+    let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(&peer.address))
+        .await
+        .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
+        .map_err(|source| ReplicationError::Connect {
+            address: peer.address.clone(),
+            source,
+        })?;
+    let _ = stream.set_nodelay(true);
+    let mut conn = Framed::new(stream, protocol::codec());
+    let nonce = match recv(&mut conn).await? {
+        Message::Challenge { version, nonce, .. } if version == protocol::VERSION => nonce,
+        Message::Challenge { version, .. } => {
+            return Err(ProtocolError::Refused(format!(
+                "peer speaks protocol {version}, this build {}",
+                protocol::VERSION
+            ))
+            .into())
+        }
+        other => return Err(unexpected("Challenge", &other)),
+    };
+    let origin = config.region.id;
+    send(
+        &mut conn,
+        &Message::Hello {
+            version: protocol::VERSION,
+            origin,
+            proof: protocol::proof(&secret, &nonce, origin),
+        },
+    )
+    .await?;
+    let mut position = match recv(&mut conn).await? {
+        Message::Welcome { position } => position,
+        Message::Refused { reason } => return Err(ProtocolError::Refused(reason).into()),
+        other => return Err(unexpected("Welcome", &other)),
+    };
+    tracing::info!(?position, "connected; shipping from the peer's position");
+    loop {
+        let changes = read_changes(&client, position.into(), BATCH).await?;
+        let Some(last) = changes.last() else {
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => continue,
+                _ = stop.cancelled() => return Ok(()),
+            }
+        };
+        let last = WirePosition::from(last.position);
+        let wire: Vec<WireChange> = changes.iter().map(WireChange::from).collect();
+        let n = wire.len() as u64;
+        send(&mut conn, &Message::Batch { changes: wire }).await?;
+        match recv(&mut conn).await? {
+            Message::Ack {
+                position: acked, ..
+            } if acked == last => position = last,
+            Message::Ack {
+                position: acked, ..
+            } => {
+                return Err(ProtocolError::Refused(format!(
+                    "peer acknowledged {acked:?}, expected {last:?}"
+                ))
+                .into())
+            }
+            other => return Err(unexpected("Ack", &other)),
+        }
+        stats.batches_sent.fetch_add(1, Ordering::Relaxed);
+        stats.changes_sent.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Accepts peers' shipments until `stop`.
+pub async fn receive(
+    listener: TcpListener,
+    config: Config,
+    clock: Arc<Clock>,
+    stats: Arc<ReplicationStats>,
+    stop: CancellationToken,
+) {
+    while let Some((stream, peer)) = crate::net::accept(&listener, &stop, "replication").await {
+        let (config, clock, stats, stop) =
+            (config.clone(), clock.clone(), stats.clone(), stop.clone());
+        let span = tracing::info_span!("receive", %peer);
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    r = serve_peer(stream, peer, &config, &clock, &stats, &stop) => {
+                        if let Err(e) = r {
+                            tracing::info!(error = %e, "peer connection ended");
+                        }
+                    }
+                    _ = stop.cancelled() => {}
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_peer(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: &Config,
+    clock: &Clock,
+    stats: &ReplicationStats,
+    stop: &CancellationToken,
+) -> Result<(), ReplicationError> {
+    let secret = config.replication.resolve_secret().unwrap_or_default();
+    let mut conn = Framed::new(stream, protocol::codec());
+    let nonce = protocol::nonce();
+    send(
+        &mut conn,
+        &Message::Challenge {
+            version: protocol::VERSION,
+            region: config.region.id,
+            nonce: nonce.clone(),
+        },
+    )
+    .await?;
+    let origin = match recv(&mut conn).await? {
+        Message::Hello {
+            version,
+            origin,
+            proof,
+        } => {
+            let known = config.replication.peers.iter().any(|p| p.id == origin);
+            let refusal = if version != protocol::VERSION {
+                Some(format!(
+                    "protocol {version} not supported (this build speaks {})",
+                    protocol::VERSION
+                ))
+            } else if !protocol::verify(&secret, &nonce, origin, &proof) {
+                Some("wrong cluster secret".to_string())
+            } else if !known {
+                Some(format!("region {origin} is not a configured peer"))
+            } else {
+                None
+            };
+            if let Some(reason) = refusal {
+                stats.peers_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, origin, %reason, "refused a peer");
+                let _ = send(
+                    &mut conn,
+                    &Message::Refused {
+                        reason: reason.clone(),
+                    },
+                )
+                .await;
+                return Err(ProtocolError::Refused(reason).into());
+            }
+            origin
+        }
+        other => return Err(unexpected("Hello", &other)),
+    };
+    let client = capture::connect(config).await?;
+    let position = applied_position(&client, origin).await?;
+    send(&mut conn, &Message::Welcome { position }).await?;
+    tracing::info!(origin, ?position, "peer authenticated; receiving");
+    loop {
+        let changes = match recv(&mut conn).await? {
+            Message::Batch { changes } => changes,
+            other => return Err(unexpected("Batch", &other)),
+        };
+        let Some(last) = changes.last() else {
+            continue;
+        };
+        let last = WirePosition {
+            xid: last.xid,
+            seq: last.seq,
+        };
+        let newest = changes
+            .iter()
+            .map(|c| c.hlc.max(c.tx_hlc))
+            .max()
+            .unwrap_or(0);
+        if !hold_until_within_drift(clock, newest as u64, stats, stop).await {
+            return Ok(());
+        }
+        let batch = serde_json::to_value(&changes).expect("changes serialise");
+        let row = client
+            .query_one(
+                "SELECT meridian.apply_batch($1, $2)",
+                &[&i32::from(origin), &batch],
+            )
+            .await
+            .map_err(|e| {
+                ReplicationError::Apply(match e.as_db_error() {
+                    Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+                    None => e.to_string(),
+                })
+            })?;
+        let outcome: serde_json::Value = row.get(0);
+        let count = |k: &str| outcome[k].as_u64().unwrap_or(0);
+        stats.batches_applied.fetch_add(1, Ordering::Relaxed);
+        stats
+            .changes_applied
+            .fetch_add(count("applied"), Ordering::Relaxed);
+        stats
+            .changes_older
+            .fetch_add(count("older"), Ordering::Relaxed);
+        stats
+            .changes_held
+            .fetch_add(count("held"), Ordering::Relaxed);
+        if count("held") > 0 {
+            tracing::warn!(
+                origin,
+                held = count("held"),
+                "changes held (see meridian.held)"
+            );
+        }
+        send(
+            &mut conn,
+            &Message::Ack {
+                position: last,
+                applied: count("applied"),
+                older: count("older"),
+                held: count("held"),
+                duplicate: outcome["duplicate"].as_bool().unwrap_or(false),
+            },
+        )
+        .await?;
+    }
+}
+
+async fn applied_position(client: &Client, origin: u16) -> Result<WirePosition, ReplicationError> {
+    let row = client
+        .query_opt(
+            "SELECT xid, seq FROM meridian.applied WHERE origin = $1",
+            &[&i32::from(origin)],
+        )
+        .await
+        .map_err(|source| CaptureError::Postgres {
+            context: "reading meridian.applied".into(),
+            source,
+        })?;
+    Ok(row.map_or(WirePosition::default(), |r| WirePosition {
+        xid: r.get::<_, i64>(0) as u64,
+        seq: r.get(1),
+    }))
+}
+
+/// The receive event for a batch: the clock moves past its newest stamp. A
+/// stamp further ahead than the maximum drift is not accepted: the batch is
+/// held (not applied, not dropped) and retried until it is within bounds.
+/// Returns false if asked to stop while holding.
+async fn hold_until_within_drift(
+    clock: &Clock,
+    newest: u64,
+    stats: &ReplicationStats,
+    stop: &CancellationToken,
+) -> bool {
+    let mut counted = false;
+    loop {
+        match clock.observe(newest) {
+            Ok(()) | Err(ClockError::Invalid(_)) => return true,
+            Err(e @ ClockError::TooFarAhead { .. }) => {
+                if !counted {
+                    stats.batches_held_for_drift.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "batch held: its stamps are too far ahead of this region's clock");
+                    counted = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = stop.cancelled() => return false,
+                }
+            }
+        }
+    }
+}
