@@ -8,12 +8,21 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
 use crate::capture::{self, CaptureError};
 use crate::cluster::postgres::{PgError, PgOptions, PgServer};
 use crate::config::{
-    AdminConfig, AuthConfig, AuthMethod, BackendConfig, Config, ProxyConfig, RegionConfig,
-    ReplicationConfig,
+    AdminConfig, AuthConfig, AuthMethod, BackendConfig, Config, PeerConfig, ProxyConfig,
+    RegionConfig, ReplicationConfig,
 };
+use crate::link::{self, LinkSettings, LinkState};
 use crate::proxy::{ProxyError, Region, Shutdown};
 use crate::rules::{RuleSet, RulesError};
 
@@ -31,6 +40,10 @@ pub const REGION_NAMES: [&str; 8] = [
 
 /// Admin endpoints listen this far above the region's client port.
 pub const ADMIN_PORT_OFFSET: u16 = 1000;
+/// Replication receivers listen this far above the region's client port.
+pub const REPLICATION_PORT_OFFSET: u16 = 2000;
+/// The links' control API listens this far above the first client port.
+pub const LINK_CONTROL_OFFSET: u16 = 3000;
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -78,6 +91,7 @@ struct RegionPlan {
     id: u16,
     port: u16,
     admin_port: u16,
+    replication_port: u16,
 }
 
 fn plan(opts: &DemoOptions) -> Result<Vec<RegionPlan>, DemoError> {
@@ -87,7 +101,7 @@ fn plan(opts: &DemoOptions) -> Result<Vec<RegionPlan>, DemoError> {
             max: REGION_NAMES.len(),
         });
     }
-    let last = opts.port as usize + opts.regions - 1 + ADMIN_PORT_OFFSET as usize;
+    let last = opts.port as usize + opts.regions - 1 + LINK_CONTROL_OFFSET as usize;
     if last > u16::MAX as usize || opts.port == 0 {
         return Err(DemoError::PortRange {
             port: opts.port,
@@ -100,10 +114,11 @@ fn plan(opts: &DemoOptions) -> Result<Vec<RegionPlan>, DemoError> {
             id: i as u16 + 1,
             port: opts.port + i as u16,
             admin_port: opts.port + i as u16 + ADMIN_PORT_OFFSET,
+            replication_port: opts.port + i as u16 + REPLICATION_PORT_OFFSET,
         })
         .collect();
     for p in &plans {
-        for port in [p.port, p.admin_port] {
+        for port in [p.port, p.admin_port, p.replication_port] {
             std::net::TcpListener::bind(("127.0.0.1", port))
                 .map_err(|_| DemoError::PortBusy(port))?;
         }
@@ -111,7 +126,13 @@ fn plan(opts: &DemoOptions) -> Result<Vec<RegionPlan>, DemoError> {
     Ok(plans)
 }
 
-fn region_config(plan: &RegionPlan, pg: &PgServer, rules: &std::path::Path) -> Config {
+fn region_config(
+    plan: &RegionPlan,
+    pg: &PgServer,
+    rules: &std::path::Path,
+    secret: &str,
+    peers: Vec<PeerConfig>,
+) -> Config {
     Config {
         region: RegionConfig {
             name: plan.name.to_string(),
@@ -140,6 +161,9 @@ fn region_config(plan: &RegionPlan, pg: &PgServer, rules: &std::path::Path) -> C
         },
         replication: ReplicationConfig {
             rules: std::path::absolute(rules).unwrap_or_else(|_| rules.to_path_buf()),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], plan.replication_port))),
+            secret: Some(secret.to_string()),
+            peers,
             ..ReplicationConfig::default()
         },
     }
@@ -242,10 +266,53 @@ pub async fn run(
         }
     }
     let rules = RuleSet::load(&opts.rules).map_err(DemoError::RuleFile)?;
+    // One emulated link per direction between every two regions.
+    let settings = LinkSettings {
+        latency: opts.latency,
+        jitter: opts.jitter,
+        bandwidth: None,
+    };
+    let mut links: Vec<DemoLink> = Vec::new();
+    for from in &plans {
+        for to in plans.iter().filter(|t| t.id != from.id) {
+            let target = format!("127.0.0.1:{}", to.replication_port);
+            let (listener, state) =
+                link::bind(SocketAddr::from(([127, 0, 0, 1], 0)), target, settings)
+                    .await
+                    .map_err(|e| DemoError::Data {
+                        path: base.clone(),
+                        reason: format!("cannot bind a link: {e}"),
+                    })?;
+            links.push(DemoLink {
+                from: from.name,
+                to: to.name,
+                state,
+                listener: Some(listener),
+            });
+        }
+    }
+    let secret = crate::replication::protocol::nonce();
     let configs: Vec<Config> = plans
         .iter()
         .zip(&servers)
-        .map(|(p, pg)| region_config(p, pg, &opts.rules))
+        .map(|(p, pg)| {
+            let peers = links
+                .iter()
+                .filter(|l| l.from == p.name)
+                .map(|l| {
+                    let to = plans
+                        .iter()
+                        .find(|t| t.name == l.to)
+                        .expect("planned region");
+                    PeerConfig {
+                        name: to.name.to_string(),
+                        id: to.id,
+                        address: l.state.listen.to_string(),
+                    }
+                })
+                .collect();
+            region_config(p, pg, &opts.rules, &secret, peers)
+        })
         .collect();
     for (p, config) in plans.iter().zip(&configs) {
         let failed = |e: CaptureError| DemoError::Migrate {
@@ -259,6 +326,26 @@ pub async fn run(
     }
     let shutdown = Shutdown::default();
     let mut tasks = Vec::new();
+    let link_stop = CancellationToken::new();
+    for l in &mut links {
+        if let Some(listener) = l.listener.take() {
+            tasks.push(tokio::spawn(link::run(
+                listener,
+                l.state.clone(),
+                link_stop.clone(),
+            )));
+        }
+    }
+    let control_port = opts.port + LINK_CONTROL_OFFSET;
+    let control = tokio::net::TcpListener::bind(("127.0.0.1", control_port))
+        .await
+        .map_err(|_| DemoError::PortBusy(control_port))?;
+    let links = Arc::new(links);
+    tasks.push(tokio::spawn(serve_link_control(
+        control,
+        links.clone(),
+        link_stop.clone(),
+    )));
     let mut lines = String::new();
     for ((p, config), pg) in plans.iter().zip(configs).zip(&servers) {
         let config_path = base.join(format!("{}.toml", p.name));
@@ -278,15 +365,25 @@ pub async fn run(
     tracing::info!(
         latency = %humantime::format_duration(opts.latency),
         jitter = %humantime::format_duration(opts.jitter),
+        links = links.len(),
         rule_tables = rules.tables.len(),
-        "capture is on; links and conflict policies are recorded but not used yet: replication and the rule engine are not built"
+        "capture and replication are on; conflict policies are recorded but not applied yet (the rule engine is not built)"
     );
+    if let Some(first) = plans.first() {
+        eprintln!(
+            "links between regions: curl http://127.0.0.1:{control_port}/links\n\
+             partition a region:   curl -X POST 'http://127.0.0.1:{control_port}/partition?region={0}'\n\
+             heal it:              curl -X POST 'http://127.0.0.1:{control_port}/heal?region={0}'",
+            first.name
+        );
+    }
     lines.push_str("ready\n");
     let _ = out.write_all(lines.as_bytes());
     let _ = out.flush();
     stop.await;
     tracing::info!("stopping the demo cluster");
     shutdown.abort.cancel();
+    link_stop.cancel();
     for t in tasks {
         let _ = t.await;
     }
@@ -295,4 +392,70 @@ pub async fn run(
         eprintln!("kept the cluster's files in {}", base.display());
     }
     Ok(())
+}
+
+/// One emulated link of the demo: traffic from `from`'s shipper to `to`'s receiver.
+struct DemoLink {
+    from: &'static str,
+    to: &'static str,
+    state: Arc<LinkState>,
+    listener: Option<tokio::net::TcpListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegionQuery {
+    region: Option<String>,
+}
+
+type Links = Arc<Vec<DemoLink>>;
+
+fn links_status(links: &[DemoLink]) -> serde_json::Value {
+    serde_json::Value::Array(
+        links
+            .iter()
+            .map(|l| {
+                let mut s = l.state.status();
+                s["from"] = l.from.into();
+                s["to"] = l.to.into();
+                s
+            })
+            .collect(),
+    )
+}
+
+/// The demo's link control: `GET /links`, `POST /partition?region=R` and
+/// `POST /heal?region=R` (every link to and from R; all links without `region`).
+async fn serve_link_control(
+    listener: tokio::net::TcpListener,
+    links: Links,
+    stop: CancellationToken,
+) {
+    let act = |partition: bool| {
+        move |State(links): State<Links>, Query(q): Query<RegionQuery>| async move {
+            for l in links.iter() {
+                let hit = q
+                    .region
+                    .as_deref()
+                    .map_or(true, |r| r == l.from || r == l.to);
+                if hit && partition {
+                    l.state.partition();
+                } else if hit {
+                    l.state.heal();
+                }
+            }
+            Json(links_status(&links))
+        }
+    };
+    let app = Router::new()
+        .route(
+            "/links",
+            get(|State(links): State<Links>| async move { Json(links_status(&links)) }),
+        )
+        .route("/partition", post(act(true)))
+        .route("/heal", post(act(false)))
+        .with_state(links);
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
 }
