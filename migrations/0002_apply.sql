@@ -25,7 +25,9 @@
 --
 -- A change that cannot be applied (its table does not exist here yet, a type
 -- or constraint error) is not dropped and does not block anything else: it is
--- kept in meridian.held with the error, and the batch goes on.
+-- kept in meridian.held with the error, and the batch goes on. (A deadlock
+-- or serialization failure aborts the whole batch instead; the receiver
+-- retries it.)
 
 CREATE TABLE meridian.applied (
     origin     int         PRIMARY KEY,
@@ -96,19 +98,27 @@ BEGIN
         RETURN 'applied';
     END IF;
 
-    SELECT * INTO cur FROM meridian.row_version v
-     WHERE v.tbl = apply_change.tbl AND v.pk = apply_change.pk
-       FOR UPDATE;
-    IF FOUND AND (cur.hlc, cur.origin) >= (apply_change.hlc, apply_change.origin) THEN
-        RETURN 'older';
-    END IF;
-
     SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord)
       INTO key_cols
       FROM pg_index i
       CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
      WHERE i.indrelid = rel AND i.indisprimary;
+
+    -- Locks in the order local writes take them: the table's row first (a
+    -- local UPDATE/DELETE holds it when its capture trigger upserts the row
+    -- version), then the row version. The other order deadlocks.
+    IF key_cols IS NOT NULL THEN
+        EXECUTE format('SELECT 1 FROM %s WHERE (%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $1)) FOR UPDATE',
+                       rel, key_cols, key_cols, rel)
+        USING pk;
+    END IF;
+    SELECT * INTO cur FROM meridian.row_version v
+     WHERE v.tbl = apply_change.tbl AND v.pk = apply_change.pk
+       FOR UPDATE;
+    IF FOUND AND (cur.hlc, cur.origin) >= (apply_change.hlc, apply_change.origin) THEN
+        RETURN 'older';
+    END IF;
 
     IF op = 'D' THEN
         IF key_cols IS NOT NULL THEN
@@ -170,6 +180,10 @@ BEGIN
     END IF;
     PERFORM set_config('session_replication_role', 'replica', true);
     PERFORM set_config('meridian.applying', 'on', true);
+    -- If applying and a local transaction still deadlock (a remote insert
+    -- racing a local insert of the same key), let Postgres pick this
+    -- transaction, not the application's: the receiver retries the batch.
+    PERFORM set_config('deadlock_timeout', '20ms', true);
     SELECT * INTO pos FROM meridian.applied a WHERE a.origin = apply_batch.origin FOR UPDATE;
     has_pos := FOUND;
     last_xid := (changes -> (n - 1) ->> 'xid')::bigint;

@@ -15,8 +15,15 @@
 //!   applied nor dropped, and retried) and applied by `meridian.apply_batch`
 //!   in one transaction together with the origin's position, then acknowledged.
 //!
-//! Not yet here (see README, feature status): causal delivery across three or
-//! more regions, DDL replication, pruning of shipped changes, TLS on peer links.
+//! - **Causal order**: each batch carries how far its origin had applied every
+//!   other region when the batch was read; the receiver holds the batch until
+//!   it has applied at least that much of each, so a change never arrives
+//!   before one its transaction could have seen. Conservative (the vector is
+//!   read after the batch, so it may ask for more than needed) and bounded
+//!   (see [`CAUSAL_WAIT`]).
+//!
+//! Not yet here (see README, feature status): DDL replication, pruning of
+//! shipped changes and tombstones, TLS on peer links.
 
 pub mod protocol;
 
@@ -27,6 +34,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +43,7 @@ use tracing::Instrument;
 use crate::capture::{self, reader::read_changes, CaptureError};
 use crate::clock::{Clock, ClockError};
 use crate::config::{Config, PeerConfig};
-use protocol::{Message, ProtocolError, WireChange, WirePosition};
+use protocol::{Message, OriginPosition, ProtocolError, WireChange, WirePosition};
 
 /// Changes per batch.
 pub const BATCH: i64 = 1000;
@@ -43,6 +51,10 @@ pub const BATCH: i64 = 1000;
 pub const POLL: Duration = Duration::from_millis(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Times a batch is retried after losing a deadlock to local writes.
+const APPLY_RETRIES: u64 = 20;
+/// Longest a batch waits for changes its origin had already applied.
+pub const CAUSAL_WAIT: Duration = Duration::from_secs(2);
 /// A silent peer is given up on after this long.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -56,6 +68,9 @@ pub struct ReplicationStats {
     pub changes_older: AtomicU64,
     pub changes_held: AtomicU64,
     pub batches_held_for_drift: AtomicU64,
+    pub batches_held_for_causality: AtomicU64,
+    pub batches_applied_before_dependencies: AtomicU64,
+    pub batches_retried: AtomicU64,
     pub peers_refused: AtomicU64,
 }
 
@@ -70,6 +85,9 @@ impl ReplicationStats {
             "changes_older": n(&self.changes_older),
             "changes_held": n(&self.changes_held),
             "batches_held_for_drift": n(&self.batches_held_for_drift),
+            "batches_held_for_causality": n(&self.batches_held_for_causality),
+            "batches_applied_before_dependencies": n(&self.batches_applied_before_dependencies),
+            "batches_retried": n(&self.batches_retried),
             "peers_refused": n(&self.peers_refused),
         })
     }
@@ -211,7 +229,16 @@ async fn ship_once(
         let last = WirePosition::from(last.position);
         let wire: Vec<WireChange> = changes.iter().map(WireChange::from).collect();
         let n = wire.len() as u64;
-        send(&mut conn, &Message::Batch { changes: wire }).await?;
+        // Read after the changes: at least what their transactions had seen.
+        let after = applied_vector(&client).await?;
+        send(
+            &mut conn,
+            &Message::Batch {
+                changes: wire,
+                after,
+            },
+        )
+        .await?;
         match recv(&mut conn).await? {
             Message::Ack {
                 position: acked, ..
@@ -319,8 +346,8 @@ async fn serve_peer(
     send(&mut conn, &Message::Welcome { position }).await?;
     tracing::info!(origin, ?position, "peer authenticated; receiving");
     loop {
-        let changes = match recv(&mut conn).await? {
-            Message::Batch { changes } => changes,
+        let (changes, after) = match recv(&mut conn).await? {
+            Message::Batch { changes, after } => (changes, after),
             other => return Err(unexpected("Batch", &other)),
         };
         let Some(last) = changes.last() else {
@@ -335,22 +362,47 @@ async fn serve_peer(
             .map(|c| c.hlc.max(c.tx_hlc))
             .max()
             .unwrap_or(0);
+        if !hold_until_causally_ready(&client, &after, config.region.id, origin, stats, stop)
+            .await?
+        {
+            return Ok(());
+        }
         if !hold_until_within_drift(clock, newest as u64, stats, stop).await {
             return Ok(());
         }
         let batch = serde_json::to_value(&changes).expect("changes serialise");
-        let row = client
-            .query_one(
-                "SELECT meridian.apply_batch($1, $2)",
-                &[&i32::from(origin), &batch],
-            )
-            .await
-            .map_err(|e| {
-                ReplicationError::Apply(match e.as_db_error() {
-                    Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
-                    None => e.to_string(),
-                })
-            })?;
+        let mut attempt = 0;
+        let row = loop {
+            let result = client
+                .query_one(
+                    "SELECT meridian.apply_batch($1, $2)",
+                    &[&i32::from(origin), &batch],
+                )
+                .await;
+            match result {
+                Ok(row) => break row,
+                // Lost a deadlock or serialization race against local writes: retry.
+                Err(e)
+                    if attempt < APPLY_RETRIES
+                        && e.code().is_some_and(|c| {
+                            *c == SqlState::T_R_DEADLOCK_DETECTED
+                                || *c == SqlState::T_R_SERIALIZATION_FAILURE
+                        }) =>
+                {
+                    attempt += 1;
+                    stats.batches_retried.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
+                }
+                Err(e) => {
+                    return Err(ReplicationError::Apply(match e.as_db_error() {
+                        Some(db) => {
+                            format!("{} {}: {}", db.severity(), db.code().code(), db.message())
+                        }
+                        None => e.to_string(),
+                    }))
+                }
+            }
+        };
         let outcome: serde_json::Value = row.get(0);
         let count = |k: &str| outcome[k].as_u64().unwrap_or(0);
         stats.batches_applied.fetch_add(1, Ordering::Relaxed);
@@ -381,6 +433,92 @@ async fn serve_peer(
             },
         )
         .await?;
+    }
+}
+
+/// Everything this region has applied, per origin.
+async fn applied_vector(client: &Client) -> Result<Vec<OriginPosition>, ReplicationError> {
+    let rows = client
+        .query("SELECT origin, xid, seq FROM meridian.applied", &[])
+        .await
+        .map_err(|source| CaptureError::Postgres {
+            context: "reading meridian.applied".into(),
+            source,
+        })?;
+    Ok(rows
+        .iter()
+        .map(|r| OriginPosition {
+            origin: r.get::<_, i32>(0) as u16,
+            position: WirePosition {
+                xid: r.get::<_, i64>(1) as u64,
+                seq: r.get(2),
+            },
+        })
+        .collect())
+}
+
+/// Causal order: a batch from `origin` waits until this region has applied,
+/// from every third region, at least what `origin` had applied when it read
+/// the batch, so a row never arrives before one it was written against.
+///
+/// The wait is bounded by [`CAUSAL_WAIT`]: the vector is read after the
+/// batch, so it can ask for more than the batch's transactions saw, and when
+/// a third region is cut off from this one but not from `origin`, its changes
+/// cannot arrive here at all. Waiting forever would stall `origin` for the
+/// whole partition (or, with two slow shippers waiting on each other, for
+/// ever). After the bound the batch is applied and counted in
+/// `batches_applied_before_dependencies`; convergence does not depend on
+/// order (versions decide), only the momentary view does.
+/// Returns false if asked to stop while waiting.
+async fn hold_until_causally_ready(
+    client: &Client,
+    after: &[OriginPosition],
+    me: u16,
+    origin: u16,
+    stats: &ReplicationStats,
+    stop: &CancellationToken,
+) -> Result<bool, ReplicationError> {
+    let needed: Vec<&OriginPosition> = after
+        .iter()
+        .filter(|p| p.origin != me && p.origin != origin)
+        .collect();
+    if needed.is_empty() {
+        return Ok(true);
+    }
+    let mut counted = false;
+    let deadline = tokio::time::Instant::now() + CAUSAL_WAIT;
+    loop {
+        let have = applied_vector(client).await?;
+        let ready = needed.iter().all(|need| {
+            have.iter().any(|h| {
+                h.origin == need.origin
+                    && (h.position.xid, h.position.seq) >= (need.position.xid, need.position.seq)
+            })
+        });
+        if ready {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            stats
+                .batches_applied_before_dependencies
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(origin, "applying a batch before changes its origin had seen (they have not arrived within the causal wait)");
+            return Ok(true);
+        }
+        if !counted {
+            stats
+                .batches_held_for_causality
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                origin,
+                "batch waits for changes its origin had already applied"
+            );
+            counted = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = stop.cancelled() => return Ok(false),
+        }
     }
 }
 

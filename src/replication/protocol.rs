@@ -52,6 +52,11 @@ pub enum Message {
     },
     Batch {
         changes: Vec<WireChange>,
+        /// How far the origin had applied each other region when it read the
+        /// batch: the receiver applies the batch only once it has applied at
+        /// least as much of each (causal order).
+        #[serde(default)]
+        after: Vec<OriginPosition>,
     },
     Ack {
         position: WirePosition,
@@ -84,6 +89,14 @@ impl From<WirePosition> for Position {
             seq: p.seq,
         }
     }
+}
+
+/// A position in another origin's change stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginPosition {
+    pub origin: u16,
+    pub position: WirePosition,
 }
 
 /// One change on the wire; field names are what `meridian.apply_batch` reads.
@@ -230,7 +243,7 @@ mod tests {
             let m = Message::Batch { changes: vec![WireChange {
                 xid, seq, hlc, tx_hlc: hlc, tbl, op: "U".into(),
                 pk: Some(serde_json::json!({"id": v})), row: Some(serde_json::json!({"id": v, "t": "x"})), old: None,
-            }]};
+            }], after: vec![OriginPosition { origin: 3, position: WirePosition { xid, seq } }] };
             prop_assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         }
 
