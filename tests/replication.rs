@@ -250,13 +250,9 @@ fn converge_with_seed(seed: u64) {
     let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
     // links[i][j]: region i's shipper -> region j's receiver.
     let stop = tokio_util::sync::CancellationToken::new();
-    let mut links = vec![
-        vec![None, None, None],
-        vec![None, None, None],
-        vec![None, None, None],
-    ];
-    for i in 0..3 {
-        for j in 0..3 {
+    let mut links: [[Option<std::sync::Arc<meridian::link::LinkState>>; 3]; 3] = Default::default();
+    for (i, row) in links.iter_mut().enumerate() {
+        for (j, slot) in row.iter_mut().enumerate() {
             if i == j {
                 continue;
             }
@@ -273,7 +269,7 @@ fn converge_with_seed(seed: u64) {
                 ))
                 .unwrap();
             rt.spawn(meridian::link::run(listener, state.clone(), stop.clone()));
-            links[i][j] = Some(state);
+            *slot = Some(state);
         }
     }
     let mut regions: Vec<Region> = (0..3)
