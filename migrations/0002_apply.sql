@@ -191,11 +191,14 @@ BEGIN
     IF has_pos AND (last_xid, last_seq) <= (pos.xid, pos.seq) THEN
         RETURN jsonb_build_object('applied', 0, 'older', 0, 'held', 0, 'duplicate', true);
     END IF;
-    FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
-        IF has_pos AND ((c ->> 'xid')::bigint, (c ->> 'seq')::bigint) <= (pos.xid, pos.seq) THEN
-            CONTINUE;   -- part of an earlier batch
-        END IF;
-        BEGIN
+    -- Fast path: the whole batch in one subtransaction. Only if something in
+    -- it fails is it redone change by change, each in its own subtransaction,
+    -- holding back just the changes that fail.
+    BEGIN
+        FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
+            IF has_pos AND ((c ->> 'xid')::bigint, (c ->> 'seq')::bigint) <= (pos.xid, pos.seq) THEN
+                CONTINUE;   -- part of an earlier batch
+            END IF;
             outcome := meridian.apply_change(c ->> 'tbl', (c ->> 'op')::"char", c -> 'pk',
                                              c -> 'row', (c ->> 'hlc')::bigint, apply_batch.origin);
             IF outcome = 'applied' THEN
@@ -203,14 +206,37 @@ BEGIN
             ELSE
                 n_older := n_older + 1;
             END IF;
-        EXCEPTION WHEN OTHERS THEN
-            INSERT INTO meridian.held (origin, xid, seq, tbl, change, error, sqlstate)
-            VALUES (apply_batch.origin, (c ->> 'xid')::bigint, (c ->> 'seq')::bigint,
-                    c ->> 'tbl', c, SQLERRM, SQLSTATE)
-            ON CONFLICT DO NOTHING;
-            n_held := n_held + 1;
-        END;
-    END LOOP;
+        END LOOP;
+    EXCEPTION
+        WHEN deadlock_detected OR serialization_failure THEN
+            RAISE;   -- the receiver retries the whole batch
+        WHEN OTHERS THEN
+            n_applied := 0;
+            n_older := 0;
+            FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
+                IF has_pos AND ((c ->> 'xid')::bigint, (c ->> 'seq')::bigint) <= (pos.xid, pos.seq) THEN
+                    CONTINUE;
+                END IF;
+                BEGIN
+                    outcome := meridian.apply_change(c ->> 'tbl', (c ->> 'op')::"char", c -> 'pk',
+                                                     c -> 'row', (c ->> 'hlc')::bigint, apply_batch.origin);
+                    IF outcome = 'applied' THEN
+                        n_applied := n_applied + 1;
+                    ELSE
+                        n_older := n_older + 1;
+                    END IF;
+                EXCEPTION
+                    WHEN deadlock_detected OR serialization_failure THEN
+                        RAISE;
+                    WHEN OTHERS THEN
+                        INSERT INTO meridian.held (origin, xid, seq, tbl, change, error, sqlstate)
+                        VALUES (apply_batch.origin, (c ->> 'xid')::bigint, (c ->> 'seq')::bigint,
+                                c ->> 'tbl', c, SQLERRM, SQLSTATE)
+                        ON CONFLICT DO NOTHING;
+                        n_held := n_held + 1;
+                END;
+            END LOOP;
+    END;
     INSERT INTO meridian.applied AS a (origin, xid, seq, changes, applied_at)
     VALUES (apply_batch.origin, last_xid, last_seq, n, now())
     ON CONFLICT (origin) DO UPDATE

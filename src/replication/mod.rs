@@ -5,8 +5,8 @@
 //!   `replication.listen` (or a link in front of it), proves it knows the
 //!   cluster secret, learns how far the peer has applied this region's
 //!   changes, then sends batches read with `meridian.read_changes` (the safe
-//!   order) from there, one batch in flight at a time, each acknowledged
-//!   after the peer committed it. Any failure: reconnect with back-off and
+//!   order) from there, up to [`WINDOW`] batches ahead of the peer's
+//!   acknowledgements (each sent after the peer committed the batch). Any failure: reconnect with back-off and
 //!   resume from what the peer says it has. A slow or absent peer only delays
 //!   its own shipper; client writes never wait for it.
 //! - **Receiver** ([`receive`]): for each connection, a challenge, the
@@ -48,7 +48,11 @@ use protocol::{Message, OriginPosition, ProtocolError, WireChange, WirePosition}
 /// Changes per batch.
 pub const BATCH: i64 = 1000;
 /// How often an idle shipper looks for new changes.
-pub const POLL: Duration = Duration::from_millis(10);
+pub const POLL: Duration = Duration::from_millis(5);
+/// Batches sent ahead of their acknowledgement.
+pub const WINDOW: usize = 32;
+/// While batches are in flight, the next one is read at most this often.
+pub const GATHER: Duration = Duration::from_millis(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Times a batch is retried after losing a deadlock to local writes.
@@ -212,49 +216,81 @@ async fn ship_once(
         },
     )
     .await?;
-    let mut position = match recv(&mut conn).await? {
+    let position = match recv(&mut conn).await? {
         Message::Welcome { position } => position,
         Message::Refused { reason } => return Err(ProtocolError::Refused(reason).into()),
         other => return Err(unexpected("Welcome", &other)),
     };
     tracing::info!(?position, "connected; shipping from the peer's position");
+    // Up to WINDOW batches in flight: sending does not wait for the previous
+    // batch's acknowledgement (a round trip over the WAN), acknowledgements
+    // are matched in order as they come.
+    let mut in_flight: std::collections::VecDeque<(WirePosition, u64, tokio::time::Instant)> =
+        Default::default();
+    let mut sent = position;
+    let mut last_send = tokio::time::Instant::now();
+    let (mut sink, mut stream) = conn.split();
     loop {
-        let changes = read_changes(&client, position.into(), BATCH).await?;
-        let Some(last) = changes.last() else {
-            tokio::select! {
-                _ = tokio::time::sleep(POLL) => continue,
-                _ = stop.cancelled() => return Ok(()),
+        let room = in_flight.len() < WINDOW;
+        let busy = !in_flight.is_empty();
+        let next = async {
+            if !room {
+                return std::future::pending().await;
             }
+            if busy {
+                // While batches are in flight, gather for a moment: fewer,
+                // larger batches mean fewer commits on the receiving side.
+                tokio::time::sleep_until(last_send + GATHER).await;
+            }
+            let changes = read_changes(&client, sent.into(), BATCH).await?;
+            if changes.is_empty() {
+                tokio::time::sleep(POLL).await;
+            }
+            // Read after the changes: at least what their transactions had seen.
+            let after = applied_vector(&client).await?;
+            Ok::<_, ReplicationError>((changes, after))
         };
-        let last = WirePosition::from(last.position);
-        let wire: Vec<WireChange> = changes.iter().map(WireChange::from).collect();
-        let n = wire.len() as u64;
-        // Read after the changes: at least what their transactions had seen.
-        let after = applied_vector(&client).await?;
-        send(
-            &mut conn,
-            &Message::Batch {
-                changes: wire,
-                after,
-            },
-        )
-        .await?;
-        match recv(&mut conn).await? {
-            Message::Ack {
-                position: acked, ..
-            } if acked == last => position = last,
-            Message::Ack {
-                position: acked, ..
-            } => {
-                return Err(ProtocolError::Refused(format!(
-                    "peer acknowledged {acked:?}, expected {last:?}"
-                ))
-                .into())
+        tokio::select! {
+            read = next => {
+                let (changes, after) = read?;
+                let Some(last) = changes.last() else { continue };
+                let last = WirePosition::from(last.position);
+                let wire: Vec<WireChange> = changes.iter().map(WireChange::from).collect();
+                let n = wire.len() as u64;
+                tokio::time::timeout(IO_TIMEOUT, sink.send(Message::Batch { changes: wire, after }.encode()))
+                    .await
+                    .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
+                    .map_err(ProtocolError::Io)?;
+                last_send = tokio::time::Instant::now();
+                in_flight.push_back((last, n, last_send));
+                sent = last;
             }
-            other => return Err(unexpected("Ack", &other)),
+            frame = stream.next() => {
+                let frame = frame.ok_or(ProtocolError::Closed)?.map_err(ProtocolError::Io)?;
+                let (expected, n, _) = in_flight.pop_front().ok_or_else(|| {
+                    ProtocolError::Refused("acknowledgement with nothing in flight".into())
+                })?;
+                match Message::decode(&frame)? {
+                    Message::Ack { position: acked, .. } if acked == expected => {}
+                    Message::Ack { position: acked, .. } => {
+                        return Err(ProtocolError::Refused(format!(
+                            "peer acknowledged {acked:?}, expected {expected:?}"
+                        ))
+                        .into())
+                    }
+                    other => return Err(unexpected("Ack", &other)),
+                }
+                stats.batches_sent.fetch_add(1, Ordering::Relaxed);
+                stats.changes_sent.fetch_add(n, Ordering::Relaxed);
+            }
+            _ = stop.cancelled() => return Ok(()),
+            // The oldest unacknowledged batch has waited too long.
+            _ = tokio::time::sleep_until(
+                in_flight.front().map_or_else(tokio::time::Instant::now, |f| f.2) + IO_TIMEOUT
+            ), if !in_flight.is_empty() => {
+                return Err(ReplicationError::Timeout(IO_TIMEOUT));
+            }
         }
-        stats.batches_sent.fetch_add(1, Ordering::Relaxed);
-        stats.changes_sent.fetch_add(n, Ordering::Relaxed);
     }
 }
 
