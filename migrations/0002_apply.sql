@@ -248,3 +248,44 @@ $$;
 
 REVOKE ALL ON FUNCTION meridian.apply_change(text, "char", jsonb, jsonb, bigint, int) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.apply_batch(int, jsonb) FROM PUBLIC;
+
+-- On the origin side: how far each peer has acknowledged this region's
+-- changes (written by the shipper after each acknowledgement). A captured
+-- change is pruned once every configured peer has applied it.
+CREATE TABLE meridian.shipped (
+    peer    int         PRIMARY KEY,
+    xid     bigint      NOT NULL,
+    seq     bigint      NOT NULL,
+    acked_at timestamptz NOT NULL DEFAULT now()
+);
+
+COMMENT ON TABLE meridian.shipped IS
+    'Per peer region: the last of this region''s changes it acknowledged as applied.';
+
+-- Deletes the changes every one of peers has applied; returns how many. Does
+-- nothing while any of them has not acknowledged anything yet.
+CREATE FUNCTION meridian.prune(peers int[]) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    lo meridian.shipped;
+    n bigint;
+BEGIN
+    IF cardinality(peers) = 0 THEN
+        RETURN 0;
+    END IF;
+    SELECT count(*) INTO n FROM meridian.shipped s WHERE s.peer = ANY (peers);
+    IF n < cardinality(peers) THEN
+        RETURN 0;
+    END IF;
+    SELECT * INTO lo FROM meridian.shipped s WHERE s.peer = ANY (peers) ORDER BY s.xid, s.seq LIMIT 1;
+    DELETE FROM meridian.change c
+     WHERE (c.xid, c.seq) <= (lo.xid::text::xid8, lo.seq);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+REVOKE ALL ON FUNCTION meridian.prune(int[]) FROM PUBLIC;

@@ -228,6 +228,13 @@ impl Region {
                 stop.clone(),
             )));
         }
+        if !self.config.replication.peers.is_empty() {
+            replication.push(tokio::spawn(crate::replication::prune(
+                self.config.clone(),
+                stats.clone(),
+                stop.clone(),
+            )));
+        }
         for peer in &self.config.replication.peers {
             replication.push(tokio::spawn(crate::replication::ship_to(
                 self.config.clone(),

@@ -22,8 +22,11 @@
 //!   read after the batch, so it may ask for more than needed) and bounded
 //!   (see [`CAUSAL_WAIT`]).
 //!
+//! - **Pruning** ([`prune`]): the shipper records each acknowledgement in
+//!   `meridian.shipped`; changes every configured peer has applied are deleted.
+//!
 //! Not yet here (see README, feature status): DDL replication, pruning of
-//! shipped changes and tombstones, TLS on peer links.
+//! tombstones, TLS on peer links.
 
 pub mod protocol;
 
@@ -55,6 +58,8 @@ pub const WINDOW: usize = 32;
 pub const GATHER: Duration = Duration::from_millis(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often shipped changes are pruned.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Times a batch is retried after losing a deadlock to local writes.
 const APPLY_RETRIES: u64 = 20;
 /// Longest a batch waits for changes its origin had already applied.
@@ -75,6 +80,7 @@ pub struct ReplicationStats {
     pub batches_held_for_causality: AtomicU64,
     pub batches_applied_before_dependencies: AtomicU64,
     pub batches_retried: AtomicU64,
+    pub changes_pruned: AtomicU64,
     pub peers_refused: AtomicU64,
 }
 
@@ -92,6 +98,7 @@ impl ReplicationStats {
             "batches_held_for_causality": n(&self.batches_held_for_causality),
             "batches_applied_before_dependencies": n(&self.batches_applied_before_dependencies),
             "batches_retried": n(&self.batches_retried),
+            "changes_pruned": n(&self.changes_pruned),
             "peers_refused": n(&self.peers_refused),
         })
     }
@@ -282,6 +289,7 @@ async fn ship_once(
                 }
                 stats.batches_sent.fetch_add(1, Ordering::Relaxed);
                 stats.changes_sent.fetch_add(n, Ordering::Relaxed);
+                record_shipped(&client, peer.id, expected).await?;
             }
             _ = stop.cancelled() => return Ok(()),
             // The oldest unacknowledged batch has waited too long.
@@ -289,6 +297,60 @@ async fn ship_once(
                 in_flight.front().map_or_else(tokio::time::Instant::now, |f| f.2) + IO_TIMEOUT
             ), if !in_flight.is_empty() => {
                 return Err(ReplicationError::Timeout(IO_TIMEOUT));
+            }
+        }
+    }
+}
+
+/// Records (durably, on this side) how far `peer` has applied this region's
+/// changes, for pruning.
+async fn record_shipped(
+    client: &Client,
+    peer: u16,
+    at: WirePosition,
+) -> Result<(), ReplicationError> {
+    client
+        .execute(
+            "INSERT INTO meridian.shipped AS s (peer, xid, seq, acked_at) VALUES ($1, $2, $3, now())
+             ON CONFLICT (peer) DO UPDATE SET xid = excluded.xid, seq = excluded.seq, acked_at = now()
+             WHERE (s.xid, s.seq) < (excluded.xid, excluded.seq)",
+            &[&i32::from(peer), &(at.xid as i64), &at.seq],
+        )
+        .await
+        .map_err(|source| CaptureError::Postgres {
+            context: "recording a peer's acknowledgement".into(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// Deletes captured changes every configured peer has applied, every
+/// [`PRUNE_EVERY`], until `stop`.
+pub async fn prune(config: Config, stats: Arc<ReplicationStats>, stop: CancellationToken) {
+    let peers: Vec<i32> = config
+        .replication
+        .peers
+        .iter()
+        .map(|p| i32::from(p.id))
+        .collect();
+    let mut client = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = stop.cancelled() => return,
+        }
+        if client.is_none() {
+            client = capture::connect(&config).await.ok();
+        }
+        let Some(c) = &client else { continue };
+        match c.query_one("SELECT meridian.prune($1)", &[&peers]).await {
+            Ok(row) => {
+                let n: i64 = row.get(0);
+                stats.changes_pruned.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "pruning failed; reconnecting");
+                client = None;
             }
         }
     }
