@@ -53,7 +53,7 @@ fn table(r: &Region) -> Vec<String> {
 
 fn converge(p: &Pair, what: &str) -> Vec<String> {
     let mut last = (Vec::new(), Vec::new());
-    eventually(what, Duration::from_secs(30), || {
+    eventually(what, Duration::from_secs(60), || {
         last = (table(&p.a), table(&p.b));
         last.0 == last.1
     });
@@ -111,7 +111,7 @@ fn rows_written_in_either_region_reach_the_other_and_converge() {
     let versions = |r: &Region| {
         r.query("SELECT format('%s/%s', hlc, origin) FROM meridian.row_version WHERE pk = '{\"k\": 10}'")
     };
-    eventually("versions agree", Duration::from_secs(30), || {
+    eventually("versions agree", Duration::from_secs(60), || {
         versions(&p.a) == versions(&p.b)
     });
 }
@@ -182,7 +182,7 @@ fn a_region_restarted_after_missing_writes_catches_up_once() {
         .unwrap();
     eventually(
         "B applied every change once",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || {
             p.b.query("SELECT changes FROM meridian.applied WHERE origin = 1")
                 == [captured.to_string()]
@@ -213,7 +213,7 @@ fn a_peer_with_the_wrong_secret_is_refused_and_logged() {
     );
     eventually(
         "B refuses and logs the intruder",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || p.b.proxy().log().contains("wrong cluster secret"),
     );
     assert!(table(&p.b).iter().all(|r| !r.starts_with("666=")));

@@ -65,7 +65,7 @@ const APPLY_RETRIES: u64 = 20;
 /// Longest a batch waits for changes its origin had already applied.
 pub const CAUSAL_WAIT: Duration = Duration::from_secs(2);
 /// A silent peer is given up on after this long.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Counters for one region's replication, for `/status`.
 #[derive(Debug, Default)]
