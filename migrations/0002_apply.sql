@@ -289,3 +289,39 @@ END
 $$;
 
 REVOKE ALL ON FUNCTION meridian.prune(int[]) FROM PUBLIC;
+
+-- Retries held changes, oldest first, under the same rules as apply_batch
+-- (a change whose table now exists applies if its version is still the
+-- newest). Applied or outdated ones leave meridian.held; the others keep
+-- their latest error. Returns how many left.
+CREATE FUNCTION meridian.retry_held() RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    h meridian.held;
+    n int := 0;
+BEGIN
+    PERFORM set_config('session_replication_role', 'replica', true);
+    PERFORM set_config('meridian.applying', 'on', true);
+    PERFORM set_config('deadlock_timeout', '20ms', true);
+    FOR h IN SELECT * FROM meridian.held ORDER BY origin, xid, seq LIMIT 1000 LOOP
+        BEGIN
+            PERFORM meridian.apply_change(h.tbl, (h.change ->> 'op')::"char", h.change -> 'pk',
+                                          h.change -> 'row', (h.change ->> 'hlc')::bigint, h.origin);
+            DELETE FROM meridian.held x WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
+            n := n + 1;
+        EXCEPTION
+            WHEN deadlock_detected OR serialization_failure THEN
+                RAISE;
+            WHEN OTHERS THEN
+                UPDATE meridian.held x SET error = SQLERRM, sqlstate = SQLSTATE
+                 WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
+        END;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+REVOKE ALL ON FUNCTION meridian.retry_held() FROM PUBLIC;

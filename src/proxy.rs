@@ -228,8 +228,8 @@ impl Region {
                 stop.clone(),
             )));
         }
-        if !self.config.replication.peers.is_empty() {
-            replication.push(tokio::spawn(crate::replication::prune(
+        if !self.config.replication.peers.is_empty() || self.config.replication.listen.is_some() {
+            replication.push(tokio::spawn(crate::replication::maintain(
                 self.config.clone(),
                 stats.clone(),
                 stop.clone(),

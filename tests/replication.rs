@@ -191,6 +191,41 @@ fn a_region_restarted_after_missing_writes_catches_up_once() {
 }
 
 #[test]
+fn a_change_for_a_table_missing_here_is_held_then_applied_once_it_exists() {
+    let p = pair("rep_held");
+    psql(
+        &p.a.direct(),
+        &["-c", "CREATE TABLE extra (id int PRIMARY KEY, v text)"],
+        None,
+    );
+    // Capture the new table in A (tables made straight in Postgres are captured by the event trigger too).
+    psql(&p.a.url(), &["-c", "INSERT INTO extra VALUES (1, 'only in a so far'); INSERT INTO kv (k, v) VALUES (1, 'not blocked')"], None);
+    eventually(
+        "the other table is not blocked",
+        Duration::from_secs(60),
+        || table(&p.b) == ["1=not blocked/0"],
+    );
+    eventually(
+        "the change is held in B with its reason",
+        Duration::from_secs(60),
+        || {
+            p.b.query("SELECT tbl || ' ' || sqlstate FROM meridian.held") == ["public.extra 42P01"]
+        },
+    );
+    psql(
+        &p.b.direct(),
+        &["-c", "CREATE TABLE extra (id int PRIMARY KEY, v text)"],
+        None,
+    );
+    eventually(
+        "held change applied once the table exists",
+        Duration::from_secs(60),
+        || p.b.query("SELECT v FROM extra") == ["only in a so far"],
+    );
+    assert_eq!(p.b.query("SELECT count(*) FROM meridian.held"), ["0"]);
+}
+
+#[test]
 fn a_peer_with_the_wrong_secret_is_refused_and_logged() {
     let p = pair("rep_auth");
     // A shipper that does not know the secret: a third config pointing at B.

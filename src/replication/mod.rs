@@ -22,8 +22,9 @@
 //!   read after the batch, so it may ask for more than needed) and bounded
 //!   (see [`CAUSAL_WAIT`]).
 //!
-//! - **Pruning** ([`prune`]): the shipper records each acknowledgement in
-//!   `meridian.shipped`; changes every configured peer has applied are deleted.
+//! - **Housekeeping** ([`maintain`]): the shipper records each acknowledgement
+//!   in `meridian.shipped`; changes every configured peer has applied are
+//!   deleted; held changes are retried.
 //!
 //! Not yet here (see README, feature status): DDL replication, pruning of
 //! tombstones, TLS on peer links.
@@ -81,6 +82,7 @@ pub struct ReplicationStats {
     pub batches_applied_before_dependencies: AtomicU64,
     pub batches_retried: AtomicU64,
     pub changes_pruned: AtomicU64,
+    pub changes_unheld: AtomicU64,
     pub peers_refused: AtomicU64,
 }
 
@@ -99,6 +101,7 @@ impl ReplicationStats {
             "batches_applied_before_dependencies": n(&self.batches_applied_before_dependencies),
             "batches_retried": n(&self.batches_retried),
             "changes_pruned": n(&self.changes_pruned),
+            "changes_unheld": n(&self.changes_unheld),
             "peers_refused": n(&self.peers_refused),
         })
     }
@@ -324,9 +327,10 @@ async fn record_shipped(
     Ok(())
 }
 
-/// Deletes captured changes every configured peer has applied, every
-/// [`PRUNE_EVERY`], until `stop`.
-pub async fn prune(config: Config, stats: Arc<ReplicationStats>, stop: CancellationToken) {
+/// Housekeeping every [`PRUNE_EVERY`] until `stop`: deletes captured changes
+/// every configured peer has applied, and retries held changes (a change
+/// for a table created here since applies now).
+pub async fn maintain(config: Config, stats: Arc<ReplicationStats>, stop: CancellationToken) {
     let peers: Vec<i32> = config
         .replication
         .peers
@@ -343,13 +347,32 @@ pub async fn prune(config: Config, stats: Arc<ReplicationStats>, stop: Cancellat
             client = capture::connect(&config).await.ok();
         }
         let Some(c) = &client else { continue };
-        match c.query_one("SELECT meridian.prune($1)", &[&peers]).await {
-            Ok(row) => {
-                let n: i64 = row.get(0);
-                stats.changes_pruned.fetch_add(n as u64, Ordering::Relaxed);
+        let result = async {
+            let pruned: i64 = c
+                .query_one("SELECT meridian.prune($1)", &[&peers])
+                .await?
+                .get(0);
+            let retried: i32 = c
+                .query_one("SELECT meridian.retry_held()", &[])
+                .await?
+                .get(0);
+            Ok::<_, tokio_postgres::Error>((pruned, retried))
+        }
+        .await;
+        match result {
+            Ok((pruned, retried)) => {
+                stats
+                    .changes_pruned
+                    .fetch_add(pruned as u64, Ordering::Relaxed);
+                if retried > 0 {
+                    stats
+                        .changes_unheld
+                        .fetch_add(retried as u64, Ordering::Relaxed);
+                    tracing::info!(retried, "held changes applied");
+                }
             }
             Err(e) => {
-                tracing::debug!(error = %e, "pruning failed; reconnecting");
+                tracing::debug!(error = %e, "housekeeping failed; reconnecting");
                 client = None;
             }
         }
