@@ -49,8 +49,10 @@ use crate::clock::{Clock, ClockError};
 use crate::config::{Config, PeerConfig};
 use protocol::{Message, OriginPosition, ProtocolError, WireChange, WirePosition};
 
-/// Changes per batch.
-pub const BATCH: i64 = 1000;
+/// Changes per batch, at most.
+pub const BATCH: i64 = 5000;
+/// Batches are made smaller while their encoding exceeds this.
+pub const TARGET_FRAME: usize = 8 << 20;
 /// How often an idle shipper looks for new changes.
 pub const POLL: Duration = Duration::from_millis(5);
 /// Batches sent ahead of their acknowledgement.
@@ -239,6 +241,7 @@ async fn ship_once(
         Default::default();
     let mut sent = position;
     let mut last_send = tokio::time::Instant::now();
+    let mut limit = BATCH;
     let (mut sink, mut stream) = conn.split();
     loop {
         let room = in_flight.len() < WINDOW;
@@ -252,7 +255,7 @@ async fn ship_once(
                 // larger batches mean fewer commits on the receiving side.
                 tokio::time::sleep_until(last_send + GATHER).await;
             }
-            let changes = read_changes(&client, sent.into(), BATCH).await?;
+            let changes = read_changes(&client, sent.into(), limit).await?;
             if changes.is_empty() {
                 tokio::time::sleep(POLL).await;
             }
@@ -267,7 +270,22 @@ async fn ship_once(
                 let last = WirePosition::from(last.position);
                 let wire: Vec<WireChange> = changes.iter().map(WireChange::from).collect();
                 let n = wire.len() as u64;
-                tokio::time::timeout(IO_TIMEOUT, sink.send(Message::Batch { changes: wire, after }.encode()))
+                let frame = Message::Batch { changes: wire, after }.encode();
+                if frame.len() > TARGET_FRAME && n > 1 {
+                    // Wide rows: fewer changes per batch, so frames stay bounded.
+                    limit = (n as i64 / 2).max(1);
+                    continue;
+                }
+                if frame.len() > protocol::MAX_FRAME {
+                    return Err(ProtocolError::Refused(format!(
+                        "a single change at {last:?} encodes to {} bytes, above the {} byte frame limit",
+                        frame.len(),
+                        protocol::MAX_FRAME
+                    ))
+                    .into());
+                }
+                limit = (limit * 2).min(BATCH);
+                tokio::time::timeout(IO_TIMEOUT, sink.send(frame))
                     .await
                     .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
                     .map_err(ProtocolError::Io)?;

@@ -1,5 +1,5 @@
 //! The peer protocol: length-prefixed JSON messages (at most
-//! [`MAX_FRAME`] bytes each) over TCP.
+//! [`MAX_FRAME`] bytes each; shippers aim for 8 MiB) over TCP.
 //!
 //! ```text
 //! receiver -> shipper   Challenge { version, region, nonce }
@@ -23,7 +23,7 @@ use crate::capture::reader::{Change, Operation, Position};
 /// Protocol version spoken by this build.
 pub const VERSION: u32 = 1;
 /// Largest message, either way.
-pub const MAX_FRAME: usize = 16 << 20;
+pub const MAX_FRAME: usize = 64 << 20;
 
 pub fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
