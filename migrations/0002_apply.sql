@@ -63,12 +63,16 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    rel regclass := apply_change.tbl::regclass;
+    rel regclass := CASE WHEN op = 'S' THEN NULL ELSE apply_change.tbl::regclass END;
     cur meridian.row_version;
     key_cols text;
     all_cols text;
     excluded_cols text;
 BEGIN
+    IF op = 'S' THEN
+        PERFORM meridian.apply_ddl(new_row);
+        RETURN 'applied';
+    END IF;
     IF op = 'T' THEN
         -- TRUNCATE: every row whose version is older than the truncate goes;
         -- rows written later (in any region) stay.
@@ -290,7 +294,7 @@ BEGIN
     -- it fails is it redone change by change, each in its own subtransaction,
     -- holding back just the changes that fail.
     BEGIN
-        IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(changes) c WHERE c ->> 'op' = 'T') THEN
+        IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(changes) c WHERE c ->> 'op' IN ('T', 'S')) THEN
             -- Set-wise, one table at a time (in name order, so two appliers
             -- lock tables in the same order).
             FOR t IN SELECT DISTINCT c ->> 'tbl' AS tbl FROM jsonb_array_elements(changes) c ORDER BY 1 LOOP
@@ -436,3 +440,114 @@ END
 $$;
 
 REVOKE ALL ON FUNCTION meridian.retry_held() FROM PUBLIC;
+
+--------------------------------------------------------------------------------
+-- DDL replication
+--------------------------------------------------------------------------------
+-- Schema changes of replicated tables are captured as changes of their own
+-- (op 'S', row = {"sql": the statement, "search_path": ..., "tag": ...}) in
+-- the writing transaction, so they ship in stream order with the rows, and
+-- receivers run them before the changes that follow. Only a query that is a
+-- single statement is replicated: the statement text is what is shipped, and
+-- a query holding several statements would replay its DML a second time (the
+-- rows it wrote ship as row changes). Such a query gets a WARNING saying its
+-- DDL was not replicated.
+--
+-- On the receiving side the capture event triggers must also fire while
+-- applying (session_replication_role = replica), so a replicated CREATE TABLE
+-- is captured there too.
+
+ALTER EVENT TRIGGER meridian_capture_ddl ENABLE ALWAYS;
+ALTER EVENT TRIGGER meridian_capture_drop ENABLE ALWAYS;
+
+-- No SET search_path on this function: it must see the search_path the DDL
+-- ran under, to ship it along. Being SECURITY DEFINER, every name and
+-- operator in it is therefore schema-qualified.
+CREATE FUNCTION meridian.on_ddl_replicate() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+AS $$
+DECLARE
+    nd meridian.node;
+    q pg_catalog.text := pg_catalog.rtrim(pg_catalog.btrim(pg_catalog.current_query()),
+                                          pg_catalog.concat('; ', pg_catalog.chr(10), pg_catalog.chr(13), pg_catalog.chr(9)));
+    pin pg_catalog.text;
+    stamp pg_catalog.int8;
+    relevant pg_catalog.bool;
+BEGIN
+    IF pg_catalog.current_setting('meridian.applying', true) OPERATOR(pg_catalog.=) 'on' THEN
+        RETURN;   -- applying a peer's DDL: it is already in the peer's stream
+    END IF;
+    SELECT * INTO nd FROM meridian.node;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF pg_catalog.starts_with(tg_tag, 'DROP') THEN
+        relevant := true;   -- the dropped objects are gone from the catalog by now
+    ELSE
+        SELECT pg_catalog.bool_or(d.schema_name OPERATOR(pg_catalog.=) ANY (nd.schemas)) INTO relevant
+          FROM pg_catalog.pg_event_trigger_ddl_commands() d;
+    END IF;
+    IF relevant IS NOT TRUE THEN
+        RETURN;
+    END IF;
+    -- Only a statement sent as such is replicated: DDL run inside a function
+    -- or a DO block (including meridian's own, e.g. enable_capture) is not.
+    IF pg_catalog.split_part(pg_catalog.upper(pg_catalog.ltrim(q)), ' ', 1)
+       OPERATOR(pg_catalog.<>) pg_catalog.split_part(tg_tag, ' ', 1) THEN
+        RETURN;
+    END IF;
+    IF pg_catalog.strpos(q, ';') OPERATOR(pg_catalog.>) 0 THEN
+        RAISE WARNING 'meridian: this % was not replicated to other regions: its query holds more than one statement; send DDL statements one query at a time', tg_tag;
+        RETURN;
+    END IF;
+    pin := pg_catalog.current_setting('meridian.tx_stamp', true);
+    IF pin IS NULL OR pin OPERATOR(pg_catalog.=) '' THEN
+        pin := meridian.pin_stamp();
+    END IF;
+    stamp := pg_catalog.substr(pin, 2)::pg_catalog.int8;
+    INSERT INTO meridian.change (origin, hlc, tx_hlc, via_proxy, tbl, op, pk, "row")
+    VALUES (nd.region_id, stamp, stamp, pg_catalog.starts_with(pin, 'P'), '', 'S', NULL,
+            pg_catalog.jsonb_build_object('sql', q, 'search_path', pg_catalog.current_setting('search_path'),
+                                          'tag', tg_tag));
+END
+$$;
+
+CREATE EVENT TRIGGER meridian_replicate_ddl ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'DROP TABLE', 'CREATE INDEX', 'DROP INDEX',
+                 'CREATE SEQUENCE', 'ALTER SEQUENCE', 'DROP SEQUENCE')
+    EXECUTE FUNCTION meridian.on_ddl_replicate();
+
+-- The debugging view learns the schema-change operation.
+CREATE OR REPLACE VIEW meridian.changes AS
+SELECT c.xid,
+       c.seq,
+       c.origin,
+       n.region_name AS origin_name,
+       c.hlc,
+       c.tx_hlc,
+       meridian.hlc_time(c.tx_hlc) AS tx_time,
+       c.via_proxy,
+       c.tbl AS "table",
+       CASE c.op WHEN 'I' THEN 'insert' WHEN 'U' THEN 'update'
+                 WHEN 'D' THEN 'delete' WHEN 'T' THEN 'truncate' WHEN 'S' THEN 'schema' END AS operation,
+       c.pk AS key,
+       c."row",
+       c.old
+  FROM meridian.change c
+  LEFT JOIN meridian.node n ON n.region_id = c.origin;
+
+-- Runs a replicated schema change, with the search_path it was made under.
+CREATE FUNCTION meridian.apply_ddl(ddl jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    saved text := current_setting('search_path');
+BEGIN
+    PERFORM set_config('search_path', ddl ->> 'search_path', true);
+    EXECUTE ddl ->> 'sql';
+    PERFORM set_config('search_path', saved, true);
+END
+$$;
+
+REVOKE ALL ON FUNCTION meridian.apply_ddl(jsonb) FROM PUBLIC;

@@ -27,6 +27,8 @@ pub enum Operation {
     Update,
     Delete,
     Truncate,
+    /// A schema change (DDL); `row` holds the statement and its search_path.
+    Schema,
 }
 
 impl Operation {
@@ -36,6 +38,7 @@ impl Operation {
             "U" => Operation::Update,
             "D" => Operation::Delete,
             "T" => Operation::Truncate,
+            "S" => Operation::Schema,
             _ => return None,
         })
     }

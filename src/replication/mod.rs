@@ -485,7 +485,14 @@ async fn serve_peer(
     send(&mut conn, &Message::Welcome { position }).await?;
     tracing::info!(origin, ?position, "peer authenticated; receiving");
     loop {
-        let (changes, after) = match recv(&mut conn).await? {
+        // No timeout here: a shipper with nothing to ship is silent. A dead
+        // peer shows as a closed connection (TCP keepalive, or its restart).
+        let frame = conn
+            .next()
+            .await
+            .ok_or(ProtocolError::Closed)?
+            .map_err(ProtocolError::Io)?;
+        let (changes, after) = match Message::decode(&frame)? {
             Message::Batch { changes, after } => (changes, after),
             other => return Err(unexpected("Batch", &other)),
         };

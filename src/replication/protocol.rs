@@ -121,6 +121,7 @@ impl From<&Change> for WireChange {
             Operation::Update => "U",
             Operation::Delete => "D",
             Operation::Truncate => "T",
+            Operation::Schema => "S",
         };
         WireChange {
             xid: c.position.xid,
