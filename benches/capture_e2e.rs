@@ -18,9 +18,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{env_or, paired_ratios, pgbench, pgbench_env, start_proxy, Result};
+use common::{env_or, migrate, paired_ratios, pgbench, pgbench_env, psql, start_proxy, Result};
 use meridian::clock::Clock;
 use meridian::cluster::postgres::{PgOptions, PgServer};
 
@@ -55,16 +53,7 @@ fn main() {
     )
     .unwrap();
     for db in ["plain", "captured"] {
-        let out = Command::new("psql")
-            .arg(pg.socket_conninfo("postgres"))
-            .args(["-X", "-q", "-c", &format!("CREATE DATABASE {db}")])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        psql(&pg, "postgres", &format!("CREATE DATABASE {db}"));
         pgbench(&pg.url(db), &["-i", "-q", "-s", &scale]);
     }
     let backend = format!(
@@ -81,16 +70,7 @@ fn main() {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "toml"))
         .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["migrate", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    migrate(&config);
     let via = |db: &str| format!("postgres://{}@127.0.0.1:{port}/{db}", pg.superuser());
     // What the proxy would set: a current stamp (the trigger moves past it).
     let stamp = Clock::start(0, std::time::Duration::from_millis(500)).stamp();
@@ -106,18 +86,6 @@ fn main() {
         ("meridian, capture", via("captured"), vec![]),
     ];
     let args = ["-M", "prepared", "-c", "8", "-j", "2", "-n", "-T", &seconds];
-    let psql = |db: &str, sql: &str| {
-        let out = Command::new("psql")
-            .arg(pg.socket_conninfo(db))
-            .args(["-X", "-q", "-c", sql])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     // Warm both databases' caches so the first round is not the odd one out.
     let warm = ["-M", "prepared", "-c", "8", "-j", "2", "-n", "-T", "5"];
     for (_, url, env) in &targets {
@@ -131,8 +99,8 @@ fn main() {
         for (name, url, env) in &targets {
             // Shipping prunes shipped changes; stand in for it so the log does
             // not grow across runs. Row versions stay (one per row, as in production).
-            psql("captured", "TRUNCATE meridian.change");
-            psql("postgres", "CHECKPOINT");
+            psql(&pg, "captured", "TRUNCATE meridian.change");
+            psql(&pg, "postgres", "CHECKPOINT");
             let r = pgbench_env(url, &args, env);
             println!("| {name} | {round} | {:.0} | {:.3} |", r.tps, r.latency_ms);
             this_round.push(r);
@@ -145,13 +113,6 @@ fn main() {
         let (median, low, high) = paired_ratios(&results, i);
         println!("| {name} | **{median:.2}** | {low:.2}-{high:.2} |");
     }
-    let captured = Command::new("psql")
-        .arg(pg.socket_conninfo("captured"))
-        .args(["-X", "-At", "-c", "SELECT count(*) FILTER (WHERE via_proxy) || ' via proxy, ' || count(*) FILTER (WHERE NOT via_proxy) || ' bypass' FROM meridian.change"])
-        .output()
-        .unwrap();
-    println!(
-        "\ncaptured changes in the last run: {}",
-        String::from_utf8_lossy(&captured.stdout).trim()
-    );
+    let captured = psql(&pg, "captured", "SELECT count(*) FILTER (WHERE via_proxy) || ' via proxy, ' || count(*) FILTER (WHERE NOT via_proxy) || ' bypass' FROM meridian.change");
+    println!("\ncaptured changes in the last run: {captured}");
 }

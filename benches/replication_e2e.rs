@@ -18,23 +18,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{env_or, pgbench};
+use common::{env_or, migrate, pgbench, psql};
 use meridian::cluster::postgres::{free_port, PgOptions, PgServer};
 use meridian::link::{self, LinkSettings, LinkState};
-
-fn psql(pg: &PgServer, db: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .arg(pg.socket_conninfo(db))
-        .args(["-X", "-q", "-At", "-c", sql])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 struct Proc(std::process::Child);
 impl Drop for Proc {
@@ -106,16 +92,7 @@ fn main() {
             ),
         )
         .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
-            .args(["migrate", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        migrate(&config);
         procs.push(Proc(
             Command::new(env!("CARGO_BIN_EXE_meridian"))
                 .args(["run", "--config"])

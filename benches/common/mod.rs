@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meridian::cluster::postgres::free_port;
+use meridian::cluster::postgres::{free_port, PgServer};
 
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -99,4 +99,33 @@ pub fn paired_ratios(results: &[Vec<Result>], target: usize) -> (f64, f64, f64) 
         ratios[0],
         ratios[ratios.len() - 1],
     )
+}
+
+/// psql against `db` of `pg`, quiet and unaligned; panics with psql's error.
+pub fn psql(pg: &PgServer, db: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .arg(pg.socket_conninfo(db))
+        .args(["-X", "-q", "-At", "-c", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `meridian migrate --config config`; panics with its error.
+pub fn migrate(config: &std::path::Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["migrate", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
