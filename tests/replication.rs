@@ -21,6 +21,11 @@ struct Pair {
 
 /// Regions 1 and 2, each shipping to the other's replication port.
 fn pair(prefix: &str) -> Pair {
+    pair_with(prefix, &[])
+}
+
+/// As `pair`, with extra `meridian run` arguments for region 1.
+fn pair_with(prefix: &str, a_args: &[&str]) -> Pair {
     let (pa, pb) = (free_port().unwrap(), free_port().unwrap());
     let extra = |listen: u16, peer: u16, peer_id: u16| {
         format!(
@@ -42,7 +47,7 @@ fn pair(prefix: &str) -> Pair {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    a.proxy = Some(Proxy::start_with_config(&a.config));
+    a.proxy = Some(Proxy::start_with_config_args(&a.config, a_args));
     b.proxy = Some(Proxy::start_with_config(&b.config));
     Pair { a, b }
 }
@@ -324,6 +329,37 @@ fn a_table_created_through_one_proxy_then_written_everywhere_ends_identical() {
         None,
     );
     assert!(err.contains("was not replicated"), "{err}");
+}
+
+/// Region 1's clock runs 3 s ahead: its stamps are beyond region 2's maximum
+/// drift (500 ms), so region 2 holds the batch (counted, not applied, not
+/// dropped) until its own time comes within bounds, then applies it.
+#[test]
+fn a_batch_stamped_too_far_ahead_is_held_until_within_drift() {
+    let p = pair_with("rep_drift", &["--clock-offset-ms=3000"]);
+    psql(
+        &p.a.url(),
+        &["-c", "INSERT INTO kv (k, v) VALUES (1, 'from the future')"],
+        None,
+    );
+    let b_status = || {
+        let status = http_get(&p.b.proxy().admin.to_string(), "/status");
+        let body = status
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        serde_json::from_str::<serde_json::Value>(body.trim()).unwrap()
+    };
+    eventually("B holds the batch", Duration::from_secs(60), || {
+        b_status()["replication"]["batches_held_for_drift"].as_u64() > Some(0)
+    });
+    assert!(p.b.proxy().log().contains("too far ahead"));
+    eventually(
+        "B applies it once within drift",
+        Duration::from_secs(60),
+        || table(&p.b) == ["1=from the future/0"],
+    );
 }
 
 #[test]
