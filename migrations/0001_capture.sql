@@ -924,7 +924,8 @@ SELECT c.xid,
        c.via_proxy,
        c.tbl AS "table",
        CASE c.op WHEN 'I' THEN 'insert' WHEN 'U' THEN 'update'
-                 WHEN 'D' THEN 'delete' WHEN 'T' THEN 'truncate' END AS operation,
+                 WHEN 'D' THEN 'delete' WHEN 'T' THEN 'truncate'
+                 WHEN 'S' THEN 'schema' END AS operation,   -- 'S': see 0002
        c.pk AS key,
        c."row",
        c.old

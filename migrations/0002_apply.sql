@@ -55,6 +55,36 @@ CREATE TABLE meridian.held (
 COMMENT ON TABLE meridian.held IS
     'Changes from other regions that could not be applied yet, with the reason; never dropped.';
 
+-- The column lists the apply statements are built from, for table rel:
+-- its primary key (plain, and prefixed t. and d.; NULL without a key), and
+-- every stored column (plain, and as EXCLUDED.col).
+CREATE FUNCTION meridian.apply_columns(rel regclass,
+                                       OUT key_cols text, OUT t_keys text, OUT d_keys text,
+                                       OUT all_cols text, OUT excluded_cols text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord)
+              FROM pg_index i
+              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = rel AND i.indisprimary),
+           (SELECT string_agg('t.' || quote_ident(a.attname), ', ' ORDER BY k.ord)
+              FROM pg_index i
+              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = rel AND i.indisprimary),
+           (SELECT string_agg('d.' || quote_ident(a.attname), ', ' ORDER BY k.ord)
+              FROM pg_index i
+              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = rel AND i.indisprimary),
+           string_agg(quote_ident(attname), ', ' ORDER BY attnum),
+           string_agg('EXCLUDED.' || quote_ident(attname), ', ' ORDER BY attnum)
+      FROM pg_attribute
+     WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
+$$;
+
 -- Applies one change under last-writer-wins. Returns 'applied' or 'older'.
 CREATE FUNCTION meridian.apply_change(tbl text, op "char", pk jsonb, new_row jsonb,
                                       hlc bigint, origin int) RETURNS text
@@ -102,12 +132,8 @@ BEGIN
         RETURN 'applied';
     END IF;
 
-    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord)
-      INTO key_cols
-      FROM pg_index i
-      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-     WHERE i.indrelid = rel AND i.indisprimary;
+    SELECT c.key_cols, c.all_cols, c.excluded_cols INTO key_cols, all_cols, excluded_cols
+      FROM meridian.apply_columns(rel) c;
 
     -- Locks in the order local writes take them: the table's row first (a
     -- local UPDATE/DELETE holds it when its capture trigger upserts the row
@@ -131,11 +157,6 @@ BEGIN
             USING pk;
         END IF;
     ELSE
-        SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum),
-               string_agg('EXCLUDED.' || quote_ident(attname), ', ' ORDER BY attnum)
-          INTO all_cols, excluded_cols
-          FROM pg_attribute
-         WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attgenerated = '';
         IF key_cols IS NULL THEN
             -- Insert-only table: each row arrives once.
             EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1)',
@@ -182,19 +203,7 @@ BEGIN
     IF changes IS NULL OR jsonb_array_length(changes) = 0 THEN
         RETURN jsonb_build_object('applied', 0, 'older', 0);
     END IF;
-    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord),
-           string_agg('t.' || quote_ident(a.attname), ', ' ORDER BY k.ord),
-           string_agg('d.' || quote_ident(a.attname), ', ' ORDER BY k.ord)
-      INTO key_cols, t_keys, d_keys
-      FROM pg_index i
-      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-     WHERE i.indrelid = rel AND i.indisprimary;
-    SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum),
-           string_agg('EXCLUDED.' || quote_ident(attname), ', ' ORDER BY attnum)
-      INTO all_cols, excluded_cols
-      FROM pg_attribute
-     WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attgenerated = '';
+    SELECT * INTO key_cols, t_keys, d_keys, all_cols, excluded_cols FROM meridian.apply_columns(rel);
 
     IF key_cols IS NULL THEN
         -- Insert-only table: every row arrives once.
@@ -361,6 +370,7 @@ BEGIN
 END
 $$;
 
+REVOKE ALL ON FUNCTION meridian.apply_columns(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.apply_change(text, "char", jsonb, jsonb, bigint, int) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.apply_batch(int, jsonb) FROM PUBLIC;
 
@@ -516,25 +526,6 @@ CREATE EVENT TRIGGER meridian_replicate_ddl ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'DROP TABLE', 'CREATE INDEX', 'DROP INDEX',
                  'CREATE SEQUENCE', 'ALTER SEQUENCE', 'DROP SEQUENCE')
     EXECUTE FUNCTION meridian.on_ddl_replicate();
-
--- The debugging view learns the schema-change operation.
-CREATE OR REPLACE VIEW meridian.changes AS
-SELECT c.xid,
-       c.seq,
-       c.origin,
-       n.region_name AS origin_name,
-       c.hlc,
-       c.tx_hlc,
-       meridian.hlc_time(c.tx_hlc) AS tx_time,
-       c.via_proxy,
-       c.tbl AS "table",
-       CASE c.op WHEN 'I' THEN 'insert' WHEN 'U' THEN 'update'
-                 WHEN 'D' THEN 'delete' WHEN 'T' THEN 'truncate' WHEN 'S' THEN 'schema' END AS operation,
-       c.pk AS key,
-       c."row",
-       c.old
-  FROM meridian.change c
-  LEFT JOIN meridian.node n ON n.region_id = c.origin;
 
 -- Runs a replicated schema change, with the search_path it was made under.
 CREATE FUNCTION meridian.apply_ddl(ddl jsonb) RETURNS void

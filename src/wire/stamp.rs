@@ -728,6 +728,20 @@ mod tests {
         );
     }
 
+    /// A unit queue from (frontend tag, injected) pairs.
+    fn queue(units: &[(u8, bool)]) -> VecDeque<Unit> {
+        units
+            .iter()
+            .map(|&(tag, ours)| {
+                if ours {
+                    Unit::ours(tag)
+                } else {
+                    Unit::client(tag)
+                }
+            })
+            .collect()
+    }
+
     fn reply(
         t: &mut ReplyTracker,
         units: &mut VecDeque<Unit>,
@@ -750,22 +764,13 @@ mod tests {
 
     #[test]
     fn injected_replies_are_swallowed_and_client_replies_forwarded() {
-        let mut units: VecDeque<Unit> = [
+        let mut units = queue(&[
             (b'B', true),
             (b'E', true),
             (b'C', true),
             (b'S', true),
             (b'Q', false),
-        ]
-        .into_iter()
-        .map(|(tag, ours)| {
-            if ours {
-                Unit::ours(tag)
-            } else {
-                Unit::client(tag)
-            }
-        })
-        .collect();
+        ]);
         let mut t = ReplyTracker::default();
         for tag in [b'2', b'D', b'C', b'3', b'Z'] {
             assert_eq!(
@@ -786,23 +791,14 @@ mod tests {
 
     #[test]
     fn failed_injection_in_an_aborted_transaction_answers_for_the_skipped_statement() {
-        let mut units: VecDeque<Unit> = [
+        let mut units = queue(&[
             (b'B', false),
             (b'B', true),
             (b'E', true),
             (b'C', true),
             (b'E', false),
             (b'S', false),
-        ]
-        .into_iter()
-        .map(|(tag, ours)| {
-            if ours {
-                Unit::ours(tag)
-            } else {
-                Unit::client(tag)
-            }
-        })
-        .collect();
+        ]);
         let mut t = ReplyTracker::default();
         assert_eq!(reply(&mut t, &mut units, b'2', b"").0, Verdict::Forward);
         assert_eq!(
@@ -820,7 +816,7 @@ mod tests {
     #[test]
     fn syncs_sent_during_copy_from_stdin_are_not_expected_to_answer() {
         // tokio-postgres and libpq: Bind, Execute, Sync, CopyData, CopyDone, Sync.
-        let mut units: VecDeque<Unit> = [
+        let mut units = queue(&[
             (b'B', false),
             (b'E', false),
             (b'S', false),
@@ -828,16 +824,7 @@ mod tests {
             (b'S', false),
             (b'P', false),
             (b'B', true),
-        ]
-        .into_iter()
-        .map(|(tag, ours)| {
-            if ours {
-                Unit::ours(tag)
-            } else {
-                Unit::client(tag)
-            }
-        })
-        .collect();
+        ]);
         let mut t = ReplyTracker::default();
         for tag in [b'2', b'G', b'C'] {
             assert_eq!(reply(&mut t, &mut units, tag, b"").0, Verdict::Forward);
@@ -853,16 +840,7 @@ mod tests {
 
     #[test]
     fn any_other_injection_failure_ends_the_session() {
-        let mut units: VecDeque<Unit> = [(b'B', true), (b'E', true)]
-            .into_iter()
-            .map(|(tag, ours)| {
-                if ours {
-                    Unit::ours(tag)
-                } else {
-                    Unit::client(tag)
-                }
-            })
-            .collect();
+        let mut units = queue(&[(b'B', true), (b'E', true)]);
         let mut t = ReplyTracker::default();
         let (verdict, event) = reply(&mut t, &mut units, b'E', &error_body("57014"));
         assert_eq!(verdict, Verdict::Swallow);

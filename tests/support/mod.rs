@@ -72,12 +72,13 @@ pub fn scratch_dir(prefix: &str) -> PathBuf {
     dir.keep()
 }
 
-fn wait_for_port(addr: SocketAddr, child: &mut Child, log: &Path) {
+/// Waits until meridian listens; `Err(log)` if it exited first.
+fn wait_for_port(addr: SocketAddr, child: &mut Child, log: &Path) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(addr).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
             let log = std::fs::read_to_string(log).unwrap_or_default();
-            panic!("meridian exited before listening: {status}\n{log}");
+            return Err(format!("meridian exited before listening: {status}\n{log}"));
         }
         assert!(
             Instant::now() < deadline,
@@ -85,6 +86,7 @@ fn wait_for_port(addr: SocketAddr, child: &mut Child, log: &Path) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(())
 }
 
 /// TLS material for a proxy: a self-signed certificate for localhost/127.0.0.1.
@@ -227,17 +229,30 @@ impl Proxy {
         tls: bool,
         args: &[&str],
     ) -> Proxy {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meridian"));
-        cmd.args(["run", "--config"])
-            .arg(config_path)
-            .args(args)
-            .env("MERIDIAN_LOG", "info,meridian=debug");
-        cmd.stdout(Stdio::null()).stderr(Stdio::from(
-            std::fs::File::create(config_path.with_extension("log")).unwrap(),
-        ));
-        let mut child = spawn_tied(&mut cmd);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        wait_for_port(addr, &mut child, &config_path.with_extension("log"));
+        // A restarted proxy binds the ports it had; while it was down another
+        // process (often an outgoing connection's ephemeral port) may hold one
+        // for a moment. Only that is retried.
+        let mut attempt = 0;
+        let child = loop {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_meridian"));
+            cmd.args(["run", "--config"])
+                .arg(config_path)
+                .args(args)
+                .env("MERIDIAN_LOG", "info,meridian=debug");
+            cmd.stdout(Stdio::null()).stderr(Stdio::from(
+                std::fs::File::create(config_path.with_extension("log")).unwrap(),
+            ));
+            let mut child = spawn_tied(&mut cmd);
+            match wait_for_port(addr, &mut child, &config_path.with_extension("log")) {
+                Ok(()) => break child,
+                Err(log) if log.contains("Address already in use") && attempt < 50 => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(log) => panic!("{log}"),
+            }
+        };
         Proxy {
             child,
             addr,
