@@ -56,6 +56,29 @@ pub struct ReplicationConfig {
     pub secret_env: Option<String>,
     /// The other regions: this region ships its changes to each.
     pub peers: Vec<PeerConfig>,
+    /// TLS on peer links, both ways; plain TCP when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<PeerTlsConfig>,
+    /// How far back from the present (in this region's Postgres clock) a
+    /// transaction's stamp may still be when it writes: the margin kept before
+    /// delete tombstones are dropped (see `meridian.floor`). Covers clock
+    /// skew between a proxy and its Postgres.
+    #[serde(with = "humantime_serde")]
+    pub tombstone_grace: Duration,
+}
+
+/// Mutual TLS between regions: each region presents `cert` to peers that
+/// ship to it and to peers it ships to, and accepts only certificates that
+/// chain to `ca`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerTlsConfig {
+    /// PEM certificate chain of this region.
+    pub cert: PathBuf,
+    /// PEM private key of this region.
+    pub key: PathBuf,
+    /// PEM certificate(s) of the cluster's certificate authority.
+    pub ca: PathBuf,
 }
 
 /// Another region this one ships its changes to.
@@ -66,6 +89,27 @@ pub struct PeerConfig {
     pub id: u16,
     /// The peer's `replication.listen` address (or a link in front of it), `host:port`.
     pub address: String,
+    /// With `replication.tls`: the name the peer's certificate must carry;
+    /// the host part of `address` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+/// The host part of `host:port` (brackets of an IPv6 literal removed).
+pub fn host_of(address: &str) -> String {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
+}
+
+impl PeerConfig {
+    /// The name the peer's certificate must carry.
+    pub fn tls_name(&self) -> String {
+        self.server_name
+            .clone()
+            .unwrap_or_else(|| host_of(&self.address))
+    }
 }
 
 impl ReplicationConfig {
@@ -87,6 +131,8 @@ impl Default for ReplicationConfig {
             secret: None,
             secret_env: None,
             peers: Vec::new(),
+            tls: None,
+            tombstone_grace: Duration::from_secs(10),
         }
     }
 }
@@ -427,6 +473,20 @@ impl Config {
                 );
             }
         }
+        if let Some(tls) = &r.tls {
+            if let Err(e) = crate::replication::tls::PeerTls::load(tls) {
+                problem(format!("replication.tls.{}", e.key()), e.to_string());
+            }
+            for (i, peer) in r.peers.iter().enumerate() {
+                let name = peer.tls_name();
+                if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                    problem(
+                        format!("replication.peers[{i}].server_name"),
+                        format!("{name:?} is not a DNS name or IP address a certificate can carry"),
+                    );
+                }
+            }
+        }
         if let Some(tls) = &self.tls {
             if let Err(e) = crate::wire::tls::load_acceptor(tls) {
                 problem(format!("tls.{}", e.key()), e.to_string());
@@ -519,5 +579,35 @@ key = "/nonexistent/key.pem"
                 "tls.cert"
             ]
         );
+    }
+
+    #[test]
+    fn peer_tls_mistakes_name_the_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let issued = crate::cluster::certs::issue(dir.path(), &["b"]).unwrap();
+        let text = format!(
+            "{MINIMAL}\n[replication]\nsecret = \"0123456789abcdef\"\n\
+             [replication.tls]\ncert = {:?}\nkey = {:?}\nca = \"/nonexistent/ca.pem\"\n\
+             [[replication.peers]]\nname = \"b\"\nid = 2\naddress = \"127.0.0.1:1\"\nserver_name = \"not a name!\"\n",
+            issued[0].cert, issued[0].key
+        );
+        let problems = Config::from_toml(&text).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["replication.tls.ca", "replication.peers[0].server_name"]
+        );
+        assert!(
+            problems[0].message.contains("/nonexistent/ca.pem"),
+            "{}",
+            problems[0].message
+        );
+
+        let good = text
+            .replace("/nonexistent/ca.pem", &issued[0].ca.display().to_string())
+            .replace("not a name!", "b");
+        Config::from_toml(&good).unwrap();
+        assert_eq!(host_of("[::1]:5432"), "::1");
+        assert_eq!(host_of("db.example:5432"), "db.example");
     }
 }

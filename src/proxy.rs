@@ -145,6 +145,8 @@ pub struct Region {
     admin: Option<TcpListener>,
     /// Where peers ship their changes to, when replication is configured.
     replication: Option<TcpListener>,
+    /// TLS for peer links, when `replication.tls` is set.
+    peer_tls: Option<crate::replication::tls::PeerTls>,
 }
 
 impl Region {
@@ -176,8 +178,15 @@ impl Region {
             ),
             None => None,
         };
+        let peer_tls = config
+            .replication
+            .tls
+            .as_ref()
+            .map(crate::replication::tls::PeerTls::load)
+            .transpose()?;
         Ok(Region {
             replication,
+            peer_tls,
             name: config.region.name.clone(),
             config: config.clone(),
             clock,
@@ -223,6 +232,7 @@ impl Region {
             replication.push(tokio::spawn(crate::replication::receive(
                 listener,
                 self.config.clone(),
+                self.peer_tls.clone(),
                 self.clock.clone(),
                 stats.clone(),
                 stop.clone(),
@@ -239,6 +249,7 @@ impl Region {
             replication.push(tokio::spawn(crate::replication::ship_to(
                 self.config.clone(),
                 peer.clone(),
+                self.peer_tls.clone(),
                 stats.clone(),
                 stop.clone(),
             )));

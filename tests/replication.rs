@@ -391,6 +391,99 @@ fn a_peer_with_the_wrong_secret_is_refused_and_logged() {
     assert!(table(&p.b).iter().all(|r| !r.starts_with("666=")));
 }
 
+/// `[replication.tls]` lines for one region's issued certificate.
+fn tls_section(c: &meridian::config::PeerTlsConfig) -> String {
+    format!(
+        "[replication.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+        c.cert.display(),
+        c.key.display(),
+        c.ca.display()
+    )
+}
+
+#[test]
+fn peer_links_use_mutual_tls_and_refuse_a_certificate_from_another_ca() {
+    let dir = scratch_dir("rep_tls_certs");
+    let certs = meridian::cluster::certs::issue(&dir.join("cluster"), &["a", "b"]).unwrap();
+    let (pa, pb) = (free_port().unwrap(), free_port().unwrap());
+    let extra = |listen: u16, peer: u16, peer_id: u16, peer_name: &str, tls: &str| {
+        format!(
+            "listen = \"127.0.0.1:{listen}\"\nsecret = \"{SECRET}\"\n{tls}\
+             [[replication.peers]]\nname = \"{peer_name}\"\nid = {peer_id}\naddress = \"127.0.0.1:{peer}\"\n\
+             server_name = \"{peer_name}\"\n"
+        )
+    };
+    let prepare = |db: &str, id: u16, extra: String| {
+        let (r, out) = Region::prepare_as(db, id, SCHEMA, &[], &extra);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        r
+    };
+    let mut a = prepare(
+        "rep_tls_a",
+        1,
+        extra(pa, pb, 2, "b", &tls_section(&certs[0])),
+    );
+    let mut b = prepare(
+        "rep_tls_b",
+        2,
+        extra(pb, pa, 1, "a", &tls_section(&certs[1])),
+    );
+    a.proxy = Some(Proxy::start_with_config(&a.config));
+    b.proxy = Some(Proxy::start_with_config(&b.config));
+    psql(
+        &a.url(),
+        &["-c", "INSERT INTO kv (k, v) VALUES (1, 'a over tls')"],
+        None,
+    );
+    psql(
+        &b.url(),
+        &["-c", "INSERT INTO kv (k, v) VALUES (2, 'b over tls')"],
+        None,
+    );
+    let p = Pair { a, b };
+    assert_eq!(
+        converge(&p, "both rows cross the TLS links"),
+        ["1=a over tls/0", "2=b over tls/0"]
+    );
+
+    // A shipper that knows the secret but whose certificate comes from
+    // another CA: B refuses it in the TLS handshake.
+    let other = meridian::cluster::certs::issue(&dir.join("other"), &["a"]).unwrap();
+    let mut intruder = prepare(
+        "rep_tls_x",
+        1,
+        format!(
+            "secret = \"{SECRET}\"\n{}[[replication.peers]]\nname = \"b\"\nid = 2\naddress = \"127.0.0.1:{pb}\"\n\
+             server_name = \"b\"\n",
+            tls_section(&other[0])
+        ),
+    );
+    intruder.proxy = Some(Proxy::start_with_config(&intruder.config));
+    psql(
+        &intruder.url(),
+        &["-c", "INSERT INTO kv (k, v) VALUES (666, 'intruder')"],
+        None,
+    );
+    eventually(
+        "B refuses the certificate and logs it",
+        Duration::from_secs(60),
+        || p.b.proxy().log().contains("TLS handshake failed"),
+    );
+    assert!(intruder.proxy().log().contains("TLS handshake failed"));
+    assert!(table(&p.b).iter().all(|r| !r.starts_with("666=")));
+    let status = http_get(&admin_address(&p.b), "/status");
+    assert!(!status.contains("\"peers_refused\":0"), "{status}");
+}
+
+fn admin_address(r: &Region) -> String {
+    let config = meridian::config::Config::load(&r.config).unwrap();
+    config.admin.listen.expect("admin listen").to_string()
+}
+
 fn replication_address(r: &Region) -> String {
     let config = meridian::config::Config::load(&r.config).unwrap();
     config

@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::capture::{self, CaptureError};
 use crate::cluster::postgres::{PgError, PgOptions, PgServer};
 use crate::config::{
-    AdminConfig, AuthConfig, AuthMethod, BackendConfig, Config, PeerConfig, ProxyConfig,
-    RegionConfig, ReplicationConfig,
+    AdminConfig, AuthConfig, AuthMethod, BackendConfig, Config, PeerConfig, PeerTlsConfig,
+    ProxyConfig, RegionConfig, ReplicationConfig,
 };
 use crate::link::{self, LinkSettings, LinkState};
 use crate::proxy::{ProxyError, Region, Shutdown};
@@ -132,6 +132,7 @@ fn region_config(
     rules: &std::path::Path,
     secret: &str,
     peers: Vec<PeerConfig>,
+    peer_tls: PeerTlsConfig,
 ) -> Config {
     Config {
         region: RegionConfig {
@@ -164,6 +165,7 @@ fn region_config(
             listen: Some(SocketAddr::from(([127, 0, 0, 1], plan.replication_port))),
             secret: Some(secret.to_string()),
             peers,
+            tls: Some(peer_tls),
             ..ReplicationConfig::default()
         },
     }
@@ -292,10 +294,17 @@ pub async fn run(
         }
     }
     let secret = crate::replication::protocol::nonce();
+    let names: Vec<&str> = plans.iter().map(|p| p.name).collect();
+    let certs =
+        super::certs::issue(&base.join("tls"), &names).map_err(|reason| DemoError::Data {
+            path: base.join("tls"),
+            reason: format!("cannot issue the peer link certificates: {reason}"),
+        })?;
     let configs: Vec<Config> = plans
         .iter()
         .zip(&servers)
-        .map(|(p, pg)| {
+        .zip(certs)
+        .map(|((p, pg), peer_tls)| {
             let peers = links
                 .iter()
                 .filter(|l| l.from == p.name)
@@ -308,10 +317,11 @@ pub async fn run(
                         name: to.name.to_string(),
                         id: to.id,
                         address: l.state.listen.to_string(),
+                        server_name: Some(to.name.to_string()),
                     }
                 })
                 .collect();
-            region_config(p, pg, &opts.rules, &secret, peers)
+            region_config(p, pg, &opts.rules, &secret, peers, peer_tls)
         })
         .collect();
     for (p, config) in plans.iter().zip(&configs) {

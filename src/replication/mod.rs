@@ -26,10 +26,11 @@
 //!   in `meridian.shipped`; changes every configured peer has applied are
 //!   deleted; held changes are retried.
 //!
-//! Not yet here (see README, feature status): DDL replication, pruning of
-//! tombstones, TLS on peer links.
+//! - **TLS** ([`tls`]): with `replication.tls`, every peer link is mutual TLS
+//!   under the cluster's CA; the secret handshake then runs inside it.
 
 pub mod protocol;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -122,11 +123,13 @@ pub enum ReplicationError {
     },
     #[error("peer went silent for {0:?}")]
     Timeout(Duration),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
     #[error("applying a batch failed: {0}")]
     Apply(String),
 }
 
-type Conn = Framed<TcpStream, LengthDelimitedCodec>;
+type Conn = Framed<tls::BoxedStream, LengthDelimitedCodec>;
 
 async fn send(conn: &mut Conn, m: &Message) -> Result<(), ReplicationError> {
     tokio::time::timeout(IO_TIMEOUT, conn.send(m.encode()))
@@ -157,6 +160,7 @@ fn unexpected(expected: &'static str, got: &Message) -> ReplicationError {
 pub async fn ship_to(
     config: Config,
     peer: PeerConfig,
+    tls: Option<tls::PeerTls>,
     stats: Arc<ReplicationStats>,
     stop: CancellationToken,
 ) {
@@ -166,7 +170,7 @@ pub async fn ship_to(
         let mut last_error = String::new();
         loop {
             let result = tokio::select! {
-                r = ship_once(&config, &peer, &stats, &stop) => r,
+                r = ship_once(&config, &peer, tls.as_ref(), &stats, &stop) => r,
                 _ = stop.cancelled() => return,
             };
             match result {
@@ -193,6 +197,7 @@ pub async fn ship_to(
 async fn ship_once(
     config: &Config,
     peer: &PeerConfig,
+    tls: Option<&tls::PeerTls>,
     stats: &ReplicationStats,
     stop: &CancellationToken,
 ) -> Result<(), ReplicationError> {
@@ -206,6 +211,10 @@ async fn ship_once(
             source,
         })?;
     let _ = stream.set_nodelay(true);
+    let stream = tokio::time::timeout(IO_TIMEOUT, tls::connect(tls, stream, &peer.tls_name()))
+        .await
+        .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
+        .map_err(ReplicationError::Tls)?;
     let mut conn = Framed::new(stream, protocol::codec());
     let nonce = match recv(&mut conn).await? {
         Message::Challenge { version, nonce, .. } if version == protocol::VERSION => nonce,
@@ -401,18 +410,24 @@ pub async fn maintain(config: Config, stats: Arc<ReplicationStats>, stop: Cancel
 pub async fn receive(
     listener: TcpListener,
     config: Config,
+    tls: Option<tls::PeerTls>,
     clock: Arc<Clock>,
     stats: Arc<ReplicationStats>,
     stop: CancellationToken,
 ) {
     while let Some((stream, peer)) = crate::net::accept(&listener, &stop, "replication").await {
-        let (config, clock, stats, stop) =
-            (config.clone(), clock.clone(), stats.clone(), stop.clone());
+        let (config, clock, stats, stop, tls) = (
+            config.clone(),
+            clock.clone(),
+            stats.clone(),
+            stop.clone(),
+            tls.clone(),
+        );
         let span = tracing::info_span!("receive", %peer);
         tokio::spawn(
             async move {
                 tokio::select! {
-                    r = serve_peer(stream, peer, &config, &clock, &stats, &stop) => {
+                    r = serve_peer(stream, peer, tls.as_ref(), &config, &clock, &stats, &stop) => {
                         if let Err(e) = r {
                             tracing::info!(error = %e, "peer connection ended");
                         }
@@ -428,12 +443,22 @@ pub async fn receive(
 async fn serve_peer(
     stream: TcpStream,
     peer: SocketAddr,
+    tls: Option<&tls::PeerTls>,
     config: &Config,
     clock: &Clock,
     stats: &ReplicationStats,
     stop: &CancellationToken,
 ) -> Result<(), ReplicationError> {
     let secret = config.replication.resolve_secret().unwrap_or_default();
+    let stream = match tokio::time::timeout(IO_TIMEOUT, tls::accept(tls, stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            stats.peers_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, error = %e, "refused a peer: TLS handshake failed");
+            return Err(ReplicationError::Tls(e));
+        }
+        Err(_) => return Err(ReplicationError::Timeout(IO_TIMEOUT)),
+    };
     let mut conn = Framed::new(stream, protocol::codec());
     let nonce = protocol::nonce();
     send(
