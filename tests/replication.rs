@@ -26,10 +26,15 @@ fn pair(prefix: &str) -> Pair {
 
 /// As `pair`, with extra `meridian run` arguments for region 1.
 fn pair_with(prefix: &str, a_args: &[&str]) -> Pair {
+    pair_configured(prefix, a_args, "")
+}
+
+/// As `pair_with`, with `replication` lines added to both configs.
+fn pair_configured(prefix: &str, a_args: &[&str], replication: &str) -> Pair {
     let (pa, pb) = (free_port().unwrap(), free_port().unwrap());
     let extra = |listen: u16, peer: u16, peer_id: u16| {
         format!(
-            "listen = \"127.0.0.1:{listen}\"\nsecret = \"{SECRET}\"\n\
+            "listen = \"127.0.0.1:{listen}\"\nsecret = \"{SECRET}\"\n{replication}\n\
              [[replication.peers]]\nname = \"peer\"\nid = {peer_id}\naddress = \"127.0.0.1:{peer}\"\n"
         )
     };
@@ -207,6 +212,49 @@ fn a_region_restarted_after_missing_writes_catches_up_once() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Tombstones of `kv` rows in `r` (keys).
+fn tombstones(r: &Region) -> Vec<String> {
+    r.query("SELECT pk ->> 'k' FROM meridian.row_version WHERE tbl = 'public.kv' AND deleted ORDER BY 1")
+}
+
+#[test]
+fn a_tombstone_is_kept_while_a_peer_is_silent_and_forgotten_once_every_region_is_past_it() {
+    let mut p = pair_configured("rep_tomb", &[], "tombstone_grace = \"200ms\"");
+    psql(
+        &p.a.url(),
+        &["-c", "INSERT INTO kv (k, v) VALUES (1, 'x'), (2, 'y')"],
+        None,
+    );
+    converge(&p, "rows");
+    // B goes away; A deletes. B's last floor is older than the delete, so
+    // A must keep the tombstone however long B stays away.
+    p.b.proxy.take();
+    psql(&p.a.url(), &["-c", "DELETE FROM kv WHERE k = 1"], None);
+    assert_eq!(tombstones(&p.a), ["1"]);
+    // A looks for tombstones to forget every second (grace 200 ms).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(tombstones(&p.a), ["1"], "forgotten while B was silent");
+
+    p.b.proxy = Some(Proxy::start_with_config(&p.b.config));
+    assert_eq!(converge(&p, "B applies the delete"), ["2=y/0"]);
+    eventually(
+        "both regions forget the tombstone",
+        Duration::from_secs(60),
+        || tombstones(&p.a).is_empty() && tombstones(&p.b).is_empty(),
+    );
+    // Live rows keep their versions, and the key can be used again.
+    assert_eq!(
+        p.a.query("SELECT count(*) FROM meridian.row_version WHERE tbl = 'public.kv'"),
+        ["1"]
+    );
+    psql(
+        &p.b.url(),
+        &["-c", "INSERT INTO kv (k, v) VALUES (1, 'again')"],
+        None,
+    );
+    assert_eq!(converge(&p, "re-insert"), ["1=again/0", "2=y/0"]);
 }
 
 #[test]
@@ -540,7 +588,9 @@ fn converge_with_seed(seed: u64) {
     let mut regions: Vec<Region> = (0..3)
         .map(|i| {
             let mut extra = format!(
-                "listen = \"127.0.0.1:{}\"\nsecret = \"{SECRET}\"\n",
+                // A short grace: tombstones are forgotten (once a second)
+                // while the partition and the crash happen.
+                "listen = \"127.0.0.1:{}\"\nsecret = \"{SECRET}\"\ntombstone_grace = \"100ms\"\n",
                 ports[i]
             );
             for j in (0..3).filter(|&j| j != i) {
@@ -647,6 +697,16 @@ fn converge_with_seed(seed: u64) {
         || {
             let d = digest(&regions[0]);
             d == digest(&regions[1]) && d == digest(&regions[2])
+        },
+    );
+    // Tombstones were forgotten on the way, and the properties below still hold.
+    eventually(
+        &format!("seed {seed}: tombstones are forgotten"),
+        Duration::from_secs(60),
+        || {
+            regions.iter().all(|r| {
+                !http_get(&admin_address(r), "/status").contains("\"tombstones_forgotten\":0")
+            })
         },
     );
     let present: std::collections::BTreeSet<i32> = regions[0]

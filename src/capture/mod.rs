@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "apply",
         sql: include_str!("../../migrations/0002_apply.sql"),
     },
+    Migration {
+        version: 3,
+        name: "tombstones",
+        sql: include_str!("../../migrations/0003_tombstones.sql"),
+    },
 ];
 
 /// Serialises concurrent `meridian migrate` runs against one database.

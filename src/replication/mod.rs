@@ -24,7 +24,8 @@
 //!
 //! - **Housekeeping** ([`maintain`]): the shipper records each acknowledgement
 //!   in `meridian.shipped`; changes every configured peer has applied are
-//!   deleted; held changes are retried.
+//!   deleted; held changes are retried; tombstones below every region's
+//!   floor are forgotten (see `migrations/0003_tombstones.sql`).
 //!
 //! - **TLS** ([`tls`]): with `replication.tls`, every peer link is mutual TLS
 //!   under the cluster's CA; the secret handshake then runs inside it.
@@ -68,6 +69,8 @@ pub const PRUNE_EVERY: Duration = Duration::from_secs(1);
 const APPLY_RETRIES: u64 = 20;
 /// Longest a batch waits for changes its origin had already applied.
 pub const CAUSAL_WAIT: Duration = Duration::from_secs(2);
+/// How often a shipper takes its region's floor (see [`Message::Floor`]).
+pub const FLOOR_EVERY: Duration = Duration::from_secs(1);
 /// A silent peer is given up on after this long.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -87,6 +90,7 @@ pub struct ReplicationStats {
     pub changes_pruned: AtomicU64,
     pub changes_unheld: AtomicU64,
     pub peers_refused: AtomicU64,
+    pub tombstones_forgotten: AtomicU64,
 }
 
 impl ReplicationStats {
@@ -106,6 +110,7 @@ impl ReplicationStats {
             "changes_pruned": n(&self.changes_pruned),
             "changes_unheld": n(&self.changes_unheld),
             "peers_refused": n(&self.peers_refused),
+            "tombstones_forgotten": n(&self.tombstones_forgotten),
         })
     }
 }
@@ -251,6 +256,8 @@ async fn ship_once(
     let mut sent = position;
     let mut last_send = tokio::time::Instant::now();
     let mut limit = BATCH;
+    let grace_ms = config.replication.tombstone_grace.as_millis() as i64;
+    let mut last_floor = tokio::time::Instant::now() - FLOOR_EVERY;
     let (mut sink, mut stream) = conn.split();
     loop {
         let room = in_flight.len() < WINDOW;
@@ -264,22 +271,41 @@ async fn ship_once(
                 // larger batches mean fewer commits on the receiving side.
                 tokio::time::sleep_until(last_send + GATHER).await;
             }
+            // The floor is taken before the read: a transaction still
+            // running then counts in it, one starting later stamps above it.
+            let floor = if last_floor.elapsed() >= FLOOR_EVERY {
+                Some(local_floor(&client, grace_ms).await?)
+            } else {
+                None
+            };
             let changes = read_changes(&client, sent.into(), limit).await?;
-            if changes.is_empty() {
+            // Only a read that reached the end of what is committed leaves
+            // nothing older behind it.
+            let floor = floor.filter(|_| (changes.len() as i64) < limit);
+            if changes.is_empty() && floor.is_none() {
                 tokio::time::sleep(POLL).await;
             }
             // Read after the changes: at least what their transactions had seen.
             let after = applied_vector(&client).await?;
-            Ok::<_, ReplicationError>((changes, after))
+            Ok::<_, ReplicationError>((changes, after, floor))
         };
         tokio::select! {
             read = next => {
-                let (changes, after) = read?;
-                let Some(last) = changes.last() else { continue };
+                let (changes, after, floor) = read?;
+                let Some(last) = changes.last() else {
+                    if let Some(hlc) = floor {
+                        tokio::time::timeout(IO_TIMEOUT, sink.send(Message::Floor { hlc }.encode()))
+                            .await
+                            .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
+                            .map_err(ProtocolError::Io)?;
+                        last_floor = tokio::time::Instant::now();
+                    }
+                    continue;
+                };
                 let last = WirePosition::from(last.position);
                 let wire: Vec<WireChange> = changes.iter().map(WireChange::from).collect();
                 let n = wire.len() as u64;
-                let frame = Message::Batch { changes: wire, after }.encode();
+                let frame = Message::Batch { changes: wire, after, floor }.encode();
                 if frame.len() > TARGET_FRAME && n > 1 {
                     // Wide rows: fewer changes per batch, so frames stay bounded.
                     limit = (n as i64 / 2).max(1);
@@ -299,6 +325,9 @@ async fn ship_once(
                     .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
                     .map_err(ProtocolError::Io)?;
                 last_send = tokio::time::Instant::now();
+                if floor.is_some() {
+                    last_floor = last_send;
+                }
                 in_flight.push_back((last, n, last_send));
                 sent = last;
             }
@@ -364,6 +393,12 @@ pub async fn maintain(config: Config, stats: Arc<ReplicationStats>, stop: Cancel
         .iter()
         .map(|p| i32::from(p.id))
         .collect();
+    let grace = config.replication.tombstone_grace;
+    let grace_ms = grace.as_millis() as i64;
+    // Tombstones are looked for by a scan of meridian.row_version, so not
+    // every second: as often as the grace, between 1 s and a minute.
+    let forget_every = grace.clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut last_forget = tokio::time::Instant::now();
     let mut client = None;
     loop {
         tokio::select! {
@@ -383,11 +418,25 @@ pub async fn maintain(config: Config, stats: Arc<ReplicationStats>, stop: Cancel
                 .query_one("SELECT meridian.retry_held()", &[])
                 .await?
                 .get(0);
-            Ok::<_, tokio_postgres::Error>((pruned, retried))
+            let mut forgotten = 0i64;
+            if last_forget.elapsed() >= forget_every {
+                forgotten = c
+                    .query_one(
+                        "SELECT meridian.forget_tombstones($1, $2)",
+                        &[&peers, &grace_ms],
+                    )
+                    .await?
+                    .get(0);
+                last_forget = tokio::time::Instant::now();
+            }
+            Ok::<_, tokio_postgres::Error>((pruned, retried, forgotten))
         }
         .await;
         match result {
-            Ok((pruned, retried)) => {
+            Ok((pruned, retried, forgotten)) => {
+                stats
+                    .tombstones_forgotten
+                    .fetch_add(forgotten as u64, Ordering::Relaxed);
                 stats
                     .changes_pruned
                     .fetch_add(pruned as u64, Ordering::Relaxed);
@@ -517,8 +566,17 @@ async fn serve_peer(
             .await
             .ok_or(ProtocolError::Closed)?
             .map_err(ProtocolError::Io)?;
-        let (changes, after) = match Message::decode(&frame)? {
-            Message::Batch { changes, after } => (changes, after),
+        let (changes, after, floor) = match Message::decode(&frame)? {
+            Message::Batch {
+                changes,
+                after,
+                floor,
+            } => (changes, after, floor),
+            // Everything the origin sent before this is applied.
+            Message::Floor { hlc } => {
+                note_floor(&client, origin, hlc).await?;
+                continue;
+            }
             other => return Err(unexpected("Batch", &other)),
         };
         let Some(last) = changes.last() else {
@@ -574,6 +632,9 @@ async fn serve_peer(
                 }
             }
         };
+        if let Some(hlc) = floor {
+            note_floor(&client, origin, hlc).await?;
+        }
         let outcome: serde_json::Value = row.get(0);
         let count = |k: &str| outcome[k].as_u64().unwrap_or(0);
         stats.batches_applied.fetch_add(1, Ordering::Relaxed);
@@ -605,6 +666,34 @@ async fn serve_peer(
         )
         .await?;
     }
+}
+
+/// This region's floor: every change it captures from now on has a row
+/// version above it (`meridian.local_floor`).
+async fn local_floor(client: &Client, grace_ms: i64) -> Result<i64, ReplicationError> {
+    let row = client
+        .query_one("SELECT meridian.local_floor($1)", &[&grace_ms])
+        .await
+        .map_err(|source| CaptureError::Postgres {
+            context: "taking this region's floor".into(),
+            source,
+        })?;
+    Ok(row.get(0))
+}
+
+/// Records `origin`'s floor once everything it sent before is applied.
+async fn note_floor(client: &Client, origin: u16, hlc: i64) -> Result<(), ReplicationError> {
+    client
+        .execute(
+            "SELECT meridian.note_floor($1, $2)",
+            &[&i32::from(origin), &hlc],
+        )
+        .await
+        .map_err(|source| CaptureError::Postgres {
+            context: "recording a peer's floor".into(),
+            source,
+        })?;
+    Ok(())
 }
 
 /// Everything this region has applied, per origin.

@@ -5,9 +5,13 @@
 //! receiver -> shipper   Challenge { version, region, nonce }
 //! shipper  -> receiver  Hello { version, origin, proof = HMAC-SHA256(secret, nonce || origin) }
 //! receiver -> shipper   Welcome { position }            (or Refused { reason }, then close)
-//! shipper  -> receiver  Batch { changes }               (in capture order, after position)
+//! shipper  -> receiver  Batch { changes, after, floor } (in capture order, after position)
 //! receiver -> shipper   Ack { position, applied, older, held, duplicate }
+//! shipper  -> receiver  Floor { hlc }                   (when idle, about once a second; no reply)
 //! ```
+//!
+//! A floor is the origin's promise that every change it ships from then on
+//! has a row version above it; receivers use it to forget tombstones.
 //!
 //! The receiver speaks first, so a connection that never proves it knows the
 //! cluster secret gets nothing but a nonce. The version lets a later build
@@ -21,7 +25,7 @@ use tokio_util::codec::LengthDelimitedCodec;
 use crate::capture::reader::{Change, Operation, Position};
 
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest message, either way.
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -57,6 +61,13 @@ pub enum Message {
         /// least as much of each (causal order).
         #[serde(default)]
         after: Vec<OriginPosition>,
+        /// Set when the batch reaches the end of what the origin had
+        /// committed: every later change has a row version above it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        floor: Option<i64>,
+    },
+    Floor {
+        hlc: i64,
     },
     Ack {
         position: WirePosition,
@@ -170,6 +181,7 @@ impl Message {
             Message::Refused { .. } => "Refused",
             Message::Batch { .. } => "Batch",
             Message::Ack { .. } => "Ack",
+            Message::Floor { .. } => "Floor",
         }
     }
 }
@@ -244,7 +256,7 @@ mod tests {
             let m = Message::Batch { changes: vec![WireChange {
                 xid, seq, hlc, tx_hlc: hlc, tbl, op: "U".into(),
                 pk: Some(serde_json::json!({"id": v})), row: Some(serde_json::json!({"id": v, "t": "x"})), old: None,
-            }], after: vec![OriginPosition { origin: 3, position: WirePosition { xid, seq } }] };
+            }], after: vec![OriginPosition { origin: 3, position: WirePosition { xid, seq } }], floor: Some(hlc) };
             prop_assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         }
 
