@@ -3,8 +3,9 @@
 //! This module owns reading and validating the files. What the write path
 //! needs from them today: which tables are replicated, which are insert-only
 //! (no primary key; each row replicated once under a generated identity), and
-//! which columns are counters (capture records their old values so the delta
-//! can be shipped). The conflict policies themselves are applied by the rule
+//! which columns are counters (capture records their old values, and the
+//! apply adds each update's delta: `migrations/0004_counters.sql`). Other
+//! conflict policies are for the rule
 //! engine (see README, feature status); a policy this build cannot apply is
 //! refused here rather than accepted and ignored.
 //!

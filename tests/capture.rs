@@ -66,7 +66,7 @@ fn migrate_refuses_tables_without_a_key_and_is_idempotent() {
     assert!(second_out.contains("public.keyed"), "{second_out}");
     assert_eq!(
         region.query("SELECT version FROM meridian.migration ORDER BY 1"),
-        ["1", "2", "3"]
+        ["1", "2", "3", "4"]
     );
     // A rule naming a table that does not exist names the file and the table.
     std::fs::write(
@@ -198,6 +198,89 @@ fn counter_columns_record_their_old_values() {
         r.query("SELECT format('%s %s %s', operation, old, row->'balance') FROM meridian.changes ORDER BY xid, seq -- format() prints NULL as nothing"),
         ["insert  100", "update {\"balance\": 100} 70"]
     );
+}
+
+/// Both apply paths add counter deltas whether or not the change wins the
+/// rest of the row: the set-wise one (plain batches) and the change-by-change
+/// one (batches holding a TRUNCATE or DDL).
+#[test]
+fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
+    let r = Region::start(
+        "cap_counter_apply",
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance numeric NOT NULL, owner text);
+         CREATE TABLE other (id int PRIMARY KEY);",
+        &[(
+            "accounts.toml",
+            "[[table]]\nname = \"public.accounts\"\n[table.columns]\nbalance = \"counter\"\n",
+        )],
+    );
+    psql(
+        &r.url(),
+        &[],
+        Some("INSERT INTO accounts VALUES (1, 70, 'ann'); INSERT INTO other VALUES (1);"),
+    );
+    let change = |seq: u32, hlc: u64, op: &str, tbl: &str, row: &str, old: &str| {
+        format!(
+            r#"{{"xid": 5, "seq": {seq}, "hlc": {hlc}, "tx_hlc": {hlc}, "tbl": "{tbl}", "op": "{op}", "pk": {{"id": 1}}, "row": {row}, "old": {old}}}"#
+        )
+    };
+    let apply = |changes: Vec<String>| {
+        r.query(&format!(
+            "SELECT meridian.apply_batch(9, '[{}]'::jsonb) ->> 'applied'",
+            changes.join(",")
+        ))
+    };
+    // Older than the local row: owner stays, the deltas (+10, -5) count.
+    apply(vec![
+        change(
+            1,
+            1,
+            "U",
+            "public.accounts",
+            r#"{"id": 1, "balance": 80, "owner": "old"}"#,
+            r#"{"balance": 70}"#,
+        ),
+        change(
+            2,
+            2,
+            "U",
+            "public.accounts",
+            r#"{"id": 1, "balance": 75, "owner": "old"}"#,
+            r#"{"balance": 80}"#,
+        ),
+    ]);
+    assert_eq!(
+        r.query("SELECT format('%s %s', balance, owner) FROM accounts"),
+        ["75 ann"]
+    );
+    // With a TRUNCATE in the batch (change by change), newer: owner changes, +100 counts.
+    let newer = 1u64 << 62;
+    apply(vec![
+        change(3, newer, "T", "public.other", "null", "null"),
+        change(
+            4,
+            newer + 1,
+            "U",
+            "public.accounts",
+            r#"{"id": 1, "balance": 100, "owner": "bob"}"#,
+            r#"{"balance": 0}"#,
+        ),
+    ]);
+    assert_eq!(
+        r.query("SELECT format('%s %s', balance, owner) FROM accounts"),
+        ["175 bob"]
+    );
+    assert_eq!(r.query("SELECT count(*) FROM other"), ["0"]);
+    // The same batch again (a resend) changes nothing.
+    apply(vec![change(
+        4,
+        newer + 1,
+        "U",
+        "public.accounts",
+        r#"{"id": 1, "balance": 100, "owner": "bob"}"#,
+        r#"{"balance": 0}"#,
+    )]);
+    assert_eq!(r.query("SELECT balance FROM accounts"), ["175"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "tombstones",
         sql: include_str!("../../migrations/0003_tombstones.sql"),
     },
+    Migration {
+        version: 4,
+        name: "counters",
+        sql: include_str!("../../migrations/0004_counters.sql"),
+    },
 ];
 
 /// Serialises concurrent `meridian migrate` runs against one database.
