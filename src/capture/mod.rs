@@ -81,6 +81,8 @@ pub enum CaptureError {
     MissingTable { origin: String, table: String },
     #[error("{}", no_primary_key_message(.0))]
     NoPrimaryKey(Vec<String>),
+    #[error("{origin}: {message}")]
+    Unsupported { origin: String, message: String },
     #[error("meridian.change holds something this meridian cannot read: {0}")]
     Corrupt(String),
     #[error("{context}: {source}")]
@@ -233,6 +235,14 @@ async fn migrate_locked(
     .map_err(pg("meridian.configure"))?;
     for rule in &rules.tables {
         let name = rule.qualified();
+        if rule.needs_engine() {
+            return Err(CaptureError::Unsupported {
+                origin: rule.origin(),
+                message: format!(
+                    "the rule for {name} needs the conflict rule engine, which this build does not apply yet"
+                ),
+            });
+        }
         let exists = tx
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
             .await

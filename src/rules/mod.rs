@@ -1,0 +1,587 @@
+//! rules: the per-table rule files in `conflict-rules/*.toml`.
+//!
+//! This module owns reading and validating the files. What the write path
+//! needs from them today: which tables are replicated, which are insert-only
+//! (no primary key; each row replicated once under a generated identity), and
+//! which columns are counters (capture records their old values, and the
+//! apply adds each update's delta: `migrations/0004_counters.sql`). Other
+//! conflict policies are for the rule
+//! engine (see README, feature status); a policy this build cannot apply is
+//! refused here rather than accepted and ignored.
+//!
+//! ```toml
+//! [[table]]
+//! name = "public.accounts"
+//! [table.columns]
+//! balance = "counter"
+//!
+//! [[table]]
+//! name = "public.audit_log"
+//! insert_only = true
+//! ```
+
+pub mod merge;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    #[serde(default)]
+    table: Vec<TableRuleSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TableRuleSpec {
+    name: String,
+    #[serde(default)]
+    insert_only: bool,
+    #[serde(default)]
+    policy: Policy,
+    /// For `region-priority`: region names, highest priority first.
+    #[serde(default)]
+    regions: Vec<String>,
+    #[serde(default)]
+    deletes: Option<Deletes>,
+    /// For `policy = "custom"`.
+    #[serde(default)]
+    function: Option<String>,
+    #[serde(default)]
+    columns: BTreeMap<String, toml::Value>,
+}
+
+/// How a conflict on a row is decided (the columns without a merge of their own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// The version with the larger (hlc, region id) wins.
+    #[default]
+    LastWriterWins,
+    /// The version with the smaller (hlc, region id) wins.
+    FirstWriterWins,
+    /// The region listed first in `regions` wins; ties by last-writer-wins.
+    RegionPriority,
+    /// This region's version stays; the conflict is logged. Regions do not
+    /// converge on such rows: for data an operator reconciles by hand.
+    KeepLocal,
+    /// A SQL function decides (not supported yet).
+    Custom,
+}
+
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::LastWriterWins => "last-writer-wins",
+            Policy::FirstWriterWins => "first-writer-wins",
+            Policy::RegionPriority => "region-priority",
+            Policy::KeepLocal => "keep-local",
+            Policy::Custom => "custom",
+        }
+    }
+}
+
+/// How a conflict between a delete and an update or insert is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Deletes {
+    DeleteWins,
+    UpdateWins,
+}
+
+/// How one column is merged when two versions of a row conflict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ColumnRule {
+    /// Concurrent increments from all regions add up: the delta is shipped.
+    Counter,
+    /// The larger value.
+    Max,
+    /// The smaller value.
+    Min,
+    /// Both arrays' elements, each once, in a canonical order.
+    Union,
+    /// The value furthest along this order (values not listed come first).
+    States(Vec<String>),
+}
+
+impl ColumnRule {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ColumnRule::Counter => "counter",
+            ColumnRule::Max => "max",
+            ColumnRule::Min => "min",
+            ColumnRule::Union => "union",
+            ColumnRule::States(_) => "states",
+        }
+    }
+
+    fn parse(value: &toml::Value) -> Result<ColumnRule, String> {
+        const EXPECTED: &str =
+            "expected \"counter\", \"max\", \"min\", \"union\" or { states = [...] }";
+        match value {
+            toml::Value::String(s) => match s.as_str() {
+                "counter" => Ok(ColumnRule::Counter),
+                "max" => Ok(ColumnRule::Max),
+                "min" => Ok(ColumnRule::Min),
+                "union" => Ok(ColumnRule::Union),
+                "last-writer-wins" => Err(
+                    "per-column last-writer-wins is not supported yet (it needs a version per column); \
+                     leave the column out to have it follow the table's policy"
+                        .into(),
+                ),
+                other => Err(format!("unknown column rule {other:?}; {EXPECTED}")),
+            },
+            toml::Value::Table(t) => {
+                if let Some(key) = t.keys().find(|k| *k != "states") {
+                    return Err(format!("unknown key {key:?}; {EXPECTED}"));
+                }
+                let states = t
+                    .get("states")
+                    .and_then(|v| v.as_array())
+                    .ok_or_else(|| format!("states must be a list of strings; {EXPECTED}"))?;
+                let states: Vec<String> = states
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<_>>()
+                    .ok_or("states must be a list of strings")?;
+                if states.len() < 2 {
+                    return Err("states needs at least two values, in the order a value may move".into());
+                }
+                if let Some(dup) = states.iter().enumerate().find(|(i, s)| states[..*i].contains(s)) {
+                    return Err(format!("state {:?} is listed twice", dup.1));
+                }
+                Ok(ColumnRule::States(states))
+            }
+            _ => Err(EXPECTED.into()),
+        }
+    }
+}
+
+/// The rule for one table, with the file it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRule {
+    /// `schema.table`; a name without a schema means `public`.
+    pub schema: String,
+    pub table: String,
+    pub insert_only: bool,
+    pub policy: Policy,
+    /// For [`Policy::RegionPriority`]: region names, highest priority first.
+    pub regions: Vec<String>,
+    pub deletes: Option<Deletes>,
+    /// Every column with a merge of its own (counters included).
+    pub columns: BTreeMap<String, ColumnRule>,
+    /// The counter columns (capture records their old values).
+    pub counters: Vec<String>,
+    pub file: PathBuf,
+    /// Index of the `[[table]]` entry in its file (for messages).
+    pub index: usize,
+}
+
+impl TableRule {
+    /// Whether conflicts on this table are decided by the rule engine
+    /// (`rules::merge`) rather than by plain last-writer-wins in SQL (where
+    /// counter columns are handled too).
+    pub fn needs_engine(&self) -> bool {
+        self.policy != Policy::LastWriterWins
+            || self.deletes.is_some()
+            || self.columns.values().any(|c| *c != ColumnRule::Counter)
+    }
+
+    /// The rule as the merge engine runs it, with region names resolved by
+    /// `region_id`; an unknown name is an error naming the key.
+    pub fn engine(
+        &self,
+        region_id: impl Fn(&str) -> Option<u16>,
+    ) -> Result<merge::Engine, RulesError> {
+        let priority = self
+            .regions
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                region_id(name).ok_or_else(|| RulesError::Invalid {
+                    file: self.file.clone(),
+                    key: format!("table[{}].regions[{i}]", self.index),
+                    message: format!("{name:?} is neither this region nor one of its peers"),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(merge::Engine {
+            policy: self.policy,
+            priority,
+            // A tombstone keeps no merged values: with merged columns a
+            // conflicting delete wins (see merge).
+            deletes: match self.deletes {
+                None if !self.columns.is_empty() => Some(Deletes::DeleteWins),
+                d => d,
+            },
+            columns: self
+                .columns
+                .iter()
+                .map(|(c, r)| (c.clone(), r.clone()))
+                .collect(),
+        })
+    }
+
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+
+    /// Where this rule is written, for messages: `file: table[i]`.
+    pub fn origin(&self) -> String {
+        format!("{}: table[{}]", self.file.display(), self.index)
+    }
+}
+
+/// All rule files of a directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleSet {
+    pub tables: Vec<TableRule>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+impl RuleSet {
+    /// Reads every `*.toml` file of `dir` in name order. A missing directory is
+    /// an empty rule set; an unreadable or invalid file is an error naming it.
+    pub fn load(dir: &Path) -> Result<RuleSet, RulesError> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RuleSet::default()),
+            Err(source) => {
+                return Err(RulesError::Read {
+                    path: dir.into(),
+                    source,
+                })
+            }
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        files.sort();
+        let mut set = RuleSet::default();
+        for file in files {
+            let text = std::fs::read_to_string(&file).map_err(|source| RulesError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            set.add_file(&file, &text)?;
+        }
+        Ok(set)
+    }
+
+    /// Parses one file's text and adds its tables.
+    pub fn add_file(&mut self, file: &Path, text: &str) -> Result<(), RulesError> {
+        let invalid = |key: String, message: String| RulesError::Invalid {
+            file: file.into(),
+            key,
+            message,
+        };
+        let parsed: RuleFile = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let inner = e.into_inner();
+                let mut message = inner.message().trim().to_string();
+                if let Some(span) = inner.span() {
+                    let line = text[..span.start.min(text.len())].lines().count().max(1);
+                    message = format!("{message} (line {line})");
+                }
+                invalid(if key == "." { String::new() } else { key }, message)
+            })?;
+        for (index, spec) in parsed.table.into_iter().enumerate() {
+            let key = format!("table[{index}].name");
+            let (schema, table) = split_name(&spec.name).ok_or_else(|| {
+                invalid(
+                    key.clone(),
+                    format!(
+                        "{:?} is not a table name; write schema.table, e.g. \"public.accounts\"",
+                        spec.name
+                    ),
+                )
+            })?;
+            if let Some(other) = self
+                .tables
+                .iter()
+                .find(|t| t.schema == schema && t.table == table)
+            {
+                return Err(invalid(
+                    key,
+                    format!("{schema}.{table} already has a rule in {}", other.origin()),
+                ));
+            }
+            let mut columns = BTreeMap::new();
+            for (column, value) in &spec.columns {
+                let rule = ColumnRule::parse(value)
+                    .map_err(|m| invalid(format!("table[{index}].columns.{column}"), m))?;
+                columns.insert(column.clone(), rule);
+            }
+            let counters: Vec<String> = columns
+                .iter()
+                .filter(|(_, rule)| **rule == ColumnRule::Counter)
+                .map(|(c, _)| c.clone())
+                .collect();
+            if spec.insert_only && !columns.is_empty() {
+                let column = columns.keys().next().expect("not empty");
+                return Err(invalid(
+                    format!("table[{index}].columns.{column}"),
+                    "an insert-only table has no updates, so its columns cannot have merge rules"
+                        .into(),
+                ));
+            }
+            if spec.insert_only && (spec.policy != Policy::LastWriterWins || spec.deletes.is_some())
+            {
+                return Err(invalid(
+                    format!("table[{index}].insert_only"),
+                    "an insert-only table never has conflicts, so it takes no policy or deletes rule".into(),
+                ));
+            }
+            match spec.policy {
+                Policy::RegionPriority if spec.regions.is_empty() => {
+                    return Err(invalid(
+                        format!("table[{index}].regions"),
+                        "policy \"region-priority\" needs regions = [...], region names highest priority first".into(),
+                    ))
+                }
+                Policy::RegionPriority => {
+                    if let Some(dup) = spec.regions.iter().enumerate().find(|(i, r)| spec.regions[..*i].contains(r)) {
+                        return Err(invalid(
+                            format!("table[{index}].regions"),
+                            format!("region {:?} is listed twice", dup.1),
+                        ));
+                    }
+                }
+                _ if !spec.regions.is_empty() => {
+                    return Err(invalid(
+                        format!("table[{index}].regions"),
+                        format!("regions only applies to policy \"region-priority\", not {:?}", spec.policy.name()),
+                    ))
+                }
+                _ => {}
+            }
+            if spec.deletes == Some(Deletes::UpdateWins) && !columns.is_empty() {
+                return Err(invalid(
+                    format!("table[{index}].deletes"),
+                    "deletes = \"update-wins\" cannot be combined with merged columns yet (a tombstone keeps no merged values, so regions could end with different values); use \"delete-wins\" or drop the column rules".into(),
+                ));
+            }
+            match (&spec.function, spec.policy) {
+                (_, Policy::Custom) => return Err(invalid(
+                    format!("table[{index}].policy"),
+                    "policy \"custom\" (a SQL function deciding conflicts) is not supported yet"
+                        .into(),
+                )),
+                (Some(_), _) => {
+                    return Err(invalid(
+                        format!("table[{index}].function"),
+                        "function only applies to policy \"custom\"".into(),
+                    ))
+                }
+                _ => {}
+            }
+            self.tables.push(TableRule {
+                schema,
+                table,
+                insert_only: spec.insert_only,
+                policy: spec.policy,
+                regions: spec.regions,
+                deletes: spec.deletes,
+                columns,
+                counters,
+                file: file.into(),
+                index,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `schema.table` (or `table`, meaning `public.table`), as the lower-case,
+/// unquoted identifiers Postgres folds names to. Quoted names are not supported.
+fn split_name(name: &str) -> Option<(String, String)> {
+    let ident = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with(|c: char| c.is_ascii_digit())
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    let (schema, table) = name.split_once('.').unwrap_or(("public", name));
+    (ident(schema) && ident(table)).then(|| (schema.to_string(), table.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<RuleSet, RulesError> {
+        let mut set = RuleSet::default();
+        set.add_file(Path::new("conflict-rules/x.toml"), text)?;
+        Ok(set)
+    }
+
+    #[test]
+    fn reads_tables_insert_only_and_counters() {
+        let set = parse(
+            r#"
+[[table]]
+name = "public.accounts"
+[table.columns]
+balance = "counter"
+
+[[table]]
+name = "audit_log"
+insert_only = true
+"#,
+        )
+        .unwrap();
+        assert_eq!(set.tables.len(), 2);
+        assert_eq!(set.tables[0].qualified(), "public.accounts");
+        assert_eq!(set.tables[0].counters, ["balance"]);
+        assert_eq!(set.tables[1].qualified(), "public.audit_log");
+        assert!(set.tables[1].insert_only);
+    }
+
+    #[test]
+    fn mistakes_name_the_file_and_key() {
+        let e = parse("[[table]]\nname = \"public.a\"\ninsert_onyl = true\n").unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("conflict-rules/x.toml: table[0]"),
+            "{text}"
+        );
+        assert!(text.contains("insert_onyl"), "{text}");
+        let e =
+            parse("[[table]]\nname = \"public.a\"\n[table.columns]\nb = \"sum\"\n").unwrap_err();
+        assert!(e.to_string().contains("table[0].columns.b"), "{e}");
+        let e = parse("[[table]]\nname = \"Public.A\"\n").unwrap_err();
+        assert!(e.to_string().contains("table[0].name"), "{e}");
+        let e = parse("[[table]]\nname = \"a\"\n[[table]]\nname = \"public.a\"\n").unwrap_err();
+        assert!(e.to_string().contains("already has a rule"), "{e}");
+    }
+
+    #[test]
+    fn reads_policies_and_column_merges() {
+        let set = parse(
+            r#"
+[[table]]
+name = "public.orders"
+policy = "region-priority"
+regions = ["us-east", "eu-west"]
+deletes = "delete-wins"
+[table.columns]
+total = "counter"
+high = "max"
+low = "min"
+tags = "union"
+status = { states = ["created", "paid", "shipped"] }
+
+[[table]]
+name = "public.users"
+policy = "first-writer-wins"
+"#,
+        )
+        .unwrap();
+        let orders = &set.tables[0];
+        assert!(orders.needs_engine());
+        assert_eq!(orders.counters, ["total"]);
+        assert_eq!(
+            orders.columns["status"],
+            ColumnRule::States(vec!["created".into(), "paid".into(), "shipped".into()])
+        );
+        let ids = |n: &str| match n {
+            "us-east" => Some(1),
+            "eu-west" => Some(2),
+            _ => None,
+        };
+        let engine = orders.engine(ids).unwrap();
+        assert_eq!(engine.priority, [1, 2]);
+        assert_eq!(engine.columns.len(), 5);
+        let e = orders.engine(|_| None).unwrap_err();
+        assert!(
+            e.to_string().ends_with(
+                "table[0].regions[0]: \"us-east\" is neither this region nor one of its peers"
+            ),
+            "{e}"
+        );
+        assert!(set.tables[1].needs_engine());
+        assert_eq!(set.tables[1].engine(ids).unwrap().deletes, None);
+        // A counter-only last-writer-wins table stays on the SQL path.
+        let plain = parse("[[table]]\nname = \"a\"\n[table.columns]\nn = \"counter\"\n").unwrap();
+        assert!(!plain.tables[0].needs_engine());
+    }
+
+    #[test]
+    fn policy_mistakes_name_the_key() {
+        let key = |text: &str| match parse(text) {
+            Err(RulesError::Invalid { key, message, .. }) => format!("{key}: {message}"),
+            other => panic!("{other:?}"),
+        };
+        let t = "[[table]]\nname = \"a\"\n";
+        assert!(key(&format!("{t}policy = \"random\"\n"))
+            .starts_with("table[0].policy: unknown variant"));
+        assert!(key(&format!("{t}policy = \"region-priority\"\n"))
+            .starts_with("table[0].regions: policy \"region-priority\" needs"));
+        assert!(key(&format!("{t}regions = [\"x\"]\n"))
+            .starts_with("table[0].regions: regions only applies"));
+        assert!(key(&format!(
+            "{t}policy = \"region-priority\"\nregions = [\"x\", \"x\"]\n"
+        ))
+        .contains("listed twice"));
+        assert!(key(&format!("{t}policy = \"custom\"\nfunction = \"f\"\n"))
+            .contains("not supported yet"));
+        assert!(key(&format!("{t}function = \"f\"\n")).starts_with("table[0].function"));
+        assert!(key(&format!(
+            "{t}deletes = \"update-wins\"\n[table.columns]\nn = \"max\"\n"
+        ))
+        .starts_with("table[0].deletes"));
+        assert!(
+            key(&format!("{t}[table.columns]\nn = \"last-writer-wins\"\n")).starts_with(
+                "table[0].columns.n: per-column last-writer-wins is not supported yet"
+            )
+        );
+        assert!(
+            key(&format!("{t}[table.columns]\nn = {{ states = [\"a\"] }}\n"))
+                .contains("at least two")
+        );
+        assert!(key(&format!(
+            "{t}[table.columns]\nn = {{ state = [\"a\", \"b\"] }}\n"
+        ))
+        .contains("unknown key \"state\""));
+        assert!(key(&format!("{t}[table.columns]\nn = 3\n"))
+            .starts_with("table[0].columns.n: expected"));
+        assert!(
+            key(&format!("{t}insert_only = true\npolicy = \"keep-local\"\n"))
+                .starts_with("table[0].insert_only")
+        );
+    }
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("conflict-rules/examples");
+        let set = RuleSet::load(&dir).unwrap();
+        assert!(!set.tables.is_empty());
+    }
+
+    #[test]
+    fn missing_directory_is_no_rules() {
+        assert_eq!(
+            RuleSet::load(Path::new("/nonexistent/rules")).unwrap(),
+            RuleSet::default()
+        );
+    }
+}
