@@ -30,6 +30,8 @@ pub enum ProxyError {
     },
     #[error(transparent)]
     Tls(#[from] crate::wire::tls::TlsError),
+    #[error(transparent)]
+    Rules(#[from] crate::rules::RulesError),
 }
 
 /// A bound, not yet running proxy.
@@ -147,6 +149,8 @@ pub struct Region {
     replication: Option<TcpListener>,
     /// TLS for peer links, when `replication.tls` is set.
     peer_tls: Option<crate::replication::tls::PeerTls>,
+    /// The rule engines of tables whose conflicts they decide.
+    engines: Arc<crate::replication::resolve::Engines>,
 }
 
 impl Region {
@@ -184,9 +188,15 @@ impl Region {
             .as_ref()
             .map(crate::replication::tls::PeerTls::load)
             .transpose()?;
+        let engines = if config.replication.listen.is_some() {
+            crate::replication::resolve::Engines::load(config)?
+        } else {
+            Default::default()
+        };
         Ok(Region {
             replication,
             peer_tls,
+            engines: Arc::new(engines),
             name: config.region.name.clone(),
             config: config.clone(),
             clock,
@@ -229,12 +239,16 @@ impl Region {
         let stats = self.proxy.context().replication.clone();
         let mut replication = Vec::new();
         if let Some(listener) = self.replication {
+            let receiver = crate::replication::Receiver {
+                config: self.config.clone(),
+                engines: self.engines.clone(),
+                tls: self.peer_tls.clone(),
+                clock: self.clock.clone(),
+                stats: stats.clone(),
+            };
             replication.push(tokio::spawn(crate::replication::receive(
                 listener,
-                self.config.clone(),
-                self.peer_tls.clone(),
-                self.clock.clone(),
-                stats.clone(),
+                receiver,
                 stop.clone(),
             )));
         }

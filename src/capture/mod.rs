@@ -55,6 +55,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "counters",
         sql: include_str!("../../migrations/0004_counters.sql"),
     },
+    Migration {
+        version: 5,
+        name: "engine",
+        sql: include_str!("../../migrations/0005_engine.sql"),
+    },
 ];
 
 /// Serialises concurrent `meridian migrate` runs against one database.
@@ -81,8 +86,6 @@ pub enum CaptureError {
     MissingTable { origin: String, table: String },
     #[error("{}", no_primary_key_message(.0))]
     NoPrimaryKey(Vec<String>),
-    #[error("{origin}: {message}")]
-    Unsupported { origin: String, message: String },
     #[error("meridian.change holds something this meridian cannot read: {0}")]
     Corrupt(String),
     #[error("{context}: {source}")]
@@ -235,14 +238,6 @@ async fn migrate_locked(
     .map_err(pg("meridian.configure"))?;
     for rule in &rules.tables {
         let name = rule.qualified();
-        if rule.needs_engine() {
-            return Err(CaptureError::Unsupported {
-                origin: rule.origin(),
-                message: format!(
-                    "the rule for {name} needs the conflict rule engine, which this build does not apply yet"
-                ),
-            });
-        }
         let exists = tx
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
             .await
@@ -262,8 +257,24 @@ async fn migrate_locked(
             "{}: applying the rule for {name}",
             rule.origin()
         )))?;
+        tx.execute(
+            "SELECT meridian.set_table_engine($1::text::regclass, $2)",
+            &[&name, &rule.needs_engine()],
+        )
+        .await
+        .map_err(pg(format!(
+            "{}: applying the rule for {name}",
+            rule.origin()
+        )))?;
     }
     let rule_tables: Vec<String> = rules.tables.iter().map(|t| t.qualified()).collect();
+    // A table whose rule was removed goes back to last-writer-wins.
+    tx.execute(
+        "DELETE FROM meridian.engine_table WHERE tbl <> ALL($1)",
+        &[&rule_tables],
+    )
+    .await
+    .map_err(pg("resetting rules"))?;
     let candidates = tx
         .query(
             "SELECT format('%I.%I', n.nspname, c.relname) AS name,

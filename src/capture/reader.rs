@@ -65,6 +65,9 @@ pub struct Change {
     pub row: Option<Value>,
     /// Old values of counter columns, for updates of tables with counters.
     pub old: Option<Value>,
+    /// The version (hlc, region) the row had when this change was written
+    /// on it; None for a key new in the origin.
+    pub base: Option<(i64, i32)>,
 }
 
 /// Reads up to `limit` changes after `after`, in safe order.
@@ -75,7 +78,8 @@ pub async fn read_changes(
 ) -> Result<Vec<Change>, CaptureError> {
     let rows = client
         .query(
-            "SELECT xid::text, seq, origin, hlc, tx_hlc, via_proxy, tbl, op::text, pk, \"row\", old
+            "SELECT xid::text, seq, origin, hlc, tx_hlc, via_proxy, tbl, op::text, pk, \"row\", old,
+                    base_hlc, base_origin
              FROM meridian.read_changes($1::text::xid8, $2, $3::bigint::int)",
             &[&after.xid.to_string(), &after.seq, &limit],
         )
@@ -103,6 +107,7 @@ pub async fn read_changes(
                 key: r.get(8),
                 row: r.get(9),
                 old: r.get(10),
+                base: r.get::<_, Option<i64>>(11).zip(r.get::<_, Option<i32>>(12)),
             })
         })
         .collect()

@@ -31,6 +31,7 @@
 //!   under the cluster's CA; the secret handshake then runs inside it.
 
 pub mod protocol;
+pub mod resolve;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -91,6 +92,7 @@ pub struct ReplicationStats {
     pub changes_unheld: AtomicU64,
     pub peers_refused: AtomicU64,
     pub tombstones_forgotten: AtomicU64,
+    pub conflicts: AtomicU64,
 }
 
 impl ReplicationStats {
@@ -111,6 +113,7 @@ impl ReplicationStats {
             "changes_unheld": n(&self.changes_unheld),
             "peers_refused": n(&self.peers_refused),
             "tombstones_forgotten": n(&self.tombstones_forgotten),
+            "conflicts": n(&self.conflicts),
         })
     }
 }
@@ -455,28 +458,26 @@ pub async fn maintain(config: Config, stats: Arc<ReplicationStats>, stop: Cancel
     }
 }
 
+/// What every receiving connection of a region shares.
+#[derive(Clone)]
+pub struct Receiver {
+    pub config: Config,
+    /// Rule engines of the tables whose conflicts they decide.
+    pub engines: Arc<resolve::Engines>,
+    pub tls: Option<tls::PeerTls>,
+    pub clock: Arc<Clock>,
+    pub stats: Arc<ReplicationStats>,
+}
+
 /// Accepts peers' shipments until `stop`.
-pub async fn receive(
-    listener: TcpListener,
-    config: Config,
-    tls: Option<tls::PeerTls>,
-    clock: Arc<Clock>,
-    stats: Arc<ReplicationStats>,
-    stop: CancellationToken,
-) {
+pub async fn receive(listener: TcpListener, receiver: Receiver, stop: CancellationToken) {
     while let Some((stream, peer)) = crate::net::accept(&listener, &stop, "replication").await {
-        let (config, clock, stats, stop, tls) = (
-            config.clone(),
-            clock.clone(),
-            stats.clone(),
-            stop.clone(),
-            tls.clone(),
-        );
+        let (receiver, stop) = (receiver.clone(), stop.clone());
         let span = tracing::info_span!("receive", %peer);
         tokio::spawn(
             async move {
                 tokio::select! {
-                    r = serve_peer(stream, peer, tls.as_ref(), &config, &clock, &stats, &stop) => {
+                    r = serve_peer(stream, peer, &receiver, &stop) => {
                         if let Err(e) = r {
                             tracing::info!(error = %e, "peer connection ended");
                         }
@@ -492,12 +493,17 @@ pub async fn receive(
 async fn serve_peer(
     stream: TcpStream,
     peer: SocketAddr,
-    tls: Option<&tls::PeerTls>,
-    config: &Config,
-    clock: &Clock,
-    stats: &ReplicationStats,
+    receiver: &Receiver,
     stop: &CancellationToken,
 ) -> Result<(), ReplicationError> {
+    let Receiver {
+        config,
+        engines,
+        tls,
+        clock,
+        stats,
+    } = receiver;
+    let tls = tls.as_ref();
     let secret = config.replication.resolve_secret().unwrap_or_default();
     let stream = match tokio::time::timeout(IO_TIMEOUT, tls::accept(tls, stream)).await {
         Ok(Ok(s)) => s,
@@ -554,7 +560,7 @@ async fn serve_peer(
         }
         other => return Err(unexpected("Hello", &other)),
     };
-    let client = capture::connect(config).await?;
+    let mut client = capture::connect(config).await?;
     let position = applied_position(&client, origin).await?;
     send(&mut conn, &Message::Welcome { position }).await?;
     tracing::info!(origin, ?position, "peer authenticated; receiving");
@@ -600,16 +606,22 @@ async fn serve_peer(
             return Ok(());
         }
         let batch = serde_json::to_value(&changes).expect("changes serialise");
+        let for_engine = !engines.is_empty() && changes.iter().any(|c| engines.handles(c));
         let mut attempt = 0;
-        let row = loop {
-            let result = client
-                .query_one(
-                    "SELECT meridian.apply_batch($1, $2)",
-                    &[&i32::from(origin), &batch],
-                )
-                .await;
+        let (outcome, engine) = loop {
+            let result = if for_engine {
+                apply_with_engine(&mut client, engines, origin, &changes, &batch).await
+            } else {
+                client
+                    .query_one(
+                        "SELECT meridian.apply_batch($1, $2)",
+                        &[&i32::from(origin), &batch],
+                    )
+                    .await
+                    .map(|row| (row.get(0), resolve::Outcome::default()))
+            };
             match result {
-                Ok(row) => break row,
+                Ok(done) => break done,
                 // Lost a deadlock or serialization race against local writes: retry.
                 Err(e)
                     if attempt < APPLY_RETRIES
@@ -635,18 +647,21 @@ async fn serve_peer(
         if let Some(hlc) = floor {
             note_floor(&client, origin, hlc).await?;
         }
-        let outcome: serde_json::Value = row.get(0);
+        let outcome: serde_json::Value = outcome;
         let count = |k: &str| outcome[k].as_u64().unwrap_or(0);
         stats.batches_applied.fetch_add(1, Ordering::Relaxed);
         stats
             .changes_applied
-            .fetch_add(count("applied"), Ordering::Relaxed);
+            .fetch_add(count("applied") + engine.applied, Ordering::Relaxed);
         stats
             .changes_older
             .fetch_add(count("older"), Ordering::Relaxed);
         stats
             .changes_held
-            .fetch_add(count("held"), Ordering::Relaxed);
+            .fetch_add(count("held") + engine.held, Ordering::Relaxed);
+        stats
+            .conflicts
+            .fetch_add(engine.conflicts, Ordering::Relaxed);
         if count("held") > 0 {
             tracing::warn!(
                 origin,
@@ -666,6 +681,45 @@ async fn serve_peer(
         )
         .await?;
     }
+}
+
+/// A batch with changes for engine tables: `meridian.apply_batch` (which
+/// leaves their rows alone and records the position) and the engine, in one
+/// transaction. Only changes after the position recorded before this batch
+/// go to the engine (a resend's older part was applied already).
+async fn apply_with_engine(
+    client: &mut Client,
+    engines: &resolve::Engines,
+    origin: u16,
+    changes: &[WireChange],
+    batch: &serde_json::Value,
+) -> Result<(serde_json::Value, resolve::Outcome), tokio_postgres::Error> {
+    let mut tx = client.transaction().await?;
+    let position = tx
+        .query_opt(
+            "SELECT xid, seq FROM meridian.applied WHERE origin = $1 FOR UPDATE",
+            &[&i32::from(origin)],
+        )
+        .await?
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)));
+    let outcome: serde_json::Value = tx
+        .query_one(
+            "SELECT meridian.apply_batch($1, $2)",
+            &[&i32::from(origin), batch],
+        )
+        .await?
+        .get(0);
+    let mut engine = resolve::Outcome::default();
+    if !outcome["duplicate"].as_bool().unwrap_or(false) {
+        let todo: Vec<&WireChange> = changes
+            .iter()
+            .filter(|c| engines.handles(c))
+            .filter(|c| position.map_or(true, |p| (c.xid as i64, c.seq) > p))
+            .collect();
+        engine = resolve::apply(&mut tx, engines, origin, &todo).await?;
+    }
+    tx.commit().await?;
+    Ok((outcome, engine))
 }
 
 /// This region's floor: every change it captures from now on has a row

@@ -123,6 +123,12 @@ pub struct WireChange {
     pub pk: Option<serde_json::Value>,
     pub row: Option<serde_json::Value>,
     pub old: Option<serde_json::Value>,
+    /// The version the row had at the origin when this change was written
+    /// on it (none for a key new there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_hlc: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_origin: Option<i32>,
 }
 
 impl From<&Change> for WireChange {
@@ -144,6 +150,8 @@ impl From<&Change> for WireChange {
             pk: c.key.clone(),
             row: c.row.clone(),
             old: c.old.clone(),
+            base_hlc: c.base.map(|b| b.0),
+            base_origin: c.base.map(|b| b.1),
         }
     }
 }
@@ -256,6 +264,7 @@ mod tests {
             let m = Message::Batch { changes: vec![WireChange {
                 xid, seq, hlc, tx_hlc: hlc, tbl, op: "U".into(),
                 pk: Some(serde_json::json!({"id": v})), row: Some(serde_json::json!({"id": v, "t": "x"})), old: None,
+                base_hlc: Some(hlc), base_origin: None,
             }], after: vec![OriginPosition { origin: 3, position: WirePosition { xid, seq } }], floor: Some(hlc) };
             prop_assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         }

@@ -1,0 +1,289 @@
+-- meridian migration 5: the rule engine's side of the database.
+--
+-- Tables whose rule needs more than last-writer-wins (a policy, a deletes
+-- rule, merged columns other than counters: see conflict-rules/README.md)
+-- are listed in meridian.engine_table. For them the receiver
+-- decides conflicts in meridian itself (rules::merge) and writes the outcome
+-- with meridian.engine_write, in the same transaction as apply_batch, which
+-- now leaves their inserts, updates and deletes alone.
+--
+-- What the engine needs from capture: the version each change was written on
+-- (its base), so "made on top of the version here" can be told from a
+-- conflict. The capture statement now returns the row's previous version
+-- from the same upsert and records it in meridian.change (base_hlc,
+-- base_origin; NULL for a key new in the region). A local write also clears
+-- the row's winner (the version whose row the engine kept after a conflict).
+--
+-- Conflicts the engine detects are logged in meridian.conflict.
+
+-- (A table of its own rather than a column of meridian.replicated_table:
+-- enable_capture builds that table's row type with a fixed column list.)
+CREATE TABLE meridian.engine_table (
+    tbl text PRIMARY KEY
+);
+ALTER TABLE meridian.change ADD COLUMN base_hlc bigint, ADD COLUMN base_origin int;
+ALTER TABLE meridian.row_version
+    ADD COLUMN base_hlc bigint, ADD COLUMN base_origin int,
+    ADD COLUMN winner_hlc bigint, ADD COLUMN winner_origin int;
+
+COMMENT ON TABLE meridian.engine_table IS
+    'Tables whose conflicts the rule engine (meridian) decides, rather than last-writer-wins in SQL.';
+COMMENT ON COLUMN meridian.row_version.base_hlc IS
+    'Set by capture only: the version this row had before the last local write (returned to the capture statement).';
+COMMENT ON COLUMN meridian.row_version.winner_hlc IS
+    'After a conflict decided by the rule engine: the version whose row was kept (NULL: hlc/origin itself).';
+
+-- The capture statement (see migration 1): same arguments, now also records
+-- the previous version as the change's base and clears the winner.
+CREATE OR REPLACE FUNCTION meridian.change_stmt(tbl text, region int, op "char", key_args text,
+                                                deleted bool, row_expr text, old_expr text,
+                                                indent int) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT replace(format($stmt$WITH ver AS (
+    INSERT INTO meridian.row_version AS v (tbl, pk, hlc, origin, deleted)
+    VALUES (%1$L, pg_catalog.jsonb_build_object(%4$s),
+            pg_catalog.substr(pin, 2)::pg_catalog.int8, %2$s, %5$s)
+    ON CONFLICT (tbl, pk) DO UPDATE
+       SET hlc = GREATEST(excluded.hlc, v.hlc OPERATOR(pg_catalog.+) 1),
+           origin = excluded.origin, deleted = excluded.deleted,
+           base_hlc = v.hlc, base_origin = v.origin,
+           winner_hlc = NULL, winner_origin = NULL
+    RETURNING v.pk, v.hlc, v.base_hlc, v.base_origin)
+INSERT INTO meridian.change (origin, hlc, tx_hlc, via_proxy, tbl, op, pk, "row", old, base_hlc, base_origin)
+SELECT %2$s, ver.hlc, pg_catalog.substr(pin, 2)::pg_catalog.int8,
+       pg_catalog.starts_with(pin, 'P'), %1$L, %3$L, ver.pk, %6$s, %7$s, ver.base_hlc, ver.base_origin
+  FROM ver;$stmt$,
+                          tbl, region, op, key_args,
+                          CASE WHEN deleted THEN 'true' ELSE 'false' END,
+                          row_expr, old_expr),
+                   E'\n', E'\n' || repeat(' ', indent))
+$$;
+
+-- Regenerate every capture function with the new statement.
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOR t IN SELECT r.tbl FROM meridian.replicated_table r WHERE r.captured AND to_regclass(r.tbl) IS NOT NULL LOOP
+        PERFORM meridian.enable_capture(t::regclass);
+    END LOOP;
+END
+$$;
+
+-- Marks a table as decided by the rule engine (or not); called by migrate.
+CREATE FUNCTION meridian.set_table_engine(tbl regclass, engine bool) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    name text := (SELECT format('%I.%I', n.nspname, c.relname)
+                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE c.oid = set_table_engine.tbl);
+BEGIN
+    IF engine THEN
+        INSERT INTO meridian.engine_table (tbl) VALUES (name) ON CONFLICT DO NOTHING;
+    ELSE
+        DELETE FROM meridian.engine_table e WHERE e.tbl = name;
+    END IF;
+END
+$$;
+
+CREATE FUNCTION meridian.is_engine_table(tbl text) RETURNS bool
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM meridian.engine_table e WHERE e.tbl = is_engine_table.tbl)
+$$;
+
+-- apply_table and apply_one (migration 4) keep their work under new names;
+-- under the old names they now leave engine tables' rows to the engine
+-- (TRUNCATE and schema changes still apply here).
+ALTER FUNCTION meridian.apply_table(text, jsonb, int) RENAME TO apply_table_lww;
+ALTER FUNCTION meridian.apply_one(jsonb, int) RENAME TO apply_one_lww;
+
+CREATE FUNCTION meridian.apply_table(tbl text, changes jsonb, origin int) RETURNS jsonb
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN meridian.is_engine_table(apply_table.tbl)
+                THEN jsonb_build_object('applied', 0, 'older', 0)
+                ELSE meridian.apply_table_lww(apply_table.tbl, changes, origin) END
+$$;
+
+CREATE FUNCTION meridian.apply_one(c jsonb, origin int) RETURNS text
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN c ->> 'op' IN ('I', 'U', 'D') AND meridian.is_engine_table(c ->> 'tbl')
+                THEN 'engine'
+                ELSE meridian.apply_one_lww(c, origin) END
+$$;
+
+-- The engine's view of some keys of a table: the row (locked), its version
+-- (locked) and winner. Rows first, then versions, in key order: the order
+-- local writes and apply_table take them.
+CREATE FUNCTION meridian.engine_read(tbl text, pks jsonb)
+RETURNS TABLE (pk jsonb, "row" jsonb, hlc bigint, origin int, deleted bool,
+               winner_hlc bigint, winner_origin int)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    rel regclass := engine_read.tbl::regclass;
+    key_cols text;
+    t_keys text;
+    key_obj text;
+    rows jsonb;
+BEGIN
+    SELECT c.key_cols, c.t_keys INTO key_cols, t_keys FROM meridian.apply_columns(rel) c;
+    -- The key as capture spells it: jsonb_build_object('k1', t.k1, ...).
+    SELECT string_agg(format('%L, t.%I', a.attname, a.attname), ', ' ORDER BY k.ord)
+      INTO key_obj
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+    EXECUTE format($q$
+        SELECT jsonb_object_agg(f.k, f.r) FROM (
+            SELECT jsonb_build_object(%3$s)::text AS k, to_jsonb(t) AS r
+              FROM %1$s t
+             WHERE (%2$s) IN (SELECT %4$s FROM jsonb_populate_recordset(NULL::%1$s, $1))
+             ORDER BY %2$s
+               FOR UPDATE OF t) f$q$,
+        rel, t_keys, key_obj, key_cols)
+    INTO rows
+    USING pks;
+    RETURN QUERY
+    SELECT k.pk, rows -> (k.pk::text), v.hlc, v.origin, v.deleted, v.winner_hlc, v.winner_origin
+      FROM jsonb_array_elements(pks) AS k(pk)
+      LEFT JOIN (SELECT rv.pk, rv.hlc, rv.origin, rv.deleted, rv.winner_hlc, rv.winner_origin
+                   FROM meridian.row_version rv
+                  WHERE rv.tbl = engine_read.tbl AND rv.pk IN (SELECT e FROM jsonb_array_elements(pks) e)
+                  ORDER BY rv.pk
+                    FOR UPDATE) v ON v.pk = k.pk;
+END
+$$;
+
+-- Writes the engine's decisions for some keys of a table: results is an
+-- array of {pk, deleted, row, hlc, origin, winner_hlc, winner_origin}.
+CREATE FUNCTION meridian.engine_write(tbl text, results jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    rel regclass := engine_write.tbl::regclass;
+    key_cols text;
+    t_keys text;
+    d_keys text;
+    all_cols text;
+    excluded_cols text;
+BEGIN
+    SELECT * INTO key_cols, t_keys, d_keys, all_cols, excluded_cols FROM meridian.apply_columns(rel);
+    EXECUTE format('DELETE FROM %1$s t USING jsonb_populate_recordset(NULL::%1$s, $1) d WHERE (%2$s) = (%3$s)',
+                   rel, t_keys, d_keys)
+    USING (SELECT jsonb_agg(r -> 'pk') FROM jsonb_array_elements(results) r WHERE (r ->> 'deleted')::bool);
+    EXECUTE format('INSERT INTO %1$s (%2$s) OVERRIDING SYSTEM VALUE SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)
+                    ON CONFLICT (%3$s) DO UPDATE SET (%2$s) = ROW(%4$s)',
+                   rel, all_cols, key_cols, excluded_cols)
+    USING (SELECT jsonb_agg(r -> 'row') FROM jsonb_array_elements(results) r WHERE NOT (r ->> 'deleted')::bool);
+    INSERT INTO meridian.row_version AS v (tbl, pk, hlc, origin, deleted, winner_hlc, winner_origin)
+    SELECT engine_write.tbl, r.pk, r.hlc, r.origin, r.deleted, r.winner_hlc, r.winner_origin
+      FROM jsonb_to_recordset(results) AS r(pk jsonb, hlc bigint, origin int, deleted bool,
+                                            winner_hlc bigint, winner_origin int)
+    ON CONFLICT (tbl, pk) DO UPDATE
+       SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted,
+           winner_hlc = excluded.winner_hlc, winner_origin = excluded.winner_origin;
+END
+$$;
+
+-- Every conflict the engine detected here.
+CREATE TABLE meridian.conflict (
+    id            bigserial   PRIMARY KEY,
+    at            timestamptz NOT NULL DEFAULT now(),
+    tbl           text        NOT NULL,
+    pk            jsonb       NOT NULL,
+    rule          text        NOT NULL,   -- what decided the row: the policy, delete-wins or update-wins
+    kept          text        NOT NULL,   -- 'local' or 'remote': whose row was kept
+    merged        text[]      NOT NULL DEFAULT '{}',  -- columns whose differing values were merged
+    local_row     jsonb,                  -- NULL: deleted here
+    local_hlc     bigint      NOT NULL,
+    local_origin  int         NOT NULL,
+    remote_row    jsonb,                  -- NULL: a delete
+    remote_hlc    bigint      NOT NULL,
+    remote_origin int         NOT NULL,
+    result_row    jsonb                   -- what this region holds now (NULL: deleted)
+);
+
+CREATE INDEX conflict_at ON meridian.conflict (at);
+CREATE INDEX conflict_tbl_at ON meridian.conflict (tbl, at);
+
+COMMENT ON TABLE meridian.conflict IS
+    'Conflicts decided by the rule engine in this region: both versions, the rule that decided, and the outcome.';
+
+-- Held changes of engine tables are retried by the engine, not here; and
+-- engine tables keep their tombstones (a policy other than last-writer-wins
+-- can prefer a tombstone to a newer change, so a forgotten one would decide
+-- differently).
+CREATE OR REPLACE FUNCTION meridian.retry_held() RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    h meridian.held;
+    n int := 0;
+BEGIN
+    PERFORM set_config('session_replication_role', 'replica', true);
+    PERFORM set_config('meridian.applying', 'on', true);
+    PERFORM set_config('deadlock_timeout', '20ms', true);
+    FOR h IN SELECT * FROM meridian.held x
+              WHERE NOT (x.change ->> 'op' IN ('I', 'U', 'D') AND meridian.is_engine_table(x.tbl))
+              ORDER BY x.origin, x.xid, x.seq LIMIT 1000 LOOP
+        BEGIN
+            PERFORM meridian.apply_one(h.change, h.origin);
+            DELETE FROM meridian.held x WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
+            n := n + 1;
+        EXCEPTION
+            WHEN deadlock_detected OR serialization_failure THEN
+                RAISE;
+            WHEN OTHERS THEN
+                UPDATE meridian.held x SET error = SQLERRM, sqlstate = SQLSTATE
+                 WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
+        END;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION meridian.forget_tombstones(peers int[], grace_ms bigint) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    horizon bigint;
+    n bigint;
+BEGIN
+    IF (SELECT count(*) FROM meridian.floor f WHERE f.origin = ANY (peers))
+       < cardinality(peers) THEN
+        RETURN 0;
+    END IF;
+    horizon := least((SELECT min(f.hlc) FROM meridian.floor f WHERE f.origin = ANY (peers)),
+                     meridian.local_floor(grace_ms),
+                     (SELECT min((h.change ->> 'hlc')::int8) FROM meridian.held h));
+    DELETE FROM meridian.row_version v
+     WHERE v.deleted AND v.hlc < horizon
+       AND v.tbl NOT IN (SELECT e.tbl FROM meridian.engine_table e);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+REVOKE ALL ON FUNCTION meridian.set_table_engine(regclass, bool) FROM PUBLIC;
+REVOKE ALL ON FUNCTION meridian.apply_table(text, jsonb, int) FROM PUBLIC;
+REVOKE ALL ON FUNCTION meridian.apply_one(jsonb, int) FROM PUBLIC;
+REVOKE ALL ON FUNCTION meridian.engine_read(text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION meridian.engine_write(text, jsonb) FROM PUBLIC;

@@ -1,0 +1,296 @@
+//! replication::resolve: applying the changes of tables whose conflicts the
+//! rule engine decides (`rules::merge`), inside the receiver's transaction,
+//! right after `meridian.apply_batch` (which leaves those tables' rows
+//! alone and records the batch's position).
+//!
+//! Per table of a batch: lock and read the keys' rows and versions
+//! (`meridian.engine_read`), fold the changes through the table's engine in
+//! stream order, write the resulting rows and versions
+//! (`meridian.engine_write`) and log every conflict in `meridian.conflict`.
+//! Each table runs under a savepoint: if it fails (the table is missing
+//! here, a constraint refuses a row), its changes go to `meridian.held` with
+//! the error and the rest of the batch goes on. Lost deadlocks and
+//! serialization failures abort the whole transaction instead (the receiver
+//! retries the batch).
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{json, Value};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Transaction;
+
+use super::protocol::WireChange;
+use crate::clock::Version;
+use crate::config::Config;
+use crate::rules::merge::{Engine, Incoming, Row, Side, Stored};
+use crate::rules::{RuleSet, RulesError};
+
+/// The engines of every table whose rule needs one, by qualified name.
+#[derive(Debug, Default, Clone)]
+pub struct Engines {
+    tables: HashMap<String, Engine>,
+}
+
+impl Engines {
+    /// Compiles the rules of `config`'s rule directory; region names are
+    /// this region's and its peers'.
+    pub fn load(config: &Config) -> Result<Engines, RulesError> {
+        Engines::from_rules(&RuleSet::load(&config.replication.rules)?, config)
+    }
+
+    pub fn from_rules(rules: &RuleSet, config: &Config) -> Result<Engines, RulesError> {
+        let region_id = |name: &str| {
+            if name == config.region.name {
+                return Some(config.region.id);
+            }
+            config
+                .replication
+                .peers
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.id)
+        };
+        let mut tables = HashMap::new();
+        for rule in rules.tables.iter().filter(|r| r.needs_engine()) {
+            tables.insert(rule.qualified(), rule.engine(region_id)?);
+        }
+        Ok(Engines { tables })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    /// Whether `change` is for the engine (an insert, update or delete of an
+    /// engine table).
+    pub fn handles(&self, change: &WireChange) -> bool {
+        matches!(change.op.as_str(), "I" | "U" | "D") && self.tables.contains_key(&change.tbl)
+    }
+}
+
+/// What the engine did with a batch's changes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub applied: u64,
+    pub conflicts: u64,
+    pub held: u64,
+}
+
+fn version(hlc: i64, region: i32) -> Version {
+    Version {
+        hlc: hlc as u64,
+        region: region as u16,
+    }
+}
+
+fn object(v: Option<&Value>) -> Row {
+    match v {
+        Some(Value::Object(m)) => m.clone(),
+        _ => Row::new(),
+    }
+}
+
+/// Applies `changes` (all for engine tables, from `origin`, after its
+/// recorded position) in `tx`.
+pub async fn apply(
+    tx: &mut Transaction<'_>,
+    engines: &Engines,
+    origin: u16,
+    changes: &[&WireChange],
+) -> Result<Outcome, tokio_postgres::Error> {
+    let mut by_table: BTreeMap<&str, Vec<&WireChange>> = BTreeMap::new();
+    for c in changes {
+        by_table.entry(c.tbl.as_str()).or_default().push(c);
+    }
+    let mut outcome = Outcome::default();
+    for (tbl, changes) in by_table {
+        let Some(engine) = engines.tables.get(tbl) else {
+            continue;
+        };
+        let mut sp = tx.savepoint("meridian_engine").await?;
+        match apply_table(&mut sp, engine, tbl, origin, &changes).await {
+            Ok((applied, conflicts)) => {
+                sp.commit().await?;
+                outcome.applied += applied;
+                outcome.conflicts += conflicts;
+            }
+            Err(e) if is_retryable(&e) => return Err(e),
+            Err(e) => {
+                sp.rollback().await?;
+                hold(tx, origin, &changes, &e).await?;
+                outcome.held += changes.len() as u64;
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+fn is_retryable(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    })
+}
+
+async fn hold(
+    tx: &Transaction<'_>,
+    origin: u16,
+    changes: &[&WireChange],
+    error: &tokio_postgres::Error,
+) -> Result<(), tokio_postgres::Error> {
+    let (message, sqlstate) = match error.as_db_error() {
+        Some(db) => (db.message().to_string(), db.code().code().to_string()),
+        None => (error.to_string(), "XX000".to_string()),
+    };
+    tracing::warn!(origin, table = %changes[0].tbl, error = %message, "changes held (see meridian.held)");
+    let batch = serde_json::to_value(changes).expect("changes serialise");
+    tx.execute(
+        "INSERT INTO meridian.held (origin, xid, seq, tbl, change, error, sqlstate)
+         SELECT $1, (c ->> 'xid')::bigint, (c ->> 'seq')::bigint, c ->> 'tbl', c, $3, $4
+           FROM jsonb_array_elements($2) c
+         ON CONFLICT DO NOTHING",
+        &[&i32::from(origin), &batch, &message, &sqlstate],
+    )
+    .await?;
+    Ok(())
+}
+
+/// One table's changes: read, resolve, write, log. Returns (changes
+/// applied without conflict, conflicts).
+async fn apply_table(
+    tx: &mut Transaction<'_>,
+    engine: &Engine,
+    tbl: &str,
+    origin: u16,
+    changes: &[&WireChange],
+) -> Result<(u64, u64), tokio_postgres::Error> {
+    // Keys in first-seen order; local state per key.
+    let mut keys: Vec<Value> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for c in changes {
+        let pk = c.pk.clone().unwrap_or(Value::Null);
+        index.entry(pk.to_string()).or_insert_with(|| {
+            keys.push(pk);
+            keys.len() - 1
+        });
+    }
+    let rows = tx
+        .query(
+            "SELECT pk, \"row\", hlc, origin, deleted, winner_hlc, winner_origin
+               FROM meridian.engine_read($1, $2)",
+            &[&tbl, &Value::Array(keys.clone())],
+        )
+        .await?;
+    let mut state: Vec<Option<Stored>> = vec![None; keys.len()];
+    for r in &rows {
+        let pk: Value = r.get(0);
+        let Some(&i) = index.get(&pk.to_string()) else {
+            continue;
+        };
+        let (Some(hlc), Some(origin)) = (r.get::<_, Option<i64>>(2), r.get::<_, Option<i32>>(3))
+        else {
+            continue; // no version here: the change applies as new
+        };
+        let v = version(hlc, origin);
+        let deleted: bool = r.get(4);
+        let row: Option<Value> = r.get(1);
+        state[i] = Some(Stored {
+            version: v,
+            winner: match (r.get::<_, Option<i64>>(5), r.get::<_, Option<i32>>(6)) {
+                (Some(h), Some(o)) => version(h, o),
+                _ => v,
+            },
+            deleted,
+            row: if deleted {
+                Row::new()
+            } else {
+                object(row.as_ref())
+            },
+        });
+    }
+    let mut changed = vec![false; keys.len()];
+    let mut conflicts = Vec::new();
+    let mut applied = 0u64;
+    for c in changes {
+        let pk = c.pk.clone().unwrap_or(Value::Null);
+        let i = index[&pk.to_string()];
+        let deleted = c.op == "D";
+        let remote = Incoming {
+            version: version(c.hlc, i32::from(origin)),
+            base: c.base_hlc.zip(c.base_origin).map(|(h, o)| version(h, o)),
+            deleted,
+            row: if deleted {
+                Row::new()
+            } else {
+                object(c.row.as_ref())
+            },
+            old: c.old.as_ref().map(|o| object(Some(o))),
+        };
+        let local = state[i].take();
+        let before = local.clone();
+        let remote_row = (!deleted).then(|| Value::Object(remote.row.clone()));
+        let remote_version = remote.version;
+        let r = engine.resolve(local, remote);
+        changed[i] |= r.changed;
+        match (&r.conflict, &before) {
+            (Some(conflict), Some(l)) => conflicts.push(json!({
+                "tbl": tbl,
+                "pk": pk,
+                "rule": conflict.rule,
+                "kept": match conflict.kept { Side::Local => "local", Side::Remote => "remote" },
+                "merged": conflict.merged.iter().map(|&m| engine.columns[m].0.as_str()).collect::<Vec<_>>(),
+                "local_row": (!l.deleted).then(|| Value::Object(l.row.clone())),
+                "local_hlc": l.version.hlc as i64,
+                "local_origin": l.version.region,
+                "remote_row": remote_row,
+                "remote_hlc": remote_version.hlc as i64,
+                "remote_origin": remote_version.region,
+                "result_row": (!r.stored.deleted).then(|| Value::Object(r.stored.row.clone())),
+            })),
+            _ => applied += u64::from(r.changed),
+        }
+        state[i] = Some(r.stored);
+    }
+    let results: Vec<Value> = keys
+        .iter()
+        .zip(&state)
+        .zip(&changed)
+        .filter(|(_, &c)| c)
+        .filter_map(|((pk, s), _)| s.as_ref().map(|s| (pk, s)))
+        .map(|(pk, s)| {
+            let winner = (s.winner != s.version).then_some(s.winner);
+            json!({
+                "pk": pk,
+                "deleted": s.deleted,
+                "row": Value::Object(s.row.clone()),
+                "hlc": s.version.hlc as i64,
+                "origin": s.version.region,
+                "winner_hlc": winner.map(|w| w.hlc as i64),
+                "winner_origin": winner.map(|w| w.region),
+            })
+        })
+        .collect();
+    if !results.is_empty() {
+        tx.execute(
+            "SELECT meridian.engine_write($1, $2)",
+            &[&tbl, &Value::Array(results)],
+        )
+        .await?;
+    }
+    let n_conflicts = conflicts.len() as u64;
+    if !conflicts.is_empty() {
+        tx.execute(
+            "INSERT INTO meridian.conflict (tbl, pk, rule, kept, merged, local_row, local_hlc, local_origin,
+                                            remote_row, remote_hlc, remote_origin, result_row)
+             SELECT c.tbl, c.pk, c.rule, c.kept, ARRAY(SELECT jsonb_array_elements_text(c.merged)),
+                    c.local_row, c.local_hlc, c.local_origin, c.remote_row, c.remote_hlc, c.remote_origin,
+                    c.result_row
+               FROM jsonb_to_recordset($1) AS c(tbl text, pk jsonb, rule text, kept text, merged jsonb,
+                                                local_row jsonb, local_hlc bigint, local_origin int,
+                                                remote_row jsonb, remote_hlc bigint, remote_origin int,
+                                                result_row jsonb)",
+            &[&Value::Array(conflicts)],
+        )
+        .await?;
+    }
+    Ok((applied, n_conflicts))
+}
