@@ -65,6 +65,9 @@ pub struct ReplicationConfig {
     /// skew between a proxy and its Postgres.
     #[serde(with = "humantime_serde")]
     pub tombstone_grace: Duration,
+    /// How long entries of the conflict log (`meridian.conflict`) are kept.
+    #[serde(with = "humantime_serde")]
+    pub conflict_retention: Duration,
 }
 
 /// Mutual TLS between regions: each region presents `cert` to peers that
@@ -133,6 +136,7 @@ impl Default for ReplicationConfig {
             peers: Vec::new(),
             tls: None,
             tombstone_grace: Duration::from_secs(10),
+            conflict_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

@@ -45,6 +45,20 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Show the conflicts this region's rule engine decided (newest first).
+    Conflicts {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this table (`schema.table`, or a name in `public`).
+        #[arg(long)]
+        table: Option<String>,
+        /// Only conflicts at most this old, e.g. 1h or 2days.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
     /// Validate a config file and explain every mistake.
     Check {
         #[arg(long)]
@@ -144,6 +158,38 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.enable_all()
                 .build()?
                 .block_on(run(config, clock_offset_ms))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Conflicts {
+            config,
+            table,
+            since,
+            limit,
+        } => {
+            let config = Config::load(&config)?;
+            let conflicts = runtime()?.block_on(async {
+                let client = capture::connect(&config).await?;
+                meridian::replication::resolve::recent_conflicts(
+                    &client,
+                    table.as_deref(),
+                    since,
+                    limit,
+                )
+                .await
+                .context("reading meridian.conflict")
+            })?;
+            for c in &conflicts {
+                print!("{}", meridian::replication::resolve::describe(c));
+            }
+            println!(
+                "{} conflict(s) in region {}{}{}",
+                conflicts.len(),
+                config.region.name,
+                table.map(|t| format!(", table {t}")).unwrap_or_default(),
+                since
+                    .map(|d| format!(", last {}", humantime::format_duration(d)))
+                    .unwrap_or_default()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate { config } => {

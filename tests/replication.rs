@@ -429,6 +429,34 @@ fn conflicting_writes_are_decided_by_the_tables_rules_and_logged() {
         p.a.query("SELECT merged::text FROM meridian.conflict WHERE tbl = 'public.acct'"),
         ["{balance,status}"]
     );
+    // The same log through `meridian conflicts`, and counted in /status.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["conflicts", "--table", "kv", "--since", "1h", "--config"])
+        .arg(&p.a.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(
+            "public.kv {\"k\":1}  decided by region-priority: kept the remote version; merged n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("here:   {\"k\":1,\"n\":5,\"v\":\"a\"}  (region 1"),
+        "{text}"
+    );
+    assert!(
+        text.trim_end()
+            .ends_with("1 conflict(s) in region rep-rules-a, table kv, last 1h"),
+        "{text}"
+    );
+    let status = http_get(&admin_address(&p.a), "/status");
+    assert!(
+        status.contains("{\"count\":1,\"rule\":\"region-priority\",\"table\":\"public.kv\"}"),
+        "{status}"
+    );
 }
 
 /// Tombstones of `kv` rows in `r` (keys).

@@ -93,6 +93,8 @@ pub struct ReplicationStats {
     pub peers_refused: AtomicU64,
     pub tombstones_forgotten: AtomicU64,
     pub conflicts: AtomicU64,
+    /// Conflicts decided here, by (table, rule).
+    pub conflicts_by_rule: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
 }
 
 impl ReplicationStats {
@@ -114,6 +116,13 @@ impl ReplicationStats {
             "peers_refused": n(&self.peers_refused),
             "tombstones_forgotten": n(&self.tombstones_forgotten),
             "conflicts": n(&self.conflicts),
+            "conflicts_by_rule": self
+                .conflicts_by_rule
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .map(|((table, rule), n)| serde_json::json!({"table": table, "rule": rule, "count": n}))
+                .collect::<Vec<_>>(),
         })
     }
 }
@@ -396,6 +405,7 @@ pub async fn maintain(config: Config, stats: Arc<ReplicationStats>, stop: Cancel
         .iter()
         .map(|p| i32::from(p.id))
         .collect();
+    let retention = config.replication.conflict_retention;
     let grace = config.replication.tombstone_grace;
     let grace_ms = grace.as_millis() as i64;
     // Tombstones are looked for by a scan of meridian.row_version, so not
@@ -421,6 +431,10 @@ pub async fn maintain(config: Config, stats: Arc<ReplicationStats>, stop: Cancel
                 .query_one("SELECT meridian.retry_held()", &[])
                 .await?
                 .get(0);
+            let expired = resolve::prune_conflicts(c, retention).await?;
+            if expired > 0 {
+                tracing::debug!(expired, "conflict log entries past their retention deleted");
+            }
             let mut forgotten = 0i64;
             if last_forget.elapsed() >= forget_every {
                 forgotten = c
@@ -662,6 +676,12 @@ async fn serve_peer(
         stats
             .conflicts
             .fetch_add(engine.conflicts, Ordering::Relaxed);
+        if !engine.by_rule.is_empty() {
+            let mut by = stats.conflicts_by_rule.lock().expect("not poisoned");
+            for ((table, rule), n) in &engine.by_rule {
+                *by.entry((table.clone(), rule.to_string())).or_default() += n;
+            }
+        }
         if count("held") > 0 {
             tracing::warn!(
                 origin,

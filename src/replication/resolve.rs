@@ -69,11 +69,13 @@ impl Engines {
 }
 
 /// What the engine did with a batch's changes.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Outcome {
     pub applied: u64,
     pub conflicts: u64,
     pub held: u64,
+    /// Conflicts by (table, rule that decided).
+    pub by_rule: BTreeMap<(String, &'static str), u64>,
 }
 
 fn version(hlc: i64, region: i32) -> Version {
@@ -109,10 +111,13 @@ pub async fn apply(
         };
         let mut sp = tx.savepoint("meridian_engine").await?;
         match apply_table(&mut sp, engine, tbl, origin, &changes).await {
-            Ok((applied, conflicts)) => {
+            Ok((applied, rules)) => {
                 sp.commit().await?;
                 outcome.applied += applied;
-                outcome.conflicts += conflicts;
+                for rule in rules {
+                    outcome.conflicts += 1;
+                    *outcome.by_rule.entry((tbl.to_string(), rule)).or_default() += 1;
+                }
             }
             Err(e) if is_retryable(&e) => return Err(e),
             Err(e) => {
@@ -154,15 +159,15 @@ async fn hold(
     Ok(())
 }
 
-/// One table's changes: read, resolve, write, log. Returns (changes
-/// applied without conflict, conflicts).
+/// One table's changes: read, resolve, write, log. Returns the changes
+/// applied without conflict, and the rule that decided each conflict.
 async fn apply_table(
     tx: &mut Transaction<'_>,
     engine: &Engine,
     tbl: &str,
     origin: u16,
     changes: &[&WireChange],
-) -> Result<(u64, u64), tokio_postgres::Error> {
+) -> Result<(u64, Vec<&'static str>), tokio_postgres::Error> {
     // Keys in first-seen order; local state per key.
     let mut keys: Vec<Value> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
@@ -209,6 +214,7 @@ async fn apply_table(
     }
     let mut changed = vec![false; keys.len()];
     let mut conflicts = Vec::new();
+    let mut rules = Vec::new();
     let mut applied = 0u64;
     for c in changes {
         let pk = c.pk.clone().unwrap_or(Value::Null);
@@ -232,7 +238,9 @@ async fn apply_table(
         let r = engine.resolve(local, remote);
         changed[i] |= r.changed;
         match (&r.conflict, &before) {
-            (Some(conflict), Some(l)) => conflicts.push(json!({
+            (Some(conflict), Some(l)) => conflicts.push({
+                rules.push(conflict.rule);
+                json!({
                 "tbl": tbl,
                 "pk": pk,
                 "rule": conflict.rule,
@@ -245,7 +253,8 @@ async fn apply_table(
                 "remote_hlc": remote_version.hlc as i64,
                 "remote_origin": remote_version.region,
                 "result_row": (!r.stored.deleted).then(|| Value::Object(r.stored.row.clone())),
-            })),
+                })
+            }),
             _ => applied += u64::from(r.changed),
         }
         state[i] = Some(r.stored);
@@ -276,7 +285,6 @@ async fn apply_table(
         )
         .await?;
     }
-    let n_conflicts = conflicts.len() as u64;
     if !conflicts.is_empty() {
         tx.execute(
             "INSERT INTO meridian.conflict (tbl, pk, rule, kept, merged, local_row, local_hlc, local_origin,
@@ -292,5 +300,109 @@ async fn apply_table(
         )
         .await?;
     }
-    Ok((applied, n_conflicts))
+    Ok((applied, rules))
+}
+
+/// One entry of the conflict log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedConflict {
+    pub at: String,
+    pub table: String,
+    pub key: Value,
+    pub rule: String,
+    pub kept: String,
+    pub merged: Vec<String>,
+    pub local: Option<Value>,
+    pub local_version: (i64, i32),
+    pub remote: Option<Value>,
+    pub remote_version: (i64, i32),
+    pub result: Option<Value>,
+    /// The physical times of the two versions (UTC, time of day).
+    pub local_time: String,
+    pub remote_time: String,
+}
+
+/// The newest `limit` entries of the conflict log, optionally of one table
+/// and no older than `since`, newest first.
+pub async fn recent_conflicts(
+    client: &tokio_postgres::Client,
+    table: Option<&str>,
+    since: Option<std::time::Duration>,
+    limit: i64,
+) -> Result<Vec<LoggedConflict>, tokio_postgres::Error> {
+    let since_s = since.map(|d| d.as_secs_f64());
+    let rows = client
+        .query(
+            "SELECT to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS'), tbl, pk, rule, kept, merged,
+                    local_row, local_hlc, local_origin, remote_row, remote_hlc, remote_origin, result_row,
+                    to_char(meridian.hlc_time(local_hlc) AT TIME ZONE 'UTC', 'HH24:MI:SS.MS'),
+                    to_char(meridian.hlc_time(remote_hlc) AT TIME ZONE 'UTC', 'HH24:MI:SS.MS')
+               FROM meridian.conflict
+              WHERE ($1::text IS NULL OR tbl = $1 OR tbl = 'public.' || $1)
+                AND ($2::float8 IS NULL OR at >= now() - make_interval(secs => $2))
+              ORDER BY id DESC
+              LIMIT $3",
+            &[&table, &since_s, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| LoggedConflict {
+            at: r.get(0),
+            table: r.get(1),
+            key: r.get(2),
+            rule: r.get(3),
+            kept: r.get(4),
+            merged: r.get(5),
+            local: r.get(6),
+            local_version: (r.get(7), r.get(8)),
+            remote: r.get(9),
+            remote_version: (r.get(10), r.get(11)),
+            result: r.get(12),
+            local_time: r.get(13),
+            remote_time: r.get(14),
+        })
+        .collect())
+}
+
+/// A logged conflict as a few readable lines.
+pub fn describe(c: &LoggedConflict) -> String {
+    let text = |v: &Option<Value>| match v {
+        Some(v) => v.to_string(),
+        None => "(deleted)".into(),
+    };
+    let merged = if c.merged.is_empty() {
+        String::new()
+    } else {
+        format!("; merged {}", c.merged.join(", "))
+    };
+    format!(
+        "{} UTC  {} {}  decided by {}: kept the {} version{}\n    here:   {}  (region {}, written {})\n    remote: {}  (region {}, written {})\n    now:    {}\n",
+        c.at,
+        c.table,
+        c.key,
+        c.rule,
+        c.kept,
+        merged,
+        text(&c.local),
+        c.local_version.1,
+        c.local_time,
+        text(&c.remote),
+        c.remote_version.1,
+        c.remote_time,
+        text(&c.result),
+    )
+}
+
+/// Deletes conflict log entries older than `retention`; returns how many.
+pub async fn prune_conflicts(
+    client: &tokio_postgres::Client,
+    retention: std::time::Duration,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "DELETE FROM meridian.conflict WHERE at < now() - make_interval(secs => $1)",
+            &[&retention.as_secs_f64()],
+        )
+        .await
 }
