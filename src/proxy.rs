@@ -255,6 +255,7 @@ impl Region {
         if !self.config.replication.peers.is_empty() || self.config.replication.listen.is_some() {
             replication.push(tokio::spawn(crate::replication::maintain(
                 self.config.clone(),
+                self.engines.clone(),
                 stats.clone(),
                 stop.clone(),
             )));

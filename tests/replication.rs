@@ -452,6 +452,44 @@ fn conflicting_writes_are_decided_by_the_tables_rules_and_logged() {
             .ends_with("1 conflict(s) in region rep-rules-a, table kv, last 1h"),
         "{text}"
     );
+    // A change the engine cannot write in B (a constraint only B has, added
+    // in a DO block so it is not replicated) is held, then applied once the
+    // constraint is gone; the rest of the table goes on meanwhile.
+    psql(
+        &p.b.direct(),
+        &["-c", "DO $$ BEGIN EXECUTE 'ALTER TABLE users ADD CONSTRAINT no_bad CHECK (name <> ''bad'')'; END $$"],
+        None,
+    );
+    psql(
+        &p.a.url(),
+        &["-c", "INSERT INTO users VALUES (3, 'bad')"],
+        None,
+    );
+    psql(
+        &p.a.url(),
+        &["-c", "INSERT INTO users VALUES (4, 'good')"],
+        None,
+    );
+    eventually(
+        "B holds the refused change",
+        Duration::from_secs(60),
+        || p.b.query("SELECT sqlstate FROM meridian.held") == ["23514"],
+    );
+    eventually("B applies the next one", Duration::from_secs(60), || {
+        p.b.query("SELECT name FROM users WHERE id = 4") == ["good"]
+    });
+    psql(
+        &p.b.direct(),
+        &[
+            "-c",
+            "DO $$ BEGIN EXECUTE 'ALTER TABLE users DROP CONSTRAINT no_bad'; END $$",
+        ],
+        None,
+    );
+    eventually("the held change applies", Duration::from_secs(60), || {
+        p.b.query("SELECT name FROM users WHERE id = 3") == ["bad"]
+            && p.b.query("SELECT count(*) FROM meridian.held") == ["0"]
+    });
     let status = http_get(&admin_address(&p.a), "/status");
     assert!(
         status.contains("{\"count\":1,\"rule\":\"region-priority\",\"table\":\"public.kv\"}"),

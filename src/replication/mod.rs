@@ -398,7 +398,12 @@ async fn record_shipped(
 /// Housekeeping every [`PRUNE_EVERY`] until `stop`: deletes captured changes
 /// every configured peer has applied, and retries held changes (a change
 /// for a table created here since applies now).
-pub async fn maintain(config: Config, stats: Arc<ReplicationStats>, stop: CancellationToken) {
+pub async fn maintain(
+    config: Config,
+    engines: Arc<resolve::Engines>,
+    stats: Arc<ReplicationStats>,
+    stop: CancellationToken,
+) {
     let peers: Vec<i32> = config
         .replication
         .peers
@@ -421,16 +426,19 @@ pub async fn maintain(config: Config, stats: Arc<ReplicationStats>, stop: Cancel
         if client.is_none() {
             client = capture::connect(&config).await.ok();
         }
-        let Some(c) = &client else { continue };
+        let Some(c) = client.as_mut() else { continue };
         let result = async {
             let pruned: i64 = c
                 .query_one("SELECT meridian.prune($1)", &[&peers])
                 .await?
                 .get(0);
-            let retried: i32 = c
+            let mut retried: i32 = c
                 .query_one("SELECT meridian.retry_held()", &[])
                 .await?
                 .get(0);
+            if !engines.is_empty() {
+                retried += resolve::retry_held(c, &engines).await? as i32;
+            }
             let expired = resolve::prune_conflicts(c, retention).await?;
             if expired > 0 {
                 tracing::debug!(expired, "conflict log entries past their retention deleted");

@@ -76,6 +76,8 @@ pub struct Outcome {
     pub held: u64,
     /// Conflicts by (table, rule that decided).
     pub by_rule: BTreeMap<(String, &'static str), u64>,
+    /// Tables whose changes were held.
+    pub held_tables: Vec<String>,
 }
 
 fn version(hlc: i64, region: i32) -> Version {
@@ -124,6 +126,7 @@ pub async fn apply(
                 sp.rollback().await?;
                 hold(tx, origin, &changes, &e).await?;
                 outcome.held += changes.len() as u64;
+                outcome.held_tables.push(tbl.to_string());
             }
         }
     }
@@ -301,6 +304,56 @@ async fn apply_table(
         .await?;
     }
     Ok((applied, rules))
+}
+
+/// Retries held changes of engine tables (up to 1000, oldest first), one
+/// transaction per origin; those that apply leave `meridian.held`. Returns
+/// how many did.
+pub async fn retry_held(
+    client: &mut tokio_postgres::Client,
+    engines: &Engines,
+) -> Result<u64, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT origin, change FROM meridian.held h
+              WHERE h.change ->> 'op' IN ('I', 'U', 'D') AND meridian.is_engine_table(h.tbl)
+              ORDER BY origin, xid, seq LIMIT 1000",
+            &[],
+        )
+        .await?;
+    let mut by_origin: BTreeMap<i32, Vec<WireChange>> = BTreeMap::new();
+    for r in &rows {
+        let change: Value = r.get(1);
+        if let Ok(c) = serde_json::from_value::<WireChange>(change) {
+            by_origin.entry(r.get(0)).or_default().push(c);
+        }
+    }
+    let mut unheld = 0;
+    for (origin, changes) in by_origin {
+        let mut tx = client.transaction().await?;
+        tx.batch_execute(
+            "SET LOCAL session_replication_role = replica; SET LOCAL meridian.applying = on;
+             SET LOCAL deadlock_timeout = '20ms'",
+        )
+        .await?;
+        let refs: Vec<&WireChange> = changes.iter().collect();
+        let outcome = apply(&mut tx, engines, origin as u16, &refs).await?;
+        let done: Vec<&WireChange> = changes
+            .iter()
+            .filter(|c| !outcome.held_tables.contains(&c.tbl))
+            .collect();
+        let xids: Vec<i64> = done.iter().map(|c| c.xid as i64).collect();
+        let seqs: Vec<i64> = done.iter().map(|c| c.seq).collect();
+        tx.execute(
+            "DELETE FROM meridian.held h USING unnest($2::bigint[], $3::bigint[]) AS d(xid, seq)
+              WHERE h.origin = $1 AND h.xid = d.xid AND h.seq = d.seq",
+            &[&origin, &xids, &seqs],
+        )
+        .await?;
+        tx.commit().await?;
+        unheld += done.len() as u64;
+    }
+    Ok(unheld)
 }
 
 /// One entry of the conflict log.
