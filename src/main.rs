@@ -284,7 +284,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(c) => {
-            let rules = match RuleSet::load(&c.replication.rules) {
+            let rules = match RuleSet::load(&c.replication.rules).and_then(|r| {
+                // Region names in rules must be this region or a peer.
+                meridian::replication::resolve::Engines::from_rules(&r, &c).map(|_| r)
+            }) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("{e}");

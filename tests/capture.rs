@@ -81,6 +81,19 @@ fn migrate_refuses_tables_without_a_key_and_is_idempotent() {
         err.contains("ghost.toml") && err.contains("public.ghost"),
         "{err}"
     );
+    // So does a merge rule for a column the table does not have.
+    std::fs::write(
+        region.config.parent().unwrap().join("rules/ghost.toml"),
+        "[[table]]\nname = \"public.keyed\"\n[table.columns]\nscore = \"max\"\n",
+    )
+    .unwrap();
+    let ghost = region.migrate();
+    assert!(!ghost.status.success());
+    let err = String::from_utf8_lossy(&ghost.stderr);
+    assert!(
+        err.contains("ghost.toml: table[0].columns.score: table public.keyed has no column score"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -111,4 +111,19 @@ fn check_reads_the_rule_files_and_names_file_and_key() {
         err.contains(&format!("{}: table[0].columns.balance", rule.display())),
         "{err}"
     );
+    // A region name that is neither this region nor a peer.
+    std::fs::write(
+        &rule,
+        "[[table]]\nname = \"public.accounts\"\npolicy = \"region-priority\"\nregions = [\"eu-west\", \"mars\"]\n",
+    )
+    .unwrap();
+    let (ok, _, err) = meridian(&["check", "--config", path.to_str().unwrap()], None);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "{}: table[0].regions[1]: \"mars\" is neither this region nor one of its peers",
+            rule.display()
+        )),
+        "{err}"
+    );
 }

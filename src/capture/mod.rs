@@ -84,6 +84,12 @@ pub enum CaptureError {
     NewerSchema(i32),
     #[error("{origin}: table {table} does not exist in the database")]
     MissingTable { origin: String, table: String },
+    #[error("{origin}: table {table} has no column {column}")]
+    MissingColumn {
+        origin: String,
+        table: String,
+        column: String,
+    },
     #[error("{}", no_primary_key_message(.0))]
     NoPrimaryKey(Vec<String>),
     #[error("meridian.change holds something this meridian cannot read: {0}")]
@@ -257,6 +263,24 @@ async fn migrate_locked(
             "{}: applying the rule for {name}",
             rule.origin()
         )))?;
+        for column in rule.columns.keys() {
+            let found: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1::text::regclass
+                                       AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
+                    &[&name, column],
+                )
+                .await
+                .map_err(pg("looking up rule columns"))?
+                .get(0);
+            if !found {
+                return Err(CaptureError::MissingColumn {
+                    origin: format!("{}.columns.{column}", rule.origin()),
+                    table: name,
+                    column: column.clone(),
+                });
+            }
+        }
         tx.execute(
             "SELECT meridian.set_table_engine($1::text::regclass, $2)",
             &[&name, &rule.needs_engine()],
