@@ -380,6 +380,19 @@ async fn run(config: Config, clock_offset_ms: i64) -> anyhow::Result<()> {
     );
     let shutdown = Shutdown::default();
     let signals = shutdown.clone();
+    // SIGHUP: reload the rule files; client sessions are not touched.
+    let (rules, reload_config) = (region.rules(), config.clone());
+    tokio::spawn(async move {
+        let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+        while hup.recv().await.is_some() {
+            match rules.reload(&reload_config).await {
+                Ok(n) => tracing::info!(tables = n, "SIGHUP: rules reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: rules not reloaded, the previous rules stay in force")
+                }
+            }
+        }
+    });
     tokio::spawn(async move {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");

@@ -150,7 +150,7 @@ pub struct Region {
     /// TLS for peer links, when `replication.tls` is set.
     peer_tls: Option<crate::replication::tls::PeerTls>,
     /// The rule engines of tables whose conflicts they decide.
-    engines: Arc<crate::replication::resolve::Engines>,
+    engines: crate::replication::resolve::EngineHandle,
 }
 
 impl Region {
@@ -196,7 +196,7 @@ impl Region {
         Ok(Region {
             replication,
             peer_tls,
-            engines: Arc::new(engines),
+            engines: crate::replication::resolve::EngineHandle::new(engines),
             name: config.region.name.clone(),
             config: config.clone(),
             clock,
@@ -215,6 +215,11 @@ impl Region {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The rules in force, for reloading them (SIGHUP).
+    pub fn rules(&self) -> crate::replication::resolve::EngineHandle {
+        self.engines.clone()
     }
 
     pub fn clock(&self) -> Arc<Clock> {

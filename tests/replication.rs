@@ -497,6 +497,79 @@ fn conflicting_writes_are_decided_by_the_tables_rules_and_logged() {
     );
 }
 
+/// Rules are reloaded on SIGHUP without dropping client sessions; a broken
+/// rule file is refused and the rules in force stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_reload_on_sighup_and_a_bad_reload_keeps_the_old_rules() {
+    let mut p = pair_of("rep_hup", SCHEMA, &[], "", &[]);
+    psql(
+        &p.a.url(),
+        &["-c", "INSERT INTO kv VALUES (1, 'init', 0)"],
+        None,
+    );
+    converge(&p, "first row");
+    let session = p.a.client().await;
+    let rules_dir = p.a.config.parent().unwrap().join("rules");
+    let reloads = |p: &Pair| p.a.proxy().log().matches("SIGHUP: rules reloaded").count();
+    // Region A first for kv, in both regions' files; A reloads.
+    let rule = "[[table]]\nname = \"public.kv\"\npolicy = \"region-priority\"\nregions = [\"rep-hup-a\", \"rep-hup-b\"]\n";
+    for r in [&p.a, &p.b] {
+        std::fs::write(r.config.parent().unwrap().join("rules/kv.toml"), rule).unwrap();
+    }
+    p.a.proxy().signal(libc::SIGHUP);
+    eventually("A reloads", Duration::from_secs(60), || reloads(&p) == 1);
+    assert_eq!(
+        p.a.query("SELECT tbl FROM meridian.engine_table"),
+        ["public.kv"]
+    );
+    // The session opened before the reload is still there.
+    let row = session
+        .query_one("SELECT v FROM kv WHERE k = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "init");
+    // A broken file: refused, said why, the rule stays in force.
+    std::fs::write(
+        rules_dir.join("kv.toml"),
+        "[[table]]\nname = \"public.kv\"\npolicy = \"loudest\"\n",
+    )
+    .unwrap();
+    p.a.proxy().signal(libc::SIGHUP);
+    eventually("A refuses the broken file", Duration::from_secs(60), || {
+        p.a.proxy().log().contains("SIGHUP: rules not reloaded")
+    });
+    assert!(p.a.proxy().log().contains("kv.toml: table[0].policy"));
+    assert_eq!(
+        p.a.query("SELECT tbl FROM meridian.engine_table"),
+        ["public.kv"]
+    );
+    // In force: a conflict that last-writer-wins would give to B's later
+    // write goes to A.
+    p.b.proxy.take();
+    psql(
+        &p.a.url(),
+        &["-c", "UPDATE kv SET v = 'a' WHERE k = 1"],
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    psql(
+        &p.b.direct(),
+        &["-c", "UPDATE kv SET v = 'b' WHERE k = 1"],
+        None,
+    );
+    p.b.proxy = Some(Proxy::start_with_config(&p.b.config));
+    let mut last = (Vec::new(), Vec::new());
+    eventually(
+        "region A's write wins in both",
+        Duration::from_secs(60),
+        || {
+            last = (table(&p.a), table(&p.b));
+            last.0 == ["1=a/0"] && last.1 == ["1=a/0"]
+        },
+    );
+    drop(session);
+}
+
 /// Tombstones of `kv` rows in `r` (keys).
 fn tombstones(r: &Region) -> Vec<String> {
     r.query("SELECT pk ->> 'k' FROM meridian.row_version WHERE tbl = 'public.kv' AND deleted ORDER BY 1")

@@ -400,7 +400,7 @@ async fn record_shipped(
 /// for a table created here since applies now).
 pub async fn maintain(
     config: Config,
-    engines: Arc<resolve::Engines>,
+    engines: resolve::EngineHandle,
     stats: Arc<ReplicationStats>,
     stop: CancellationToken,
 ) {
@@ -436,6 +436,7 @@ pub async fn maintain(
                 .query_one("SELECT meridian.retry_held()", &[])
                 .await?
                 .get(0);
+            let engines = engines.current();
             if !engines.is_empty() {
                 retried += resolve::retry_held(c, &engines).await? as i32;
             }
@@ -485,7 +486,7 @@ pub async fn maintain(
 pub struct Receiver {
     pub config: Config,
     /// Rule engines of the tables whose conflicts they decide.
-    pub engines: Arc<resolve::Engines>,
+    pub engines: resolve::EngineHandle,
     pub tls: Option<tls::PeerTls>,
     pub clock: Arc<Clock>,
     pub stats: Arc<ReplicationStats>,
@@ -520,7 +521,7 @@ async fn serve_peer(
 ) -> Result<(), ReplicationError> {
     let Receiver {
         config,
-        engines,
+        engines: rules,
         tls,
         clock,
         stats,
@@ -628,6 +629,7 @@ async fn serve_peer(
             return Ok(());
         }
         let batch = serde_json::to_value(&changes).expect("changes serialise");
+        let engines = &*rules.current();
         let for_engine = !engines.is_empty() && changes.iter().any(|c| engines.handles(c));
         let mut attempt = 0;
         let (outcome, engine) = loop {

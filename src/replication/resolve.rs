@@ -68,6 +68,43 @@ impl Engines {
     }
 }
 
+/// The engines in force, replaced as a whole when the rules are reloaded
+/// (SIGHUP); readers take the current set per batch.
+#[derive(Debug, Clone, Default)]
+pub struct EngineHandle(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Engines>>>);
+
+impl EngineHandle {
+    pub fn new(engines: Engines) -> EngineHandle {
+        EngineHandle(std::sync::Arc::new(std::sync::RwLock::new(
+            std::sync::Arc::new(engines),
+        )))
+    }
+
+    pub fn current(&self) -> std::sync::Arc<Engines> {
+        self.0.read().expect("not poisoned").clone()
+    }
+
+    pub fn replace(&self, engines: Engines) {
+        *self.0.write().expect("not poisoned") = std::sync::Arc::new(engines);
+    }
+
+    /// Reads the rule files again, records them in the database (as
+    /// `meridian migrate` does) and puts them in force. On any mistake the
+    /// rules in force stay, and the error says why.
+    pub async fn reload(&self, config: &Config) -> Result<usize, String> {
+        let rules = RuleSet::load(&config.replication.rules).map_err(|e| e.to_string())?;
+        let engines = Engines::from_rules(&rules, config).map_err(|e| e.to_string())?;
+        let mut client = crate::capture::connect(config)
+            .await
+            .map_err(|e| e.to_string())?;
+        crate::capture::migrate(&mut client, config, &rules)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.replace(engines);
+        Ok(rules.tables.len())
+    }
+}
+
 /// What the engine did with a batch's changes.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Outcome {
