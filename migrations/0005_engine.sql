@@ -168,7 +168,12 @@ END
 $$;
 
 -- Writes the engine's decisions for some keys of a table: results is an
--- array of {pk, deleted, row, hlc, origin, winner_hlc, winner_origin}.
+-- array of {pk, fresh, deleted, row, hlc, origin, winner_hlc, winner_origin}.
+-- fresh: the key had no row and no version when engine_read looked, so
+-- nothing was locked; if a row or version appeared since (a concurrent local
+-- insert, or another region's change applied meanwhile), the decision was
+-- made without it: raise serialization_failure, and the receiver retries
+-- the batch, reading it this time.
 CREATE FUNCTION meridian.engine_write(tbl text, results jsonb) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -181,19 +186,53 @@ DECLARE
     d_keys text;
     all_cols text;
     excluded_cols text;
+    n bigint;
+    defaults jsonb;
 BEGIN
     SELECT * INTO key_cols, t_keys, d_keys, all_cols, excluded_cols FROM meridian.apply_columns(rel);
+    defaults := meridian.missing_defaults(
+        rel, (SELECT jsonb_agg(r -> 'row') FROM jsonb_array_elements(results) r WHERE NOT (r ->> 'deleted')::bool));
+    IF defaults IS NOT NULL THEN
+        SELECT jsonb_agg(jsonb_set(r, '{row}', defaults || (r -> 'row'))) INTO results
+          FROM jsonb_array_elements(results) r;
+    END IF;
     EXECUTE format('DELETE FROM %1$s t USING jsonb_populate_recordset(NULL::%1$s, $1) d WHERE (%2$s) = (%3$s)',
                    rel, t_keys, d_keys)
     USING (SELECT jsonb_agg(r -> 'pk') FROM jsonb_array_elements(results) r WHERE (r ->> 'deleted')::bool);
+    -- Fresh keys first: inserted only if still absent.
+    INSERT INTO meridian.row_version AS v (tbl, pk, hlc, origin, deleted, winner_hlc, winner_origin)
+    SELECT engine_write.tbl, r.pk, r.hlc, r.origin, r.deleted, r.winner_hlc, r.winner_origin
+      FROM jsonb_to_recordset(results) AS r(pk jsonb, fresh bool, hlc bigint, origin int, deleted bool,
+                                            winner_hlc bigint, winner_origin int)
+     WHERE r.fresh
+    ON CONFLICT (tbl, pk) DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n < (SELECT count(*) FROM jsonb_array_elements(results) r WHERE (r ->> 'fresh')::bool) THEN
+        RAISE EXCEPTION 'a row of % appeared while its change was being decided; retrying', tbl
+            USING ERRCODE = '40001';
+    END IF;
+    EXECUTE format('INSERT INTO %1$s (%2$s) OVERRIDING SYSTEM VALUE SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)
+                    ON CONFLICT (%3$s) DO NOTHING',
+                   rel, all_cols, key_cols)
+    USING (SELECT jsonb_agg(r -> 'row') FROM jsonb_array_elements(results) r
+            WHERE (r ->> 'fresh')::bool AND NOT (r ->> 'deleted')::bool);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n < (SELECT count(*) FROM jsonb_array_elements(results) r
+             WHERE (r ->> 'fresh')::bool AND NOT (r ->> 'deleted')::bool) THEN
+        RAISE EXCEPTION 'a row of % appeared while its change was being decided; retrying', tbl
+            USING ERRCODE = '40001';
+    END IF;
+    -- Keys that were there (locked by engine_read).
     EXECUTE format('INSERT INTO %1$s (%2$s) OVERRIDING SYSTEM VALUE SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)
                     ON CONFLICT (%3$s) DO UPDATE SET (%2$s) = ROW(%4$s)',
                    rel, all_cols, key_cols, excluded_cols)
-    USING (SELECT jsonb_agg(r -> 'row') FROM jsonb_array_elements(results) r WHERE NOT (r ->> 'deleted')::bool);
+    USING (SELECT jsonb_agg(r -> 'row') FROM jsonb_array_elements(results) r
+            WHERE NOT (r ->> 'fresh')::bool AND NOT (r ->> 'deleted')::bool);
     INSERT INTO meridian.row_version AS v (tbl, pk, hlc, origin, deleted, winner_hlc, winner_origin)
     SELECT engine_write.tbl, r.pk, r.hlc, r.origin, r.deleted, r.winner_hlc, r.winner_origin
-      FROM jsonb_to_recordset(results) AS r(pk jsonb, hlc bigint, origin int, deleted bool,
+      FROM jsonb_to_recordset(results) AS r(pk jsonb, fresh bool, hlc bigint, origin int, deleted bool,
                                             winner_hlc bigint, winner_origin int)
+     WHERE NOT r.fresh
     ON CONFLICT (tbl, pk) DO UPDATE
        SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted,
            winner_hlc = excluded.winner_hlc, winner_origin = excluded.winner_origin;
@@ -224,6 +263,70 @@ CREATE INDEX conflict_tbl_at ON meridian.conflict (tbl, at);
 COMMENT ON TABLE meridian.conflict IS
     'Conflicts decided by the rule engine in this region: both versions, the rule that decided, and the outcome.';
 
+--------------------------------------------------------------------------------
+-- Rows from before a column existed
+--------------------------------------------------------------------------------
+-- A row image captured before ALTER TABLE ... ADD COLUMN ran at its origin
+-- lacks the column; applied where the column exists already it must get the
+-- column's default (what the ALTER gave the origin's existing rows), not
+-- NULL (which a NOT NULL column refuses, holding the change for ever).
+
+-- The defaults of rel's columns that some row in rows lacks, as one object
+-- (NULL if none). Defaults drawing from a sequence are left out (key columns
+-- are always in the image).
+CREATE FUNCTION meridian.missing_defaults(rel regclass, rows jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    exprs text;
+    defaults jsonb;
+BEGIN
+    SELECT string_agg(format('%L, (%s)', a.attname, pg_get_expr(d.adbin, d.adrelid)), ', ')
+      INTO exprs
+      FROM pg_attribute a
+      JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+       AND pg_get_expr(d.adbin, d.adrelid) NOT LIKE 'nextval(%'
+       AND EXISTS (SELECT 1 FROM jsonb_array_elements(rows) r
+                    WHERE jsonb_typeof(r) = 'object' AND NOT r ? a.attname);
+    IF exprs IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE 'SELECT pg_catalog.jsonb_build_object(' || exprs || ')' INTO defaults;
+    RETURN defaults;
+END
+$$;
+
+-- changes with each insert's and update's row completed by missing_defaults.
+CREATE FUNCTION meridian.fill_defaults(changes jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record;
+    defaults jsonb;
+    filled jsonb := changes;
+BEGIN
+    FOR t IN SELECT DISTINCT c ->> 'tbl' AS tbl FROM jsonb_array_elements(changes) c
+              WHERE c ->> 'op' IN ('I', 'U') AND to_regclass(c ->> 'tbl') IS NOT NULL LOOP
+        defaults := meridian.missing_defaults(
+            t.tbl::regclass,
+            (SELECT jsonb_agg(c -> 'row') FROM jsonb_array_elements(changes) c
+              WHERE c ->> 'tbl' = t.tbl AND c ->> 'op' IN ('I', 'U')));
+        CONTINUE WHEN defaults IS NULL;
+        SELECT jsonb_agg(CASE WHEN x.c ->> 'tbl' = t.tbl AND x.c ->> 'op' IN ('I', 'U')
+                              THEN jsonb_set(x.c, '{row}', defaults || (x.c -> 'row'))
+                              ELSE x.c END ORDER BY x.ord)
+          INTO filled
+          FROM jsonb_array_elements(filled) WITH ORDINALITY AS x(c, ord);
+    END LOOP;
+    RETURN filled;
+END
+$$;
+
+-- (The receiver calls apply_batch(origin, fill_defaults(changes)).)
+
 -- Held changes of engine tables are retried by the engine, not here; and
 -- engine tables keep their tombstones (a policy other than last-writer-wins
 -- can prefer a tombstone to a newer change, so a forgotten one would decide
@@ -244,7 +347,7 @@ BEGIN
               WHERE NOT (x.change ->> 'op' IN ('I', 'U', 'D') AND meridian.is_engine_table(x.tbl))
               ORDER BY x.origin, x.xid, x.seq LIMIT 1000 LOOP
         BEGIN
-            PERFORM meridian.apply_one(h.change, h.origin);
+            PERFORM meridian.apply_one(meridian.fill_defaults(jsonb_build_array(h.change)) -> 0, h.origin);
             DELETE FROM meridian.held x WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
             n := n + 1;
         EXCEPTION
@@ -287,3 +390,5 @@ REVOKE ALL ON FUNCTION meridian.apply_table(text, jsonb, int) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.apply_one(jsonb, int) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.engine_read(text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.engine_write(text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION meridian.missing_defaults(regclass, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION meridian.fill_defaults(jsonb) FROM PUBLIC;

@@ -284,6 +284,30 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
         ["175 bob"]
     );
     assert_eq!(r.query("SELECT count(*) FROM other"), ["0"]);
+    // A row captured before a column existed gets the column's default.
+    psql(
+        &r.direct(),
+        &[
+            "-c",
+            "ALTER TABLE accounts ADD COLUMN tier text NOT NULL DEFAULT 'basic'",
+        ],
+        None,
+    );
+    assert_eq!(
+        r.query(&format!(
+            "SELECT meridian.apply_batch(9, meridian.fill_defaults('[{}]'::jsonb)) ->> 'applied'",
+            change(
+                5,
+                newer + 2,
+                "I",
+                "public.accounts",
+                r#"{"id": 2, "balance": 1, "owner": "cy"}"#,
+                "null"
+            )
+        )),
+        ["1"]
+    );
+    assert_eq!(r.query("SELECT tier FROM accounts WHERE id = 2"), ["basic"]);
     // The same batch again (a resend) changes nothing.
     apply(vec![change(
         4,
@@ -293,7 +317,10 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
         r#"{"id": 1, "balance": 100, "owner": "bob"}"#,
         r#"{"balance": 0}"#,
     )]);
-    assert_eq!(r.query("SELECT balance FROM accounts"), ["175"]);
+    assert_eq!(
+        r.query("SELECT balance FROM accounts WHERE id = 1"),
+        ["175"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -638,7 +638,7 @@ async fn serve_peer(
             } else {
                 client
                     .query_one(
-                        "SELECT meridian.apply_batch($1, $2)",
+                        "SELECT meridian.apply_batch($1, meridian.fill_defaults($2))",
                         &[&i32::from(origin), &batch],
                     )
                     .await
@@ -734,7 +734,7 @@ async fn apply_with_engine(
         .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)));
     let outcome: serde_json::Value = tx
         .query_one(
-            "SELECT meridian.apply_batch($1, $2)",
+            "SELECT meridian.apply_batch($1, meridian.fill_defaults($2))",
             &[&i32::from(origin), batch],
         )
         .await?

@@ -231,13 +231,13 @@ async fn apply_table(
         let Some(&i) = index.get(&pk.to_string()) else {
             continue;
         };
-        let (Some(hlc), Some(origin)) = (r.get::<_, Option<i64>>(2), r.get::<_, Option<i32>>(3))
-        else {
-            continue; // no version here: the change applies as new
-        };
-        let v = version(hlc, origin);
-        let deleted: bool = r.get(4);
         let row: Option<Value> = r.get(1);
+        let (v, deleted) = match (r.get::<_, Option<i64>>(2), r.get::<_, Option<i32>>(3)) {
+            (Some(hlc), Some(origin)) => (version(hlc, origin), r.get::<_, bool>(4)),
+            // A row from before capture was enabled: the oldest version.
+            _ if row.is_some() => (version(0, 0), false),
+            _ => continue, // nothing here: the change applies as new
+        };
         state[i] = Some(Stored {
             version: v,
             winner: match (r.get::<_, Option<i64>>(5), r.get::<_, Option<i32>>(6)) {
@@ -252,6 +252,9 @@ async fn apply_table(
             },
         });
     }
+    // Keys with neither row nor version were not locked by the read:
+    // engine_write checks they are still absent.
+    let fresh: Vec<bool> = state.iter().map(Option::is_none).collect();
     let mut changed = vec![false; keys.len()];
     let mut conflicts = Vec::new();
     let mut rules = Vec::new();
@@ -302,13 +305,14 @@ async fn apply_table(
     let results: Vec<Value> = keys
         .iter()
         .zip(&state)
-        .zip(&changed)
-        .filter(|(_, &c)| c)
-        .filter_map(|((pk, s), _)| s.as_ref().map(|s| (pk, s)))
-        .map(|(pk, s)| {
+        .zip(changed.iter().zip(&fresh))
+        .filter(|(_, (&c, _))| c)
+        .filter_map(|((pk, s), (_, &fresh))| s.as_ref().map(|s| (pk, s, fresh)))
+        .map(|(pk, s, fresh)| {
             let winner = (s.winner != s.version).then_some(s.winner);
             json!({
                 "pk": pk,
+                "fresh": fresh,
                 "deleted": s.deleted,
                 "row": Value::Object(s.row.clone()),
                 "hlc": s.version.hlc as i64,
