@@ -4,8 +4,8 @@
 -- rule, merged columns other than counters: see conflict-rules/README.md)
 -- are listed in meridian.engine_table. For them the receiver
 -- decides conflicts in meridian itself (rules::merge) and writes the outcome
--- with meridian.engine_write, in the same transaction as apply_batch, which
--- now leaves their inserts, updates and deletes alone.
+-- with meridian.engine_write, in the same transaction as apply_batch (which
+-- it gives only the other changes) and advance_applied.
 --
 -- What the engine needs from capture: the version each change was written on
 -- (its base), so "made on top of the version here" can be told from a
@@ -97,28 +97,21 @@ AS $$
     SELECT EXISTS (SELECT 1 FROM meridian.engine_table e WHERE e.tbl = is_engine_table.tbl)
 $$;
 
--- apply_table and apply_one (migration 4) keep their work under new names;
--- under the old names they now leave engine tables' rows to the engine
--- (TRUNCATE and schema changes still apply here).
-ALTER FUNCTION meridian.apply_table(text, jsonb, int) RENAME TO apply_table_lww;
-ALTER FUNCTION meridian.apply_one(jsonb, int) RENAME TO apply_one_lww;
-
-CREATE FUNCTION meridian.apply_table(tbl text, changes jsonb, origin int) RETURNS jsonb
+-- The receiver hands apply_batch only the changes of last-writer-wins tables
+-- and gives the others to the engine; the batch's position is then recorded
+-- here (apply_batch records the position of the last change it was given).
+-- Moves origin's position forward to (xid, seq) (never back) and counts n
+-- more changes.
+CREATE FUNCTION meridian.advance_applied(origin int, xid bigint, seq bigint, n bigint) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE WHEN meridian.is_engine_table(apply_table.tbl)
-                THEN jsonb_build_object('applied', 0, 'older', 0)
-                ELSE meridian.apply_table_lww(apply_table.tbl, changes, origin) END
-$$;
-
-CREATE FUNCTION meridian.apply_one(c jsonb, origin int) RETURNS text
-LANGUAGE sql
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT CASE WHEN c ->> 'op' IN ('I', 'U', 'D') AND meridian.is_engine_table(c ->> 'tbl')
-                THEN 'engine'
-                ELSE meridian.apply_one_lww(c, origin) END
+    INSERT INTO meridian.applied AS a (origin, xid, seq, changes, applied_at)
+    VALUES (origin, xid, seq, n, now())
+    ON CONFLICT (origin) DO UPDATE
+       SET xid = excluded.xid, seq = excluded.seq, changes = a.changes + excluded.changes,
+           applied_at = excluded.applied_at
+     WHERE (a.xid, a.seq) < (excluded.xid, excluded.seq)
 $$;
 
 -- The engine's view of some keys of a table: the row (locked), its version
@@ -386,8 +379,7 @@ END
 $$;
 
 REVOKE ALL ON FUNCTION meridian.set_table_engine(regclass, bool) FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.apply_table(text, jsonb, int) FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.apply_one(jsonb, int) FROM PUBLIC;
+REVOKE ALL ON FUNCTION meridian.advance_applied(int, bigint, bigint, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.engine_read(text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.engine_write(text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.missing_defaults(regclass, jsonb) FROM PUBLIC;

@@ -634,7 +634,7 @@ async fn serve_peer(
         let mut attempt = 0;
         let (outcome, engine) = loop {
             let result = if for_engine {
-                apply_with_engine(&mut client, engines, origin, &changes, &batch).await
+                apply_with_engine(&mut client, engines, origin, &changes).await
             } else {
                 client
                     .query_one(
@@ -713,18 +713,28 @@ async fn serve_peer(
     }
 }
 
-/// A batch with changes for engine tables: `meridian.apply_batch` (which
-/// leaves their rows alone and records the position) and the engine, in one
-/// transaction. Only changes after the position recorded before this batch
-/// go to the engine (a resend's older part was applied already).
+/// A batch with changes for engine tables, in one transaction: the other
+/// changes through `meridian.apply_batch`, the engine's through
+/// [`resolve::apply`], then the batch's position (`meridian.advance_applied`).
+/// Changes at or before the position recorded before this batch were applied
+/// already (a resend) and are skipped.
 async fn apply_with_engine(
     client: &mut Client,
     engines: &resolve::Engines,
     origin: u16,
     changes: &[WireChange],
-    batch: &serde_json::Value,
 ) -> Result<(serde_json::Value, resolve::Outcome), tokio_postgres::Error> {
+    let nothing = |duplicate: bool| serde_json::json!({"applied": 0, "older": 0, "held": 0, "duplicate": duplicate});
+    let Some(last) = changes.last() else {
+        return Ok((nothing(false), resolve::Outcome::default()));
+    };
+    let last = (last.xid as i64, last.seq);
     let mut tx = client.transaction().await?;
+    tx.batch_execute(
+        "SET LOCAL session_replication_role = replica; SET LOCAL meridian.applying = on;
+         SET LOCAL deadlock_timeout = '20ms'",
+    )
+    .await?;
     let position = tx
         .query_opt(
             "SELECT xid, seq FROM meridian.applied WHERE origin = $1 FOR UPDATE",
@@ -732,22 +742,32 @@ async fn apply_with_engine(
         )
         .await?
         .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)));
-    let outcome: serde_json::Value = tx
-        .query_one(
+    if position.is_some_and(|p| last <= p) {
+        return Ok((nothing(true), resolve::Outcome::default()));
+    }
+    let (for_engine, plain): (Vec<&WireChange>, Vec<&WireChange>) =
+        changes.iter().partition(|c| engines.handles(c));
+    let outcome = if plain.is_empty() {
+        nothing(false)
+    } else {
+        let batch = serde_json::to_value(&plain).expect("changes serialise");
+        tx.query_one(
             "SELECT meridian.apply_batch($1, meridian.fill_defaults($2))",
-            &[&i32::from(origin), batch],
+            &[&i32::from(origin), &batch],
         )
         .await?
-        .get(0);
-    let mut engine = resolve::Outcome::default();
-    if !outcome["duplicate"].as_bool().unwrap_or(false) {
-        let todo: Vec<&WireChange> = changes
-            .iter()
-            .filter(|c| engines.handles(c))
-            .filter(|c| position.map_or(true, |p| (c.xid as i64, c.seq) > p))
-            .collect();
-        engine = resolve::apply(&mut tx, engines, origin, &todo).await?;
-    }
+        .get(0)
+    };
+    let todo: Vec<&WireChange> = for_engine
+        .into_iter()
+        .filter(|c| position.map_or(true, |p| (c.xid as i64, c.seq) > p))
+        .collect();
+    let engine = resolve::apply(&mut tx, engines, origin, &todo).await?;
+    tx.execute(
+        "SELECT meridian.advance_applied($1, $2, $3, $4)",
+        &[&i32::from(origin), &last.0, &last.1, &(todo.len() as i64)],
+    )
+    .await?;
     tx.commit().await?;
     Ok((outcome, engine))
 }
