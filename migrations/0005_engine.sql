@@ -320,6 +320,87 @@ $$;
 
 -- (The receiver calls apply_batch(origin, fill_defaults(changes)).)
 
+--------------------------------------------------------------------------------
+-- Unique keys other than the primary key
+--------------------------------------------------------------------------------
+-- Two regions insert different keys with the same value of another unique
+-- column (an e-mail address). Each applies its own; the other's change fails
+-- with unique_violation and is held. When the held change is retried,
+-- resolve_unique finds the local row holding the value and keeps the newer
+-- of the two by last-writer-wins ((hlc, region) of the change against the
+-- local row's version), in every region alike: the loser is deleted (if it
+-- is the local row, without capture: every region deletes it the same way)
+-- or dropped (if it is the change), and logged in meridian.conflict with
+-- rule 'unique <index>'. For last-writer-wins tables; engine tables keep
+-- such changes held.
+
+-- Returns 'won' (the way is clear: apply the change) or 'lost' (drop it).
+CREATE FUNCTION meridian.resolve_unique(origin int, c jsonb) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel regclass := (c ->> 'tbl')::regclass;
+    tbl_name text := c ->> 'tbl';
+    hlc bigint := (c ->> 'hlc')::bigint;
+    idx record;
+    pk_cols text[];
+    key_cols text;
+    t_keys text;
+    other jsonb;
+    other_pk jsonb;
+    ver meridian.row_version;
+    remote_wins bool;
+BEGIN
+    SELECT array_agg(a.attname::text ORDER BY k.ord) INTO pk_cols
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+    SELECT x.key_cols, x.t_keys INTO key_cols, t_keys FROM meridian.apply_columns(rel) x;
+    FOR idx IN
+        SELECT i.indexrelid::regclass::text AS name,
+               string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord) AS cols,
+               string_agg('t.' || quote_ident(a.attname), ', ' ORDER BY k.ord) AS t_cols
+          FROM pg_index i
+          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = rel AND i.indisunique AND NOT i.indisprimary
+           AND i.indexprs IS NULL AND i.indpred IS NULL
+         GROUP BY i.indexrelid
+         ORDER BY 1
+    LOOP
+        EXECUTE format('SELECT to_jsonb(t) FROM %1$s t
+                         WHERE (%2$s) = (SELECT %3$s FROM jsonb_populate_record(NULL::%1$s, $1))
+                           AND (%4$s) <> (SELECT %5$s FROM jsonb_populate_record(NULL::%1$s, $2))
+                         FOR UPDATE',
+                       rel, idx.t_cols, idx.cols, t_keys, key_cols)
+        INTO other
+        USING c -> 'row', c -> 'pk';
+        CONTINUE WHEN other IS NULL;
+        SELECT jsonb_object_agg(k, other -> k) INTO other_pk FROM unnest(pk_cols) AS k;
+        SELECT * INTO ver FROM meridian.row_version v
+         WHERE v.tbl = tbl_name AND v.pk = other_pk FOR UPDATE;
+        remote_wins := ver.hlc IS NULL OR (hlc, origin) > (ver.hlc, ver.origin);
+        INSERT INTO meridian.conflict (tbl, pk, rule, kept, local_row, local_hlc, local_origin,
+                                       remote_row, remote_hlc, remote_origin, result_row)
+        VALUES (tbl_name, CASE WHEN remote_wins THEN other_pk ELSE c -> 'pk' END, 'unique ' || idx.name,
+                CASE WHEN remote_wins THEN 'remote' ELSE 'local' END,
+                other, coalesce(ver.hlc, 0), coalesce(ver.origin, 0),
+                c -> 'row', hlc, origin, CASE WHEN remote_wins THEN c -> 'row' ELSE other END);
+        IF NOT remote_wins THEN
+            RETURN 'lost';
+        END IF;
+        EXECUTE format('DELETE FROM %1$s t WHERE (%2$s) = (SELECT %3$s FROM jsonb_populate_record(NULL::%1$s, $1))',
+                       rel, t_keys, key_cols)
+        USING other_pk;
+        UPDATE meridian.row_version v SET deleted = true
+         WHERE v.tbl = tbl_name AND v.pk = other_pk;
+    END LOOP;
+    RETURN 'won';
+END
+$$;
+
 -- Held changes of engine tables are retried by the engine, not here; and
 -- engine tables keep their tombstones (a policy other than last-writer-wins
 -- can prefer a tombstone to a newer change, so a forgotten one would decide
@@ -340,6 +421,12 @@ BEGIN
               WHERE NOT (x.change ->> 'op' IN ('I', 'U', 'D') AND meridian.is_engine_table(x.tbl))
               ORDER BY x.origin, x.xid, x.seq LIMIT 1000 LOOP
         BEGIN
+            IF h.sqlstate = '23505' AND h.change ->> 'op' IN ('I', 'U')
+               AND meridian.resolve_unique(h.origin, h.change) = 'lost' THEN
+                DELETE FROM meridian.held x WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
+                n := n + 1;
+                CONTINUE;
+            END IF;
             PERFORM meridian.apply_one(meridian.fill_defaults(jsonb_build_array(h.change)) -> 0, h.origin);
             DELETE FROM meridian.held x WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
             n := n + 1;
@@ -384,3 +471,4 @@ REVOKE ALL ON FUNCTION meridian.engine_read(text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.engine_write(text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.missing_defaults(regclass, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.fill_defaults(jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION meridian.resolve_unique(int, jsonb) FROM PUBLIC;

@@ -570,6 +570,79 @@ async fn rules_reload_on_sighup_and_a_bad_reload_keeps_the_old_rules() {
     drop(session);
 }
 
+/// Two regions insert different keys with the same unique e-mail: both keep
+/// the newer insert, drop the other and log it; nothing stays held.
+#[test]
+fn a_unique_value_inserted_in_two_regions_ends_with_one_winner_everywhere() {
+    let schema = "CREATE TABLE kv (k int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0);
+                  CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, name text);";
+    let mut p = pair_of("rep_unique", schema, &[], "", &[]);
+    psql(
+        &p.a.url(),
+        &[
+            "-c",
+            "INSERT INTO users VALUES (1, 'ann@example.com', 'ann')",
+        ],
+        None,
+    );
+    let users =
+        |r: &Region| r.query("SELECT format('%s %s %s', id, email, name) FROM users ORDER BY id");
+    eventually("B has the first user", Duration::from_secs(60), || {
+        users(&p.b).len() == 1
+    });
+    p.b.proxy.take();
+    psql(
+        &p.a.url(),
+        &[
+            "-c",
+            "INSERT INTO users VALUES (2, 'bob@example.com', 'bob in a')",
+        ],
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    psql(
+        &p.b.direct(),
+        &[
+            "-c",
+            "INSERT INTO users VALUES (66, 'bob@example.com', 'bob in b')",
+        ],
+        None,
+    );
+    p.b.proxy = Some(Proxy::start_with_config(&p.b.config));
+    let expected = ["1 ann@example.com ann", "66 bob@example.com bob in b"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let last = (users(&p.a), users(&p.b));
+        if last.0 == expected && last.1 == expected {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A {:?} B {:?}; held in A {:?}, in B {:?}",
+            last.0,
+            last.1,
+            p.a.query("SELECT format('%s %s', sqlstate, error) FROM meridian.held"),
+            p.b.query("SELECT format('%s %s', sqlstate, error) FROM meridian.held"),
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for r in [&p.a, &p.b] {
+        eventually("nothing stays held", Duration::from_secs(60), || {
+            r.query("SELECT count(*) FROM meridian.held") == ["0"]
+        });
+        assert_eq!(
+            r.query(
+                "SELECT format('%s %s %s', rule, pk, remote_row ->> 'name') FROM meridian.conflict"
+            ),
+            [if r.db.ends_with("_a") {
+                "unique public.users_email_key {\"id\": 2} bob in b"
+            } else {
+                "unique public.users_email_key {\"id\": 2} bob in a"
+            }]
+        );
+    }
+}
+
 /// Tombstones of `kv` rows in `r` (keys).
 fn tombstones(r: &Region) -> Vec<String> {
     r.query("SELECT pk ->> 'k' FROM meridian.row_version WHERE tbl = 'public.kv' AND deleted ORDER BY 1")
