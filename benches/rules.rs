@@ -55,6 +55,7 @@ fn resolution(c: &mut Criterion) {
     };
     let table = |policy, deletes, columns: Vec<(&str, ColumnRule)>| Engine {
         policy,
+        function: None,
         priority: vec![3, 2, 1],
         deletes,
         columns: columns

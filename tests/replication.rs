@@ -362,30 +362,17 @@ fn conflicting_writes_are_decided_by_the_tables_rules_and_logged() {
     eventually("B has the first rows", Duration::from_secs(60), || {
         all(&p.b).len() == 3
     });
-    p.b.proxy.take();
-    psql(
-        &p.a.url(),
-        &[],
-        Some(
-            "UPDATE kv SET v = 'a', n = 5 WHERE k = 1;
-             UPDATE acct SET balance = balance + 10, status = 'shipped', owner = 'ann-a' WHERE id = 1;
-             INSERT INTO users VALUES (1, 'first');
-             UPDATE users SET name = 'bob-a' WHERE id = 2;",
-        ),
+    write_apart(
+        &mut p,
+        "UPDATE kv SET v = 'a', n = 5 WHERE k = 1;
+         UPDATE acct SET balance = balance + 10, status = 'shipped', owner = 'ann-a' WHERE id = 1;
+         INSERT INTO users VALUES (1, 'first');
+         UPDATE users SET name = 'bob-a' WHERE id = 2;",
+        "UPDATE kv SET v = 'b', n = 3 WHERE k = 1;
+         UPDATE acct SET balance = balance - 30, status = 'paid', owner = 'ann-b' WHERE id = 1;
+         INSERT INTO users VALUES (1, 'second');
+         DELETE FROM users WHERE id = 2;",
     );
-    // Later stamps in B (straight to Postgres: the database stamps them).
-    std::thread::sleep(Duration::from_millis(20));
-    psql(
-        &p.b.direct(),
-        &[],
-        Some(
-            "UPDATE kv SET v = 'b', n = 3 WHERE k = 1;
-             UPDATE acct SET balance = balance - 30, status = 'paid', owner = 'ann-b' WHERE id = 1;
-             INSERT INTO users VALUES (1, 'second');
-             DELETE FROM users WHERE id = 2;",
-        ),
-    );
-    p.b.proxy = Some(Proxy::start_with_config(&p.b.config));
     let expected = [
         "acct 1 ann-b 80 shipped", // owner: last writer; balance: +10 and -30; status: furthest
         "kv 1 b 5",                // row: region B first; n: max
@@ -545,19 +532,11 @@ async fn rules_reload_on_sighup_and_a_bad_reload_keeps_the_old_rules() {
     );
     // In force: a conflict that last-writer-wins would give to B's later
     // write goes to A.
-    p.b.proxy.take();
-    psql(
-        &p.a.url(),
-        &["-c", "UPDATE kv SET v = 'a' WHERE k = 1"],
-        None,
+    write_apart(
+        &mut p,
+        "UPDATE kv SET v = 'a' WHERE k = 1",
+        "UPDATE kv SET v = 'b' WHERE k = 1",
     );
-    std::thread::sleep(Duration::from_millis(20));
-    psql(
-        &p.b.direct(),
-        &["-c", "UPDATE kv SET v = 'b' WHERE k = 1"],
-        None,
-    );
-    p.b.proxy = Some(Proxy::start_with_config(&p.b.config));
     let mut last = (Vec::new(), Vec::new());
     eventually(
         "region A's write wins in both",
@@ -568,6 +547,46 @@ async fn rules_reload_on_sighup_and_a_bad_reload_keeps_the_old_rules() {
         },
     );
     drop(session);
+}
+
+/// A custom policy: a SQL function decides each conflict (here: both edits
+/// kept, in a fixed order, so every region agrees).
+#[test]
+fn a_custom_function_decides_conflicts_of_its_table() {
+    let schema = "CREATE TABLE kv (k int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0);
+                  CREATE TABLE notes (id int PRIMARY KEY, body text);
+                  CREATE FUNCTION public.merge_notes(l jsonb, r jsonb, m jsonb) RETURNS jsonb
+                  LANGUAGE sql AS $$
+                      SELECT CASE WHEN l IS NULL THEN r WHEN r IS NULL THEN l
+                             ELSE l || jsonb_build_object('body',
+                                  least(l ->> 'body', r ->> 'body') || '+' || greatest(l ->> 'body', r ->> 'body'))
+                             END $$;";
+    let rules = "[[table]]\nname = \"public.notes\"\npolicy = \"custom\"\nfunction = \"public.merge_notes\"\n";
+    let mut p = pair_of("rep_custom", schema, &[], "", &[("notes.toml", rules)]);
+    psql(
+        &p.a.url(),
+        &["-c", "INSERT INTO notes VALUES (1, 'start')"],
+        None,
+    );
+    let notes = |r: &Region| r.query("SELECT body FROM notes");
+    eventually("B has the note", Duration::from_secs(60), || {
+        notes(&p.b) == ["start"]
+    });
+    write_apart(
+        &mut p,
+        "UPDATE notes SET body = 'from a' WHERE id = 1",
+        "UPDATE notes SET body = 'from b' WHERE id = 1",
+    );
+    let mut last = (Vec::new(), Vec::new());
+    eventually(
+        "the function's row in both",
+        Duration::from_secs(60),
+        || {
+            last = (notes(&p.a), notes(&p.b));
+            last.0 == ["from a+from b"] && last.1 == ["from a+from b"]
+        },
+    );
+    assert_eq!(p.a.query("SELECT rule FROM meridian.conflict"), ["custom"]);
 }
 
 /// Two regions insert different keys with the same unique e-mail: both keep
@@ -590,25 +609,11 @@ fn a_unique_value_inserted_in_two_regions_ends_with_one_winner_everywhere() {
     eventually("B has the first user", Duration::from_secs(60), || {
         users(&p.b).len() == 1
     });
-    p.b.proxy.take();
-    psql(
-        &p.a.url(),
-        &[
-            "-c",
-            "INSERT INTO users VALUES (2, 'bob@example.com', 'bob in a')",
-        ],
-        None,
+    write_apart(
+        &mut p,
+        "INSERT INTO users VALUES (2, 'bob@example.com', 'bob in a')",
+        "INSERT INTO users VALUES (66, 'bob@example.com', 'bob in b')",
     );
-    std::thread::sleep(Duration::from_millis(20));
-    psql(
-        &p.b.direct(),
-        &[
-            "-c",
-            "INSERT INTO users VALUES (66, 'bob@example.com', 'bob in b')",
-        ],
-        None,
-    );
-    p.b.proxy = Some(Proxy::start_with_config(&p.b.config));
     let expected = ["1 ann@example.com ann", "66 bob@example.com bob in b"];
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -641,6 +646,17 @@ fn a_unique_value_inserted_in_two_regions_ends_with_one_winner_everywhere() {
             }]
         );
     }
+}
+
+/// Conflicting writes: B's proxy goes down, `a_sql` runs through A's proxy,
+/// then (with later stamps, made by B's Postgres) `b_sql` straight in B's
+/// database; B's proxy comes back and the two regions exchange them.
+fn write_apart(p: &mut Pair, a_sql: &str, b_sql: &str) {
+    p.b.proxy.take();
+    psql(&p.a.url(), &["-v", "ON_ERROR_STOP=1"], Some(a_sql));
+    std::thread::sleep(Duration::from_millis(20));
+    psql(&p.b.direct(), &["-v", "ON_ERROR_STOP=1"], Some(b_sql));
+    p.b.proxy = Some(Proxy::start_with_config(&p.b.config));
 }
 
 /// Tombstones of `kv` rows in `r` (keys).

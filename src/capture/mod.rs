@@ -84,6 +84,8 @@ pub enum CaptureError {
     NewerSchema(i32),
     #[error("{origin}: table {table} does not exist in the database")]
     MissingTable { origin: String, table: String },
+    #[error("{origin}: no function {function}(jsonb, jsonb, jsonb) in the database")]
+    MissingFunction { origin: String, function: String },
     #[error("{origin}: table {table} has no column {column}")]
     MissingColumn {
         origin: String,
@@ -278,6 +280,22 @@ async fn migrate_locked(
                     origin: format!("{}.columns.{column}", rule.origin()),
                     table: name,
                     column: column.clone(),
+                });
+            }
+        }
+        if let Some(function) = &rule.function {
+            let found: bool = tx
+                .query_one(
+                    "SELECT to_regprocedure($1 || '(jsonb, jsonb, jsonb)') IS NOT NULL",
+                    &[function],
+                )
+                .await
+                .map_err(pg("looking up rule functions"))?
+                .get(0);
+            if !found {
+                return Err(CaptureError::MissingFunction {
+                    origin: format!("{}.function", rule.origin()),
+                    function: function.clone(),
                 });
             }
         }

@@ -22,7 +22,7 @@ use tokio_postgres::Transaction;
 use super::protocol::WireChange;
 use crate::clock::Version;
 use crate::config::Config;
-use crate::rules::merge::{Engine, Incoming, Row, Side, Stored};
+use crate::rules::merge::{Conflict, Engine, Incoming, Resolution, Row, Side, Stored};
 use crate::rules::{RuleSet, RulesError};
 
 /// The engines of every table whose rule needs one, by qualified name.
@@ -278,7 +278,14 @@ async fn apply_table(
         let before = local.clone();
         let remote_row = (!deleted).then(|| Value::Object(remote.row.clone()));
         let remote_version = remote.version;
-        let r = engine.resolve(local, remote);
+        let r = match (&engine.function, &before) {
+            (Some(function), Some(l))
+                if Engine::conflicts(l, &remote) && !engine.deletes_decide(l, &remote) =>
+            {
+                custom(tx, function, tbl, l, remote).await?
+            }
+            _ => engine.resolve(local, remote),
+        };
         changed[i] |= r.changed;
         match (&r.conflict, &before) {
             (Some(conflict), Some(l)) => conflicts.push({
@@ -345,6 +352,57 @@ async fn apply_table(
         .await?;
     }
     Ok((applied, rules))
+}
+
+/// A conflict on a table with a custom policy: `function(local, remote,
+/// meta)` returns the row to keep (NULL: deleted). The state's identity is
+/// the larger version, as for the built-in rules.
+async fn custom(
+    tx: &mut Transaction<'_>,
+    function: &str,
+    tbl: &str,
+    local: &Stored,
+    remote: Incoming,
+) -> Result<Resolution, tokio_postgres::Error> {
+    let row_of = |deleted: bool, row: &Row| (!deleted).then(|| Value::Object(row.clone()));
+    let meta = json!({
+        "table": tbl,
+        "local": {"hlc": local.version.hlc, "region": local.version.region},
+        "remote": {"hlc": remote.version.hlc, "region": remote.version.region},
+    });
+    // The name was checked to be schema.name of plain identifiers.
+    let decided: Option<Value> = tx
+        .query_one(
+            &format!("SELECT {function}($1::jsonb, $2::jsonb, $3::jsonb)"),
+            &[
+                &row_of(local.deleted, &local.row),
+                &row_of(remote.deleted, &remote.row),
+                &meta,
+            ],
+        )
+        .await?
+        .get(0);
+    let version = local.version.max(remote.version);
+    let stored = Stored {
+        version,
+        winner: version,
+        deleted: decided.is_none(),
+        row: object(decided.as_ref()),
+    };
+    let changed = stored != *local;
+    Ok(Resolution {
+        stored,
+        conflict: Some(Conflict {
+            rule: "custom",
+            kept: if decided.as_ref() == row_of(remote.deleted, &remote.row).as_ref() {
+                Side::Remote
+            } else {
+                Side::Local
+            },
+            merged: Vec::new(),
+        }),
+        changed,
+    })
 }
 
 /// Retries held changes of engine tables (up to 1000, oldest first), one

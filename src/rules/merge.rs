@@ -113,6 +113,10 @@ pub struct Resolution {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Engine {
     pub policy: Policy,
+    /// For [`Policy::Custom`]: the SQL function deciding conflicts (called
+    /// by the receiver, see `replication::resolve`; here custom behaves
+    /// as last-writer-wins).
+    pub function: Option<String>,
     /// For region-priority: region ids, highest priority first.
     pub priority: Vec<u16>,
     pub deletes: Option<Deletes>,
@@ -185,6 +189,18 @@ impl Engine {
             conflict: Some(Conflict { rule, kept, merged }),
             changed,
         }
+    }
+
+    /// Whether `remote` conflicts with `local` (neither already here nor
+    /// made on top of it).
+    pub fn conflicts(local: &Stored, remote: &Incoming) -> bool {
+        local.version != remote.version && remote.base != Some(local.version)
+    }
+
+    /// Whether the deletes rule decides this conflict (so a custom function
+    /// is not asked).
+    pub fn deletes_decide(&self, local: &Stored, remote: &Incoming) -> bool {
+        self.deletes.is_some() && local.deleted != remote.deleted
     }
 
     /// Whose row is kept, and what decided it.
@@ -362,6 +378,7 @@ mod tests {
     fn engine(policy: Policy, columns: Vec<(&str, ColumnRule)>) -> Engine {
         Engine {
             policy,
+            function: None,
             priority: vec![3, 1],
             deletes: None,
             columns: columns.into_iter().map(|(c, r)| (c.into(), r)).collect(),
@@ -567,6 +584,7 @@ mod tests {
                 };
                 Engine {
                     policy,
+                    function: None,
                     priority,
                     deletes,
                     columns,

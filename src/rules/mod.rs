@@ -68,7 +68,9 @@ pub enum Policy {
     /// This region's version stays; the conflict is logged. Regions do not
     /// converge on such rows: for data an operator reconciles by hand.
     KeepLocal,
-    /// A SQL function decides (not supported yet).
+    /// A SQL function `f(local jsonb, remote jsonb, meta jsonb) returns
+    /// jsonb` decides (the row to keep; NULL: deleted). Keeping it
+    /// order-independent is up to its author.
     Custom,
 }
 
@@ -168,6 +170,8 @@ pub struct TableRule {
     pub table: String,
     pub insert_only: bool,
     pub policy: Policy,
+    /// For [`Policy::Custom`]: the SQL function, `schema.name`.
+    pub function: Option<String>,
     /// For [`Policy::RegionPriority`]: region names, highest priority first.
     pub regions: Vec<String>,
     pub deletes: Option<Deletes>,
@@ -210,6 +214,7 @@ impl TableRule {
             .collect::<Result<_, _>>()?;
         Ok(merge::Engine {
             policy: self.policy,
+            function: self.function.clone(),
             priority,
             // A tombstone keeps no merged values: with merged columns a
             // conflicting delete wins (see merge).
@@ -380,23 +385,40 @@ impl RuleSet {
                     "deletes = \"update-wins\" cannot be combined with merged columns yet (a tombstone keeps no merged values, so regions could end with different values); use \"delete-wins\" or drop the column rules".into(),
                 ));
             }
-            match (&spec.function, spec.policy) {
-                (_, Policy::Custom) => return Err(invalid(
-                    format!("table[{index}].policy"),
-                    "policy \"custom\" (a SQL function deciding conflicts) is not supported yet"
-                        .into(),
-                )),
+            let function = match (&spec.function, spec.policy) {
+                (None, Policy::Custom) => {
+                    return Err(invalid(
+                        format!("table[{index}].function"),
+                        "policy \"custom\" needs function = \"schema.name\", a SQL function (local jsonb, remote jsonb, meta jsonb) returning the row to keep (jsonb, or NULL for deleted)".into(),
+                    ))
+                }
+                (Some(f), Policy::Custom) => {
+                    let (fs, fname) = split_name(f).ok_or_else(|| {
+                        invalid(
+                            format!("table[{index}].function"),
+                            format!("{f:?} is not a function name; write schema.name"),
+                        )
+                    })?;
+                    if !columns.is_empty() {
+                        return Err(invalid(
+                            format!("table[{index}].columns"),
+                            "with policy \"custom\" the function decides every column; drop the column rules".into(),
+                        ));
+                    }
+                    Some(format!("{fs}.{fname}"))
+                }
                 (Some(_), _) => {
                     return Err(invalid(
                         format!("table[{index}].function"),
                         "function only applies to policy \"custom\"".into(),
                     ))
                 }
-                _ => {}
-            }
+                (None, _) => None,
+            };
             self.tables.push(TableRule {
                 schema,
                 table,
+                function,
                 insert_only: spec.insert_only,
                 policy: spec.policy,
                 regions: spec.regions,
@@ -542,8 +564,16 @@ policy = "first-writer-wins"
             "{t}policy = \"region-priority\"\nregions = [\"x\", \"x\"]\n"
         ))
         .contains("listed twice"));
-        assert!(key(&format!("{t}policy = \"custom\"\nfunction = \"f\"\n"))
-            .contains("not supported yet"));
+        assert!(key(&format!("{t}policy = \"custom\"\n"))
+            .starts_with("table[0].function: policy \"custom\" needs"));
+        assert!(
+            key(&format!("{t}policy = \"custom\"\nfunction = \"F()\"\n"))
+                .starts_with("table[0].function")
+        );
+        assert!(key(&format!(
+            "{t}policy = \"custom\"\nfunction = \"f\"\n[table.columns]\nn = \"max\"\n"
+        ))
+        .starts_with("table[0].columns"));
         assert!(key(&format!("{t}function = \"f\"\n")).starts_with("table[0].function"));
         assert!(key(&format!(
             "{t}deletes = \"update-wins\"\n[table.columns]\nn = \"max\"\n"
