@@ -14,7 +14,8 @@
 -- the receiver ran out), can leave regions with different counter values.
 --
 -- apply_table (the set-wise path) and a new apply_one (one change, used by
--- the change-by-change path and by retry_held) both do it the same way:
+-- the change-by-change path, and by retry_held from migration 5) both do it
+-- the same way:
 --   1. counter_deltas: per key, the sum of the deltas of the changes here,
 --      for keys whose changes here are all updates carrying old values;
 --   2. counter_finals: with the table's rows locked, each such existing
@@ -323,31 +324,5 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION meridian.retry_held() RETURNS int
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    h meridian.held;
-    n int := 0;
-BEGIN
-    PERFORM set_config('session_replication_role', 'replica', true);
-    PERFORM set_config('meridian.applying', 'on', true);
-    PERFORM set_config('deadlock_timeout', '20ms', true);
-    FOR h IN SELECT * FROM meridian.held ORDER BY origin, xid, seq LIMIT 1000 LOOP
-        BEGIN
-            PERFORM meridian.apply_one(h.change, h.origin);
-            DELETE FROM meridian.held x WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
-            n := n + 1;
-        EXCEPTION
-            WHEN deadlock_detected OR serialization_failure THEN
-                RAISE;
-            WHEN OTHERS THEN
-                UPDATE meridian.held x SET error = SQLERRM, sqlstate = SQLSTATE
-                 WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
-        END;
-    END LOOP;
-    RETURN n;
-END
-$$;
+-- (retry_held moves to apply_one in migration 5, with the rest of its
+-- changes.)

@@ -72,6 +72,9 @@ const APPLY_RETRIES: u64 = 20;
 pub const CAUSAL_WAIT: Duration = Duration::from_secs(2);
 /// How often a shipper takes its region's floor (see [`Message::Floor`]).
 pub const FLOOR_EVERY: Duration = Duration::from_secs(1);
+/// Applies a batch of last-writer-wins changes and records its position
+/// (rows from before a column existed get its default).
+const APPLY_BATCH: &str = "SELECT meridian.apply_batch($1, meridian.fill_defaults($2))";
 /// A silent peer is given up on after this long.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -628,21 +631,19 @@ async fn serve_peer(
         if !hold_until_within_drift(clock, newest as u64, stats, stop).await {
             return Ok(());
         }
-        let batch = serde_json::to_value(&changes).expect("changes serialise");
         let engines = &*rules.current();
         let for_engine = !engines.is_empty() && changes.iter().any(|c| engines.handles(c));
+        // The common case: one statement, no explicit transaction.
+        let batch =
+            (!for_engine).then(|| serde_json::to_value(&changes).expect("changes serialise"));
         let mut attempt = 0;
         let (outcome, engine) = loop {
-            let result = if for_engine {
-                apply_with_engine(&mut client, engines, origin, &changes).await
-            } else {
-                client
-                    .query_one(
-                        "SELECT meridian.apply_batch($1, meridian.fill_defaults($2))",
-                        &[&i32::from(origin), &batch],
-                    )
+            let result = match &batch {
+                None => apply_with_engine(&mut client, engines, origin, &changes).await,
+                Some(batch) => client
+                    .query_one(APPLY_BATCH, &[&i32::from(origin), batch])
                     .await
-                    .map(|row| (row.get(0), resolve::Outcome::default()))
+                    .map(|row| (row.get(0), resolve::Outcome::default())),
             };
             match result {
                 Ok(done) => break done,
@@ -751,12 +752,9 @@ async fn apply_with_engine(
         nothing(false)
     } else {
         let batch = serde_json::to_value(&plain).expect("changes serialise");
-        tx.query_one(
-            "SELECT meridian.apply_batch($1, meridian.fill_defaults($2))",
-            &[&i32::from(origin), &batch],
-        )
-        .await?
-        .get(0)
+        tx.query_one(APPLY_BATCH, &[&i32::from(origin), &batch])
+            .await?
+            .get(0)
     };
     let todo: Vec<&WireChange> = for_engine
         .into_iter()

@@ -67,6 +67,7 @@ pub enum Policy {
     RegionPriority,
     /// This region's version stays; the conflict is logged. Regions do not
     /// converge on such rows: for data an operator reconciles by hand.
+    #[serde(alias = "keep-local-and-log")]
     KeepLocal,
     /// A SQL function `f(local jsonb, remote jsonb, meta jsonb) returns
     /// jsonb` decides (the row to keep; NULL: deleted). Keeping it
