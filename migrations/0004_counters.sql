@@ -137,7 +137,8 @@ REVOKE ALL ON FUNCTION meridian.set_counters(regclass, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.apply_one(jsonb, int) FROM PUBLIC;
 
 -- The functions of migration 2 that apply changes, now with counters
--- (unchanged otherwise).
+-- (and apply_batch warns when it falls back to change by change; unchanged
+-- otherwise).
 
 CREATE OR REPLACE FUNCTION meridian.apply_table(tbl text, changes jsonb, origin int) RETURNS jsonb
 LANGUAGE plpgsql
@@ -290,6 +291,9 @@ BEGIN
         WHEN deadlock_detected OR serialization_failure THEN
             RAISE;   -- the receiver retries the whole batch
         WHEN OTHERS THEN
+            -- Correct but much slower: say so (the receiver logs it).
+            RAISE WARNING 'meridian: applying a batch of % changes from region % change by change: %',
+                n, apply_batch.origin, SQLERRM;
             n_applied := 0;
             n_older := 0;
             FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
