@@ -377,7 +377,7 @@ pub async fn run(
         jitter = %humantime::format_duration(opts.jitter),
         links = links.len(),
         rule_tables = rules.tables.len(),
-        "capture and replication are on; conflict policies are recorded but not applied yet (the rule engine is not built)"
+        "capture and replication are on (mutual TLS between regions); conflicts are decided by the rule files, last-writer-wins elsewhere (see meridian.conflict)"
     );
     if let Some(first) = plans.first() {
         eprintln!(
