@@ -41,7 +41,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
@@ -648,13 +647,7 @@ async fn serve_peer(
             match result {
                 Ok(done) => break done,
                 // Lost a deadlock or serialization race against local writes: retry.
-                Err(e)
-                    if attempt < APPLY_RETRIES
-                        && e.code().is_some_and(|c| {
-                            *c == SqlState::T_R_DEADLOCK_DETECTED
-                                || *c == SqlState::T_R_SERIALIZATION_FAILURE
-                        }) =>
-                {
+                Err(e) if attempt < APPLY_RETRIES && resolve::is_retryable(&e) => {
                     attempt += 1;
                     stats.batches_retried.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(5 * attempt)).await;

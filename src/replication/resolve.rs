@@ -170,7 +170,8 @@ pub async fn apply(
     Ok(outcome)
 }
 
-fn is_retryable(e: &tokio_postgres::Error) -> bool {
+/// A lost deadlock or serialization race: the whole batch is retried.
+pub(crate) fn is_retryable(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| {
         *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
     })
