@@ -301,8 +301,10 @@ DECLARE
     defaults jsonb;
     filled jsonb := changes;
 BEGIN
+    -- (CASE, not AND: the name of a schema change's row is not a table name,
+    -- and to_regclass refuses it.)
     FOR t IN SELECT DISTINCT c ->> 'tbl' AS tbl FROM jsonb_array_elements(changes) c
-              WHERE c ->> 'op' IN ('I', 'U') AND to_regclass(c ->> 'tbl') IS NOT NULL LOOP
+              WHERE CASE WHEN c ->> 'op' IN ('I', 'U') THEN to_regclass(c ->> 'tbl') IS NOT NULL END LOOP
         defaults := meridian.missing_defaults(
             t.tbl::regclass,
             (SELECT jsonb_agg(c -> 'row') FROM jsonb_array_elements(changes) c
@@ -401,6 +403,157 @@ BEGIN
 END
 $$;
 
+--------------------------------------------------------------------------------
+-- Foreign-key orphans
+--------------------------------------------------------------------------------
+-- Apply runs in replica mode, so foreign keys are neither checked nor acted
+-- on for applied rows. A child written in one region while its parent is
+-- deleted in another is left without its parent in both. After each batch,
+-- handle_orphans looks at both ends: the children here of each parent the
+-- batch deleted (if the parent is gone), and the parent of each child the
+-- batch wrote (if it is gone *and* tombstoned here, i.e. deleted, not just
+-- late). Each orphan is logged; the child table's rule (orphans = "keep" or
+-- "delete", in meridian.orphan_rule) says whether it stays. Both regions
+-- meet the same orphan at one of the two ends and decide it alike.
+
+CREATE TABLE meridian.orphan_rule (
+    tbl    text PRIMARY KEY,
+    action text NOT NULL CHECK (action IN ('keep', 'delete'))
+);
+
+CREATE FUNCTION meridian.set_orphans(tbl regclass, action text) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO meridian.orphan_rule AS r (tbl, action)
+    SELECT format('%I.%I', n.nspname, c.relname), set_orphans.action
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = set_orphans.tbl
+    ON CONFLICT (tbl) DO UPDATE SET action = excluded.action
+$$;
+
+-- Logs child (a row of fk's child table) as an orphan found while applying
+-- change c from origin, and deletes it if its table's rule says so.
+CREATE FUNCTION meridian.note_orphan(child_tbl regclass, child_name text, conname text,
+                                     child jsonb, c jsonb, origin int) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    action text := coalesce((SELECT r.action FROM meridian.orphan_rule r WHERE r.tbl = child_name), 'keep');
+    child_pk jsonb;
+    ver meridian.row_version;
+    t_keys text;
+    key_cols text;
+BEGIN
+    SELECT jsonb_object_agg(a.attname, child -> a.attname::text) INTO child_pk
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) AS k(attnum)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = child_tbl AND i.indisprimary;
+    SELECT * INTO ver FROM meridian.row_version v WHERE v.tbl = child_name AND v.pk = child_pk;
+    INSERT INTO meridian.conflict (tbl, pk, rule, kept, local_row, local_hlc, local_origin,
+                                   remote_row, remote_hlc, remote_origin, result_row)
+    VALUES (child_name, coalesce(child_pk, '{}'), 'orphans ' || action || ' (' || conname || ')',
+            CASE action WHEN 'keep' THEN 'local' ELSE 'remote' END,
+            child, coalesce(ver.hlc, 0), coalesce(ver.origin, 0),
+            CASE WHEN c ->> 'op' = 'D' THEN NULL ELSE c -> 'row' END, (c ->> 'hlc')::bigint, origin,
+            CASE action WHEN 'keep' THEN child END);
+    IF action = 'delete' AND child_pk IS NOT NULL THEN
+        SELECT x.t_keys, x.key_cols INTO t_keys, key_cols FROM meridian.apply_columns(child_tbl) x;
+        EXECUTE format('DELETE FROM %1$s t WHERE (%2$s) = (SELECT %3$s FROM jsonb_populate_record(NULL::%1$s, $1))',
+                       child_tbl, t_keys, key_cols)
+        USING child_pk;
+        UPDATE meridian.row_version v SET deleted = true WHERE v.tbl = child_name AND v.pk = child_pk;
+    END IF;
+END
+$$;
+
+-- After a batch from origin is applied: finds the orphans it made (see
+-- above); returns how many.
+CREATE FUNCTION meridian.handle_orphans(origin int, changes jsonb) RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tables oid[];
+    fk record;
+    c jsonb;
+    child jsonb;
+    parent_pk jsonb;
+    parent_here bool;
+    child_keys text;
+    child_key_cols text;
+    n int := 0;
+BEGIN
+    SELECT array_agg(t.rel::oid) INTO tables
+      FROM (SELECT DISTINCT CASE WHEN x ->> 'op' IN ('I', 'U', 'D') THEN to_regclass(x ->> 'tbl') END AS rel
+              FROM jsonb_array_elements(changes) x) t
+     WHERE t.rel IS NOT NULL;
+    IF tables IS NULL THEN
+        RETURN 0;
+    END IF;
+    FOR fk IN
+        SELECT con.conname::text AS conname,
+               con.conrelid::regclass AS child, con.confrelid::regclass AS parent,
+               format('%I.%I', cn.nspname, cc.relname) AS child_name,
+               format('%I.%I', pn.nspname, pc.relname) AS parent_name,
+               (SELECT string_agg('t.' || quote_ident(a.attname), ', ' ORDER BY k.ord)
+                  FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+                  JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) AS child_cols,
+               (SELECT array_agg(a.attname::text ORDER BY k.ord)
+                  FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+                  JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) AS child_names,
+               (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord)
+                  FROM unnest(con.confkey) WITH ORDINALITY AS k(attnum, ord)
+                  JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum) AS parent_cols,
+               (SELECT array_agg(a.attname::text ORDER BY k.ord)
+                  FROM unnest(con.confkey) WITH ORDINALITY AS k(attnum, ord)
+                  JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum) AS parent_names
+          FROM pg_constraint con
+          JOIN pg_class cc ON cc.oid = con.conrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace
+          JOIN pg_class pc ON pc.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+         WHERE con.contype = 'f' AND (con.conrelid = ANY (tables) OR con.confrelid = ANY (tables))
+    LOOP
+        FOR c IN SELECT x FROM jsonb_array_elements(changes) x
+                  WHERE (x ->> 'tbl' = fk.parent_name AND x ->> 'op' = 'D')
+                     OR (x ->> 'tbl' = fk.child_name AND x ->> 'op' IN ('I', 'U'))
+        LOOP
+            IF c ->> 'op' = 'D' THEN
+                -- The parent's key as captured must hold the referenced columns.
+                CONTINUE WHEN NOT (SELECT bool_and(c -> 'pk' ? k) FROM unnest(fk.parent_names) k);
+                parent_pk := c -> 'pk';
+            ELSE
+                SELECT jsonb_object_agg(fk.parent_names[i], c -> 'row' -> fk.child_names[i]) INTO parent_pk
+                  FROM generate_subscripts(fk.parent_names, 1) i;
+                -- No parent referenced, or the parent was never deleted here (it may just be late).
+                CONTINUE WHEN parent_pk IS NULL
+                           OR EXISTS (SELECT 1 FROM jsonb_each(parent_pk) e WHERE e.value = 'null'::jsonb)
+                           OR NOT EXISTS (SELECT 1 FROM meridian.row_version v
+                                           WHERE v.tbl = fk.parent_name AND v.pk = parent_pk AND v.deleted);
+            END IF;
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %1$s p WHERE (%2$s) = (SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1)))',
+                           fk.parent, fk.parent_cols)
+            INTO parent_here
+            USING parent_pk;
+            CONTINUE WHEN parent_here;
+            -- After a parent delete: its children here. After a child write: that child.
+            SELECT x.t_keys, x.key_cols INTO child_keys, child_key_cols FROM meridian.apply_columns(fk.child) x;
+            FOR child IN EXECUTE format(
+                'SELECT to_jsonb(t) FROM %1$s t WHERE (%2$s) = (SELECT %3$s FROM jsonb_populate_record(NULL::%4$s, $1))
+                   AND ($2::jsonb IS NULL OR (%5$s) = (SELECT %6$s FROM jsonb_populate_record(NULL::%1$s, $2)))',
+                fk.child, fk.child_cols, fk.parent_cols, fk.parent, child_keys, child_key_cols)
+            USING parent_pk, CASE WHEN c ->> 'op' = 'D' THEN NULL ELSE c -> 'pk' END
+            LOOP
+                PERFORM meridian.note_orphan(fk.child, fk.child_name, fk.conname, child, c, origin);
+                n := n + 1;
+            END LOOP;
+        END LOOP;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
 -- Held changes of engine tables are retried by the engine, not here; and
 -- engine tables keep their tombstones (a policy other than last-writer-wins
 -- can prefer a tombstone to a newer change, so a forgotten one would decide
@@ -472,3 +625,6 @@ REVOKE ALL ON FUNCTION meridian.engine_write(text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.missing_defaults(regclass, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.fill_defaults(jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION meridian.resolve_unique(int, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION meridian.set_orphans(regclass, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION meridian.note_orphan(regclass, text, text, jsonb, jsonb, int) FROM PUBLIC;
+REVOKE ALL ON FUNCTION meridian.handle_orphans(int, jsonb) FROM PUBLIC;

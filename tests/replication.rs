@@ -589,6 +589,60 @@ fn a_custom_function_decides_conflicts_of_its_table() {
     assert_eq!(p.a.query("SELECT rule FROM meridian.conflict"), ["custom"]);
 }
 
+/// A parent deleted in one region while children are written in the other:
+/// both regions find the orphans (one after the child arrives, the other
+/// after the parent's delete arrives), log them, and delete or keep them by
+/// the child table's rule.
+#[test]
+fn foreign_key_orphans_are_logged_and_deleted_or_kept_by_rule() {
+    let schema = "CREATE TABLE kv (k int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0);
+                  CREATE TABLE parents (id int PRIMARY KEY, name text);
+                  CREATE TABLE kids (id int PRIMARY KEY, parent int REFERENCES parents ON DELETE CASCADE, note text);
+                  CREATE TABLE pets (id int PRIMARY KEY, owner int REFERENCES parents ON DELETE CASCADE, note text);";
+    let rules = "[[table]]\nname = \"public.kids\"\norphans = \"delete\"\n";
+    let mut p = pair_of("rep_orphans", schema, &[], "", &[("kids.toml", rules)]);
+    psql(
+        &p.a.url(),
+        &[],
+        Some("INSERT INTO parents VALUES (1, 'p1'); INSERT INTO kids VALUES (1, 1, 'first');"),
+    );
+    let rows = |r: &Region| {
+        r.query(
+            "SELECT 'parent ' || id FROM parents UNION ALL SELECT 'kid ' || id FROM kids
+             UNION ALL SELECT 'pet ' || id FROM pets ORDER BY 1",
+        )
+    };
+    eventually("B has them", Duration::from_secs(60), || {
+        rows(&p.b) == ["kid 1", "parent 1"]
+    });
+    write_apart(
+        &mut p,
+        "DELETE FROM parents WHERE id = 1",
+        "INSERT INTO kids VALUES (10, 1, 'late'); INSERT INTO pets VALUES (20, 1, 'late');",
+    );
+    // kids: orphans deleted; pets: kept (the default).
+    let mut last = (Vec::new(), Vec::new());
+    eventually(
+        "both regions decide the orphans alike",
+        Duration::from_secs(60),
+        || {
+            last = (rows(&p.a), rows(&p.b));
+            last.0 == ["pet 20"] && last.1 == ["pet 20"]
+        },
+    );
+    for r in [&p.a, &p.b] {
+        assert_eq!(
+            r.query("SELECT format('%s %s %s', tbl, pk, rule) FROM meridian.conflict ORDER BY tbl"),
+            [
+                "public.kids {\"id\": 10} orphans delete (kids_parent_fkey)",
+                "public.pets {\"id\": 20} orphans keep (pets_owner_fkey)",
+            ],
+            "{}",
+            r.db
+        );
+    }
+}
+
 /// Two regions insert different keys with the same unique e-mail: both keep
 /// the newer insert, drop the other and log it; nothing stays held.
 #[test]
@@ -666,7 +720,7 @@ fn tombstones(r: &Region) -> Vec<String> {
 
 #[test]
 fn a_tombstone_is_kept_while_a_peer_is_silent_and_forgotten_once_every_region_is_past_it() {
-    let mut p = pair_configured("rep_tomb", &[], "tombstone_grace = \"200ms\"", &[]);
+    let mut p = pair_configured("rep_gc", &[], "tombstone_grace = \"200ms\"", &[]);
     psql(
         &p.a.url(),
         &["-c", "INSERT INTO kv (k, v) VALUES (1, 'x'), (2, 'y')"],
@@ -766,8 +820,15 @@ fn a_table_created_through_one_proxy_then_written_everywhere_ends_identical() {
     {
         assert!(
             std::time::Instant::now() < deadline,
-            "the table did not appear in B; held there: {:?}",
-            p.b.query("SELECT error FROM meridian.held")
+            "the table did not appear in B; held there: {:?}; B's log ends: {}",
+            p.b.query("SELECT error FROM meridian.held"),
+            p.b.proxy()
+                .log()
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         std::thread::sleep(Duration::from_millis(50));
     }

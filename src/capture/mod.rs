@@ -300,6 +300,15 @@ async fn migrate_locked(
             }
         }
         tx.execute(
+            "SELECT meridian.set_orphans($1::text::regclass, $2)",
+            &[&name, &rule.orphans.name()],
+        )
+        .await
+        .map_err(pg(format!(
+            "{}: applying the rule for {name}",
+            rule.origin()
+        )))?;
+        tx.execute(
             "SELECT meridian.set_table_engine($1::text::regclass, $2)",
             &[&name, &rule.needs_engine()],
         )
@@ -312,7 +321,8 @@ async fn migrate_locked(
     let rule_tables: Vec<String> = rules.tables.iter().map(|t| t.qualified()).collect();
     // A table whose rule was removed goes back to last-writer-wins.
     tx.execute(
-        "DELETE FROM meridian.engine_table WHERE tbl <> ALL($1)",
+        "WITH e AS (DELETE FROM meridian.engine_table WHERE tbl <> ALL($1))
+         DELETE FROM meridian.orphan_rule WHERE tbl <> ALL($1)",
         &[&rule_tables],
     )
     .await

@@ -74,6 +74,12 @@ pub const FLOOR_EVERY: Duration = Duration::from_secs(1);
 /// Applies a batch of last-writer-wins changes and records its position
 /// (rows from before a column existed get its default).
 const APPLY_BATCH: &str = "SELECT meridian.apply_batch($1, meridian.fill_defaults($2))";
+/// Looks for the foreign-key orphans a batch made (after it is applied).
+const ORPHANS: &str = "SELECT meridian.handle_orphans($1, $2)";
+/// Both, in order, as one statement (the CTE runs first).
+const APPLY_BATCH_AND_ORPHANS: &str =
+    "WITH applied AS MATERIALIZED (SELECT meridian.apply_batch($1, meridian.fill_defaults($2)) AS r)
+     SELECT r || jsonb_build_object('orphans', meridian.handle_orphans($1, $2)) FROM applied";
 /// A silent peer is given up on after this long.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -95,6 +101,8 @@ pub struct ReplicationStats {
     pub peers_refused: AtomicU64,
     pub tombstones_forgotten: AtomicU64,
     pub conflicts: AtomicU64,
+    /// Rows found without their foreign-key parent after an apply.
+    pub orphans: AtomicU64,
     /// Conflicts decided here, by (table, rule).
     pub conflicts_by_rule: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
 }
@@ -118,6 +126,7 @@ impl ReplicationStats {
             "peers_refused": n(&self.peers_refused),
             "tombstones_forgotten": n(&self.tombstones_forgotten),
             "conflicts": n(&self.conflicts),
+            "orphans": n(&self.orphans),
             "conflicts_by_rule": self
                 .conflicts_by_rule
                 .lock()
@@ -640,7 +649,7 @@ async fn serve_peer(
             let result = match &batch {
                 None => apply_with_engine(&mut client, engines, origin, &changes).await,
                 Some(batch) => client
-                    .query_one(APPLY_BATCH, &[&i32::from(origin), batch])
+                    .query_one(APPLY_BATCH_AND_ORPHANS, &[&i32::from(origin), batch])
                     .await
                     .map(|row| (row.get(0), resolve::Outcome::default())),
             };
@@ -680,6 +689,9 @@ async fn serve_peer(
         stats
             .conflicts
             .fetch_add(engine.conflicts, Ordering::Relaxed);
+        stats
+            .orphans
+            .fetch_add(count("orphans") + engine.orphans, Ordering::Relaxed);
         if !engine.by_rule.is_empty() {
             let mut by = stats.conflicts_by_rule.lock().expect("not poisoned");
             for ((table, rule), n) in &engine.by_rule {
@@ -753,7 +765,13 @@ async fn apply_with_engine(
         .into_iter()
         .filter(|c| position.map_or(true, |p| (c.xid as i64, c.seq) > p))
         .collect();
-    let engine = resolve::apply(&mut tx, engines, origin, &todo).await?;
+    let mut engine = resolve::apply(&mut tx, engines, origin, &todo).await?;
+    let all = serde_json::to_value(changes).expect("changes serialise");
+    let orphans: i32 = tx
+        .query_one(ORPHANS, &[&i32::from(origin), &all])
+        .await?
+        .get(0);
+    engine.orphans = orphans as u64;
     tx.execute(
         "SELECT meridian.advance_applied($1, $2, $3, $4)",
         &[&i32::from(origin), &last.0, &last.1, &(todo.len() as i64)],

@@ -115,6 +115,8 @@ pub struct Outcome {
     pub by_rule: BTreeMap<(String, &'static str), u64>,
     /// Tables whose changes were held.
     pub held_tables: Vec<String>,
+    /// Foreign-key orphans found after the batch (see `meridian.handle_orphans`).
+    pub orphans: u64,
 }
 
 fn version(hlc: i64, region: i32) -> Version {

@@ -51,7 +51,31 @@ struct TableRuleSpec {
     #[serde(default)]
     function: Option<String>,
     #[serde(default)]
+    orphans: Orphans,
+    #[serde(default)]
     columns: BTreeMap<String, toml::Value>,
+}
+
+/// What happens to rows of this table left without their foreign-key parent
+/// (the parent deleted in one region while the child was written in
+/// another). Either way the orphan is logged in `meridian.conflict`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Orphans {
+    /// The child row stays (in every region: they still agree).
+    #[default]
+    Keep,
+    /// The child row is deleted, in every region alike.
+    Delete,
+}
+
+impl Orphans {
+    pub fn name(self) -> &'static str {
+        match self {
+            Orphans::Keep => "keep",
+            Orphans::Delete => "delete",
+        }
+    }
 }
 
 /// How a conflict on a row is decided (the columns without a merge of their own).
@@ -176,6 +200,7 @@ pub struct TableRule {
     /// For [`Policy::RegionPriority`]: region names, highest priority first.
     pub regions: Vec<String>,
     pub deletes: Option<Deletes>,
+    pub orphans: Orphans,
     /// Every column with a merge of its own (counters included).
     pub columns: BTreeMap<String, ColumnRule>,
     /// The counter columns (capture records their old values).
@@ -424,6 +449,7 @@ impl RuleSet {
                 policy: spec.policy,
                 regions: spec.regions,
                 deletes: spec.deletes,
+                orphans: spec.orphans,
                 columns,
                 counters,
                 file: file.into(),
