@@ -333,28 +333,12 @@ fn demo_with_the_example_rules_merges_concurrent_writes_in_three_regions() {
         out.trim().to_string()
     };
     let everywhere = |what: &str, sql: &str, want: &str| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let got: Vec<String> = urls.iter().map(|u| query(u, sql)).collect();
-            if got.iter().all(|g| g == want) {
-                break;
-            }
-            if std::time::Instant::now() >= deadline {
-                for u in &urls {
-                    eprintln!("DEBUG {u}: {}", query(u, "SELECT string_agg(format('%s %s %s %s %s', tbl, pk, rule, kept, remote_row), ' | ') FROM meridian.conflict WHERE tbl = 'public.customers'"));
-                    eprintln!("DEBUG {u}: {}", query(u, "SELECT string_agg(format('%s %s %s %s %s %s', tbl, pk, hlc, origin, winner_hlc, winner_origin), ' | ') FROM meridian.row_version WHERE tbl = 'public.customers'"));
-                    eprintln!(
-                        "DEBUG {u}: held {}",
-                        query(u, "SELECT string_agg(error, ' | ') FROM meridian.held")
-                    );
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{what}: regions hold {got:?}, expected {want:?} in each"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually_value(
+            what,
+            Duration::from_secs(60),
+            || urls.iter().map(|u| query(u, sql)).collect::<Vec<_>>(),
+            |got| got.iter().all(|g| g == want),
+        );
     };
     psql(
         &urls[0],

@@ -229,19 +229,14 @@ fn a_region_restarted_after_missing_writes_catches_up_once() {
     assert_eq!(rows.len(), 300);
     // Applied exactly once: B counts every change A made (50 + 250 inserts,
     // 100 updates), no more (A's log may already be pruned: count by construction).
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let seen =
-            p.b.query("SELECT changes FROM meridian.applied WHERE origin = 1");
-        if seen == ["400"] {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "B counted {seen:?} changes from A, expected 400"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually_value(
+        "B counts exactly the 400 changes A made",
+        Duration::from_secs(60),
+        || {
+            p.b.query("SELECT changes FROM meridian.applied WHERE origin = 1")
+        },
+        |seen| seen == &["400"],
+    );
 }
 
 /// Concurrent increments of a counter column in both regions, while the
@@ -669,22 +664,13 @@ fn a_unique_value_inserted_in_two_regions_ends_with_one_winner_everywhere() {
         "INSERT INTO users VALUES (66, 'bob@example.com', 'bob in b')",
     );
     let expected = ["1 ann@example.com ann", "66 bob@example.com bob in b"];
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let last = (users(&p.a), users(&p.b));
-        if last.0 == expected && last.1 == expected {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "A {:?} B {:?}; held in A {:?}, in B {:?}",
-            last.0,
-            last.1,
-            p.a.query("SELECT format('%s %s', sqlstate, error) FROM meridian.held"),
-            p.b.query("SELECT format('%s %s', sqlstate, error) FROM meridian.held"),
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let held = |r: &Region| r.query("SELECT format('%s %s', sqlstate, error) FROM meridian.held");
+    eventually_value(
+        "the later insert wins in both (A, B, held in A, held in B)",
+        Duration::from_secs(60),
+        || (users(&p.a), users(&p.b), held(&p.a), held(&p.b)),
+        |v| v.0 == expected && v.1 == expected,
+    );
     for r in [&p.a, &p.b] {
         eventually("nothing stays held", Duration::from_secs(60), || {
             r.query("SELECT count(*) FROM meridian.held") == ["0"]
@@ -775,19 +761,14 @@ fn a_change_for_a_table_missing_here_is_held_then_applied_once_it_exists() {
         Duration::from_secs(60),
         || table(&p.b) == ["1=not blocked/0"],
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let held =
-            p.b.query("SELECT tbl || ' ' || sqlstate FROM meridian.held");
-        if held == ["public.extra 42P01"] {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "expected the change held in B with its reason, held: {held:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually_value(
+        "the change held in B with its reason",
+        Duration::from_secs(60),
+        || {
+            p.b.query("SELECT tbl || ' ' || sqlstate FROM meridian.held")
+        },
+        |held| held == &["public.extra 42P01"],
+    );
     psql(
         &p.b.direct(),
         &["-c", "CREATE TABLE extra (id int PRIMARY KEY, v text)"],
@@ -812,26 +793,17 @@ fn a_table_created_through_one_proxy_then_written_everywhere_ends_identical() {
         ],
         None,
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while p
-        .b
-        .query("SELECT count(*) FROM pg_tables WHERE tablename = 'orders'")
-        != ["1"]
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the table did not appear in B; held there: {:?}; B's log ends: {}",
-            p.b.query("SELECT error FROM meridian.held"),
-            p.b.proxy()
-                .log()
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually_value(
+        "the table appears in B (count, held there)",
+        Duration::from_secs(60),
+        || {
+            (
+                p.b.query("SELECT count(*) FROM pg_tables WHERE tablename = 'orders'"),
+                p.b.query("SELECT error FROM meridian.held"),
+            )
+        },
+        |v| v.0 == ["1"],
+    );
     for (r, who) in [(&p.a, "a"), (&p.b, "b")] {
         psql(
             &r.url(),
@@ -867,20 +839,14 @@ fn a_table_created_through_one_proxy_then_written_everywhere_ends_identical() {
             "SELECT format('%s %s %s', id, item, to_jsonb(o) ->> 'qty') FROM orders o ORDER BY id",
         )
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (a, b) = (rows(&p.a), rows(&p.b));
-        if a.len() == 40 && a == b {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the regions differ: A {a:?}\nB {b:?}\nheld in A {:?}\nheld in B {:?}",
-            p.a.query("SELECT format('%s %s %s', tbl, change, error) FROM meridian.held"),
-            p.b.query("SELECT format('%s %s %s', tbl, change, error) FROM meridian.held")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let held =
+        |r: &Region| r.query("SELECT format('%s %s %s', tbl, change, error) FROM meridian.held");
+    eventually_value(
+        "both regions hold the same 40 rows (A, B, held in A, held in B)",
+        Duration::from_secs(60),
+        || (rows(&p.a), rows(&p.b), held(&p.a), held(&p.b)),
+        |v| v.0.len() == 40 && v.0 == v.1,
+    );
     // Keys minted in the two regions never collide (region-disjoint sequences).
     assert_eq!(
         p.a.query("SELECT count(DISTINCT id % 64) FROM orders"),

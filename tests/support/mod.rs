@@ -472,6 +472,29 @@ pub fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Polls `get` until `ok` accepts its value (at most `limit`) and returns
+/// it; on timeout the failure shows `what` and the last value seen (so put
+/// what explains a failure, like held changes, into the value).
+pub fn eventually_value<T: std::fmt::Debug>(
+    what: &str,
+    limit: Duration,
+    mut get: impl FnMut() -> T,
+    mut ok: impl FnMut(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        let value = get();
+        if ok(&value) {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for: {what}; last seen: {value:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// GET `path` from an HTTP endpoint with a plain HTTP/1.0 request; the whole response.
 pub fn http_get(addr: &str, path: &str) -> String {
     http(addr, "GET", path)
