@@ -23,6 +23,16 @@
 --   3. the last-writer-wins apply of the row;
 --   4. set_counters: the counters set to those finals.
 
+-- rel's name as meridian's tables record it: format('%I.%I', schema, table).
+CREATE FUNCTION meridian.table_name(rel regclass) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('%I.%I', n.nspname, c.relname)
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = rel
+$$;
+
 -- Step 1. Returns [{"pk": key, "d": {"column": delta, ...}}, ...] or NULL.
 CREATE FUNCTION meridian.counter_deltas(tbl text, changes jsonb) RETURNS jsonb
 LANGUAGE sql STABLE
@@ -96,9 +106,7 @@ BEGIN
       INTO cols, vals
       FROM (SELECT DISTINCT k FROM jsonb_array_elements(finals) f, jsonb_object_keys(f) k) keys
      WHERE k IN (SELECT unnest(r.counters) FROM meridian.replicated_table r
-                  WHERE r.tbl = (SELECT format('%I.%I', n.nspname, c.relname)
-                                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                                  WHERE c.oid = rel));
+                  WHERE r.tbl = meridian.table_name(rel));
     IF cols IS NULL THEN
         RETURN;
     END IF;

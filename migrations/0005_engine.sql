@@ -78,9 +78,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    name text := (SELECT format('%I.%I', n.nspname, c.relname)
-                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                   WHERE c.oid = set_table_engine.tbl);
+    name text := meridian.table_name(set_table_engine.tbl);
 BEGIN
     IF engine THEN
         INSERT INTO meridian.engine_table (tbl) VALUES (name) ON CONFLICT DO NOTHING;
@@ -426,9 +424,7 @@ LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
     INSERT INTO meridian.orphan_rule AS r (tbl, action)
-    SELECT format('%I.%I', n.nspname, c.relname), set_orphans.action
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.oid = set_orphans.tbl
+    VALUES (meridian.table_name(set_orphans.tbl), set_orphans.action)
     ON CONFLICT (tbl) DO UPDATE SET action = excluded.action
 $$;
 
@@ -496,8 +492,8 @@ BEGIN
     FOR fk IN
         SELECT con.conname::text AS conname,
                con.conrelid::regclass AS child, con.confrelid::regclass AS parent,
-               format('%I.%I', cn.nspname, cc.relname) AS child_name,
-               format('%I.%I', pn.nspname, pc.relname) AS parent_name,
+               meridian.table_name(con.conrelid) AS child_name,
+               meridian.table_name(con.confrelid) AS parent_name,
                (SELECT string_agg('t.' || quote_ident(a.attname), ', ' ORDER BY k.ord)
                   FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
                   JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) AS child_cols,
@@ -511,8 +507,6 @@ BEGIN
                   FROM unnest(con.confkey) WITH ORDINALITY AS k(attnum, ord)
                   JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum) AS parent_names
           FROM pg_constraint con
-          JOIN pg_class cc ON cc.oid = con.conrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace
-          JOIN pg_class pc ON pc.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
          WHERE con.contype = 'f' AND (con.conrelid = ANY (tables) OR con.confrelid = ANY (tables))
     LOOP
         FOR c IN SELECT x FROM jsonb_array_elements(changes) x
