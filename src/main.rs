@@ -10,6 +10,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 
+// mimalloc rather than the system allocator: the receiver frees many small
+// JSON values per change (a resolved conflict cost ~40% less with it in
+// benches/rules.rs; see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use meridian::capture;
 use meridian::cluster::demo::{self, DemoOptions};
 use meridian::config::Config;

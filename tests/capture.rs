@@ -66,7 +66,7 @@ fn migrate_refuses_tables_without_a_key_and_is_idempotent() {
     assert!(second_out.contains("public.keyed"), "{second_out}");
     assert_eq!(
         region.query("SELECT version FROM meridian.migration ORDER BY 1"),
-        ["1", "2", "3", "4", "5"]
+        ["1", "2", "3", "4", "5", "6"]
     );
     // A rule naming a table that does not exist names the file and the table.
     std::fs::write(

@@ -393,7 +393,8 @@ fn demo_with_the_example_rules_merges_concurrent_writes_in_three_regions() {
         Some(
             "UPDATE orders SET status = 'shipped', paid = paid + 10, note = 'us' WHERE id = 1;
              UPDATE prices SET price = 11 WHERE item = 1;
-             INSERT INTO customers VALUES (7, 'first, from us-east');",
+             INSERT INTO customers VALUES (7, 'first, from us-east');
+             INSERT INTO customers VALUES (8, 'ann, from us-east', 'ann@example.com');",
         ),
     );
     std::thread::sleep(Duration::from_millis(20));
@@ -401,9 +402,10 @@ fn demo_with_the_example_rules_merges_concurrent_writes_in_three_regions() {
         &urls[1],
         &[],
         Some(
-            "UPDATE orders SET status = 'paid', paid = paid + 5 WHERE id = 1;
+            "UPDATE orders SET status = 'paid', paid = paid + 5, address = '1 rue Eu' WHERE id = 1;
              UPDATE prices SET price = 12 WHERE item = 1;
-             INSERT INTO customers VALUES (7, 'second, from eu-west');",
+             INSERT INTO customers VALUES (7, 'second, from eu-west');
+             INSERT INTO customers VALUES (9, 'ann, from eu-west', 'ann@example.com');",
         ),
     );
     psql(
@@ -415,10 +417,24 @@ fn demo_with_the_example_rules_merges_concurrent_writes_in_three_regions() {
         http(&control, "POST", &format!("/heal?region={n}"));
     }
     // Ordered state: furthest; counter: both payments; the rest: last writer.
+    // Concurrent edits of different columns: us-east's note and eu-west's
+    // address both survive.
     everywhere(
         "the order merges",
-        "SELECT format('%s %s', status, paid) FROM orders",
-        "shipped 15",
+        "SELECT format('%s %s %s %s', status, paid, note, address) FROM orders",
+        "shipped 15 us 1 rue Eu",
+    );
+    // A unique e-mail created in two regions: the first customer keeps it
+    // everywhere; the other is gone and logged in every region.
+    everywhere(
+        "one customer with the e-mail",
+        "SELECT string_agg(format('%s %s', id, name), ',') FROM customers WHERE email IS NOT NULL",
+        "8 ann, from us-east",
+    );
+    everywhere(
+        "the unique collision logged",
+        "SELECT count(*) FROM meridian.conflict WHERE rule = 'unique public.customers_email_key'",
+        "1",
     );
     // Region priority: eu-west's price, although ap-south wrote last.
     everywhere("eu-west's price stays", "SELECT price FROM prices", "12");

@@ -584,6 +584,108 @@ fn a_custom_function_decides_conflicts_of_its_table() {
     assert_eq!(p.a.query("SELECT rule FROM meridian.conflict"), ["custom"]);
 }
 
+/// Column rules on one row: two regions edit different columns at once and
+/// both edits survive everywhere (per-column last-writer-wins); a column
+/// both wrote keeps the later write; counter increments add up and the
+/// ordered state keeps the furthest. A local write that moves a grow-only
+/// column back is refused with SQLSTATE 23514, and a delete then re-insert
+/// starts the row afresh in both regions.
+#[test]
+fn concurrent_edits_of_different_columns_of_one_row_both_survive() {
+    let schema = "CREATE TABLE profile (id int PRIMARY KEY, name text, email text, city text,
+                                        visits int NOT NULL DEFAULT 0, level text);";
+    let rules = "[[table]]\nname = \"public.profile\"\n[table.columns]\n\
+                 name = \"last-writer-wins\"\nemail = \"last-writer-wins\"\ncity = \"last-writer-wins\"\n\
+                 visits = \"counter\"\nlevel = { states = [\"bronze\", \"silver\", \"gold\"] }\n";
+    let mut p = pair_of("rep_cols", schema, &[], "", &[("profile.toml", rules)]);
+    psql(
+        &p.a.url(),
+        &[
+            "-c",
+            "INSERT INTO profile VALUES (1, 'ann', 'ann@a', 'paris', 0, 'bronze')",
+        ],
+        None,
+    );
+    let row = |r: &Region| {
+        r.query("SELECT format('%s %s %s %s %s', name, email, city, visits, level) FROM profile")
+    };
+    eventually("B has the row", Duration::from_secs(60), || {
+        row(&p.b).len() == 1
+    });
+    write_apart(
+        &mut p,
+        "UPDATE profile SET name = 'Ann', city = 'lyon', visits = visits + 2 WHERE id = 1;
+         UPDATE profile SET visits = visits + 1 WHERE id = 1;",
+        "UPDATE profile SET email = 'ann@b', city = 'nice', visits = visits + 5, level = 'silver' WHERE id = 1;",
+    );
+    // name from A, email from B, city from B (written later), 0 + 3 + 5.
+    let expected = ["Ann ann@b nice 8 silver"];
+    let both = || (row(&p.a), row(&p.b));
+    eventually_value(
+        "both regions merge the columns",
+        Duration::from_secs(60),
+        both,
+        |v| v.0 == expected && v.1 == expected,
+    );
+    assert_eq!(
+        p.a.query("SELECT merged::text FROM meridian.conflict"),
+        ["{city,email,level,name,visits}"]
+    );
+    // Later edits on top of the merged row apply as plain successors.
+    psql(
+        &p.b.url(),
+        &[
+            "-c",
+            "UPDATE profile SET name = 'Annie', level = 'gold' WHERE id = 1",
+        ],
+        None,
+    );
+    let expected = ["Annie ann@b nice 8 gold"];
+    eventually_value(
+        "the successor reaches A",
+        Duration::from_secs(60),
+        both,
+        |v| v.0 == expected && v.1 == expected,
+    );
+    // Moving the ordered state back is refused where it is written.
+    let out = psql_raw(
+        &p.a.url(),
+        &[
+            "-c",
+            "\\set VERBOSITY verbose",
+            "-c",
+            "UPDATE profile SET level = 'silver' WHERE id = 1",
+        ],
+        None,
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("23514")
+            && err.contains("column level of public.profile cannot go from \"gold\" to \"silver\""),
+        "{err}"
+    );
+    // A delete and a re-insert start the row afresh (its counter included).
+    psql(
+        &p.a.url(),
+        &[
+            "-c",
+            "DELETE FROM profile WHERE id = 1",
+            "-c",
+            "INSERT INTO profile VALUES (1, 'bo', 'bo@a', 'rome', 1, 'bronze')",
+        ],
+        None,
+    );
+    let expected = ["bo bo@a rome 1 bronze"];
+    eventually_value(
+        "the new row everywhere",
+        Duration::from_secs(60),
+        both,
+        |v| v.0 == expected && v.1 == expected,
+    );
+}
+
 /// A parent deleted in one region while children are written in the other:
 /// both regions find the orphans (one after the child arrives, the other
 /// after the parent's delete arrives), log them, and delete or keep them by
@@ -643,8 +745,11 @@ fn foreign_key_orphans_are_logged_and_deleted_or_kept_by_rule() {
 #[test]
 fn a_unique_value_inserted_in_two_regions_ends_with_one_winner_everywhere() {
     let schema = "CREATE TABLE kv (k int PRIMARY KEY, v text, n int NOT NULL DEFAULT 0);
-                  CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, name text);";
-    let mut p = pair_of("rep_unique", schema, &[], "", &[]);
+                  CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, name text);
+                  CREATE TABLE members (id int PRIMARY KEY, email text UNIQUE, name text);";
+    // members is under the rule engine: its first insert wins.
+    let rules = "[[table]]\nname = \"public.members\"\npolicy = \"first-writer-wins\"\n";
+    let mut p = pair_of("rep_unique", schema, &[], "", &[("members.toml", rules)]);
     psql(
         &p.a.url(),
         &[
@@ -660,8 +765,10 @@ fn a_unique_value_inserted_in_two_regions_ends_with_one_winner_everywhere() {
     });
     write_apart(
         &mut p,
-        "INSERT INTO users VALUES (2, 'bob@example.com', 'bob in a')",
-        "INSERT INTO users VALUES (66, 'bob@example.com', 'bob in b')",
+        "INSERT INTO users VALUES (2, 'bob@example.com', 'bob in a');
+         INSERT INTO members VALUES (2, 'cy@example.com', 'cy in a');",
+        "INSERT INTO users VALUES (66, 'bob@example.com', 'bob in b');
+         INSERT INTO members VALUES (66, 'cy@example.com', 'cy in b');",
     );
     let expected = ["1 ann@example.com ann", "66 bob@example.com bob in b"];
     let held = |r: &Region| r.query("SELECT format('%s %s', sqlstate, error) FROM meridian.held");
@@ -671,19 +778,34 @@ fn a_unique_value_inserted_in_two_regions_ends_with_one_winner_everywhere() {
         || (users(&p.a), users(&p.b), held(&p.a), held(&p.b)),
         |v| v.0 == expected && v.1 == expected,
     );
+    let members =
+        |r: &Region| r.query("SELECT format('%s %s %s', id, email, name) FROM members ORDER BY id");
+    let expected = ["2 cy@example.com cy in a"];
+    eventually_value(
+        "the first insert wins on the engine table (A, B, held in A, held in B)",
+        Duration::from_secs(60),
+        || (members(&p.a), members(&p.b), held(&p.a), held(&p.b)),
+        |v| v.0 == expected && v.1 == expected,
+    );
     for r in [&p.a, &p.b] {
         eventually("nothing stays held", Duration::from_secs(60), || {
             r.query("SELECT count(*) FROM meridian.held") == ["0"]
         });
         assert_eq!(
             r.query(
-                "SELECT format('%s %s %s', rule, pk, remote_row ->> 'name') FROM meridian.conflict"
+                "SELECT format('%s %s %s', rule, pk, remote_row ->> 'name') FROM meridian.conflict ORDER BY tbl"
             ),
-            [if r.db.ends_with("_a") {
-                "unique public.users_email_key {\"id\": 2} bob in b"
+            if r.db.ends_with("_a") {
+                [
+                    "unique public.members_email_key {\"id\": 66} cy in b",
+                    "unique public.users_email_key {\"id\": 2} bob in b",
+                ]
             } else {
-                "unique public.users_email_key {\"id\": 2} bob in a"
-            }]
+                [
+                    "unique public.members_email_key {\"id\": 66} cy in a",
+                    "unique public.users_email_key {\"id\": 2} bob in a",
+                ]
+            }
         );
     }
 }

@@ -60,6 +60,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "engine",
         sql: include_str!("../../migrations/0005_engine.sql"),
     },
+    Migration {
+        version: 6,
+        name: "row_states",
+        sql: include_str!("../../migrations/0006_row_states.sql"),
+    },
 ];
 
 /// Serialises concurrent `meridian migrate` runs against one database.
@@ -309,8 +314,8 @@ async fn migrate_locked(
             rule.origin()
         )))?;
         tx.execute(
-            "SELECT meridian.set_table_engine($1::text::regclass, $2)",
-            &[&name, &rule.needs_engine()],
+            "SELECT meridian.set_table_engine($1::text::regclass, $2, $3)",
+            &[&name, &rule.needs_engine(), &rule.columns_json()],
         )
         .await
         .map_err(pg(format!(
@@ -320,6 +325,15 @@ async fn migrate_locked(
     }
     let rule_tables: Vec<String> = rules.tables.iter().map(|t| t.qualified()).collect();
     // A table whose rule was removed goes back to last-writer-wins.
+    // (set_table_engine also regenerates the table's capture function.)
+    tx.execute(
+        "SELECT meridian.set_table_engine(e.tbl::regclass, false, '{}')
+           FROM meridian.engine_table e
+          WHERE e.tbl <> ALL($1) AND to_regclass(e.tbl) IS NOT NULL",
+        &[&rule_tables],
+    )
+    .await
+    .map_err(pg("resetting rules"))?;
     tx.execute(
         "WITH e AS (DELETE FROM meridian.engine_table WHERE tbl <> ALL($1))
          DELETE FROM meridian.orphan_rule WHERE tbl <> ALL($1)",

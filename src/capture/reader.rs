@@ -68,6 +68,13 @@ pub struct Change {
     /// The version (hlc, region) the row had when this change was written
     /// on it; None for a key new in the origin.
     pub base: Option<(i64, i32)>,
+    /// Rule-engine tables only: the write's epoch, lineage (the version of
+    /// the insert that started the row) and last-writer-wins column versions
+    /// (see `rules::merge`).
+    pub epoch: Option<i32>,
+    pub gen: Option<i32>,
+    pub tag: Option<(i64, i32)>,
+    pub cols: Option<Value>,
 }
 
 /// Reads up to `limit` changes after `after`, in safe order.
@@ -79,7 +86,7 @@ pub async fn read_changes(
     let rows = client
         .query(
             "SELECT xid::text, seq, origin, hlc, tx_hlc, via_proxy, tbl, op::text, pk, \"row\", old,
-                    base_hlc, base_origin
+                    base_hlc, base_origin, epoch, tag_hlc, tag_origin, cols, gen
              FROM meridian.read_changes($1::text::xid8, $2, $3::bigint::int)",
             &[&after.xid.to_string(), &after.seq, &limit],
         )
@@ -108,6 +115,10 @@ pub async fn read_changes(
                 row: r.get(9),
                 old: r.get(10),
                 base: r.get::<_, Option<i64>>(11).zip(r.get::<_, Option<i32>>(12)),
+                epoch: r.get(13),
+                tag: r.get::<_, Option<i64>>(14).zip(r.get::<_, Option<i32>>(15)),
+                cols: r.get(16),
+                gen: r.get(17),
             })
         })
         .collect()

@@ -25,7 +25,7 @@ use tokio_util::codec::LengthDelimitedCodec;
 use crate::capture::reader::{Change, Operation, Position};
 
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest message, either way.
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -129,6 +129,18 @@ pub struct WireChange {
     pub base_hlc: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_origin: Option<i32>,
+    /// Rule-engine tables only (see `rules::merge`): the write's epoch,
+    /// lineage and per-column versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_hlc: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_origin: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cols: Option<serde_json::Value>,
 }
 
 impl From<&Change> for WireChange {
@@ -152,6 +164,11 @@ impl From<&Change> for WireChange {
             old: c.old.clone(),
             base_hlc: c.base.map(|b| b.0),
             base_origin: c.base.map(|b| b.1),
+            epoch: c.epoch,
+            gen: c.gen,
+            tag_hlc: c.tag.map(|t| t.0),
+            tag_origin: c.tag.map(|t| t.1),
+            cols: c.cols.clone(),
         }
     }
 }
@@ -264,7 +281,8 @@ mod tests {
             let m = Message::Batch { changes: vec![WireChange {
                 xid, seq, hlc, tx_hlc: hlc, tbl, op: "U".into(),
                 pk: Some(serde_json::json!({"id": v})), row: Some(serde_json::json!({"id": v, "t": "x"})), old: None,
-                base_hlc: Some(hlc), base_origin: None,
+                base_hlc: Some(hlc), base_origin: None, epoch: Some(v), gen: Some(v), tag_hlc: Some(hlc), tag_origin: Some(v),
+                cols: Some(serde_json::json!({"t": [hlc, v]})),
             }], after: vec![OriginPosition { origin: 3, position: WirePosition { xid, seq } }], floor: Some(hlc) };
             prop_assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         }

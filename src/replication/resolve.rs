@@ -22,7 +22,9 @@ use tokio_postgres::Transaction;
 use super::protocol::WireChange;
 use crate::clock::Version;
 use crate::config::Config;
-use crate::rules::merge::{Conflict, Engine, Incoming, Resolution, Row, Side, Stored};
+use crate::rules::merge::{
+    cols_from_json, cols_to_json, Cols, Conflict, Engine, Incoming, Resolution, Row, Side, Stored,
+};
 use crate::rules::{RuleSet, RulesError};
 
 /// The engines of every table whose rule needs one, by qualified name.
@@ -126,6 +128,9 @@ fn version(hlc: i64, region: i32) -> Version {
     }
 }
 
+/// The `winner` of a state a custom function made (no write's version).
+const MERGED: Version = Version { hlc: 0, region: 0 };
+
 fn object(v: Option<&Value>) -> Row {
     match v {
         Some(Value::Object(m)) => m.clone(),
@@ -223,7 +228,8 @@ async fn apply_table(
     }
     let rows = tx
         .query(
-            "SELECT pk, \"row\", hlc, origin, deleted, winner_hlc, winner_origin
+            "SELECT pk, \"row\", hlc, origin, deleted, winner_hlc, winner_origin,
+                    epoch, tag_hlc, tag_origin, cols, gen
                FROM meridian.engine_read($1, $2)",
             &[&tbl, &Value::Array(keys.clone())],
         )
@@ -241,12 +247,20 @@ async fn apply_table(
             _ if row.is_some() => (version(0, 0), false),
             _ => continue, // nothing here: the change applies as new
         };
+        let winner = match (r.get::<_, Option<i64>>(5), r.get::<_, Option<i32>>(6)) {
+            (Some(h), Some(o)) => version(h, o),
+            _ => v,
+        };
         state[i] = Some(Stored {
             version: v,
-            winner: match (r.get::<_, Option<i64>>(5), r.get::<_, Option<i32>>(6)) {
+            winner,
+            epoch: r.get::<_, Option<i32>>(7).unwrap_or(0) as u32,
+            gen: r.get::<_, Option<i32>>(11).unwrap_or(0) as u32,
+            tag: match (r.get::<_, Option<i64>>(8), r.get::<_, Option<i32>>(9)) {
                 (Some(h), Some(o)) => version(h, o),
-                _ => v,
+                _ => winner,
             },
+            cols: cols_from_json(r.get::<_, Option<Value>>(10).as_ref()),
             deleted,
             row: if deleted {
                 Row::new()
@@ -266,24 +280,36 @@ async fn apply_table(
         let pk = c.pk.clone().unwrap_or(Value::Null);
         let i = index[&pk.to_string()];
         let deleted = c.op == "D";
+        let v = version(c.hlc, i32::from(origin));
         let remote = Incoming {
-            version: version(c.hlc, i32::from(origin)),
+            version: v,
             base: c.base_hlc.zip(c.base_origin).map(|(h, o)| version(h, o)),
+            epoch: c.epoch.unwrap_or(0) as u32,
+            gen: c.gen.unwrap_or(0) as u32,
+            tag: c
+                .tag_hlc
+                .zip(c.tag_origin)
+                .map_or(v, |(h, o)| version(h, o)),
+            cols: cols_from_json(c.cols.as_ref()),
             deleted,
             row: if deleted {
                 Row::new()
             } else {
                 object(c.row.as_ref())
             },
-            old: c.old.as_ref().map(|o| object(Some(o))),
         };
         let local = state[i].take();
         let before = local.clone();
         let remote_row = (!deleted).then(|| Value::Object(remote.row.clone()));
         let remote_version = remote.version;
         let r = match (&engine.function, &before) {
+            // A state the function made (winner MERGED) is no write's: even
+            // a change made on top of its identity at the origin was made
+            // on the origin's own state, so the function decides again.
             (Some(function), Some(l))
-                if Engine::conflicts(l, &remote) && !engine.deletes_decide(l, &remote) =>
+                if (Engine::conflicts(l, &remote)
+                    || (l.winner == MERGED && l.version != remote.version))
+                    && !engine.deletes_decide(l, &remote) =>
             {
                 custom(tx, function, tbl, l, remote).await?
             }
@@ -329,6 +355,11 @@ async fn apply_table(
                 "origin": s.version.region,
                 "winner_hlc": winner.map(|w| w.hlc as i64),
                 "winner_origin": winner.map(|w| w.region),
+                "epoch": s.epoch,
+                "gen": s.gen,
+                "tag_hlc": s.tag.hlc as i64,
+                "tag_origin": s.tag.region,
+                "cols": cols_to_json(&s.cols),
             })
         })
         .collect();
@@ -388,7 +419,11 @@ async fn custom(
     let version = local.version.max(remote.version);
     let stored = Stored {
         version,
-        winner: version,
+        winner: MERGED,
+        epoch: local.epoch.max(remote.epoch),
+        gen: local.gen.max(remote.gen),
+        tag: local.tag.min(remote.tag),
+        cols: Cols::new(),
         deleted: decided.is_none(),
         row: object(decided.as_ref()),
     };
@@ -417,17 +452,18 @@ pub async fn retry_held(
 ) -> Result<u64, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT origin, change FROM meridian.held h
+            "SELECT origin, change, sqlstate FROM meridian.held h
               WHERE h.change ->> 'op' IN ('I', 'U', 'D') AND meridian.is_engine_table(h.tbl)
               ORDER BY origin, xid, seq LIMIT 1000",
             &[],
         )
         .await?;
-    let mut by_origin: BTreeMap<i32, Vec<WireChange>> = BTreeMap::new();
+    let mut by_origin: BTreeMap<i32, Vec<(WireChange, bool)>> = BTreeMap::new();
     for r in &rows {
         let change: Value = r.get(1);
+        let unique = r.get::<_, Option<&str>>(2) == Some("23505");
         if let Ok(c) = serde_json::from_value::<WireChange>(change) {
-            by_origin.entry(r.get(0)).or_default().push(c);
+            by_origin.entry(r.get(0)).or_default().push((c, unique));
         }
     }
     let mut unheld = 0;
@@ -438,10 +474,41 @@ pub async fn retry_held(
              SET LOCAL deadlock_timeout = '20ms'",
         )
         .await?;
-        let refs: Vec<&WireChange> = changes.iter().collect();
+        // A change held on a unique value other than the key: the local
+        // row holding it and the change are compared as incarnations, by
+        // the table's policy; a losing change is dropped, a losing row
+        // deleted (both logged). See migration 6.
+        let mut lost = Vec::new();
+        for (c, _) in changes.iter().filter(|(c, unique)| *unique && c.op != "D") {
+            let Some(engine) = engines.tables.get(&c.tbl) else {
+                continue;
+            };
+            let priority: Vec<i32> = engine.priority.iter().map(|&r| i32::from(r)).collect();
+            let outcome: String = tx
+                .query_one(
+                    "SELECT meridian.resolve_unique($1, $2, $3, $4)",
+                    &[
+                        &origin,
+                        &serde_json::to_value(c).expect("serialises"),
+                        &engine.policy.name(),
+                        &priority,
+                    ],
+                )
+                .await?
+                .get(0);
+            if outcome == "lost" {
+                lost.push((c.xid, c.seq));
+            }
+        }
+        let refs: Vec<&WireChange> = changes
+            .iter()
+            .map(|(c, _)| c)
+            .filter(|c| !lost.contains(&(c.xid, c.seq)))
+            .collect();
         let outcome = apply(&mut tx, engines, origin as u16, &refs).await?;
         let done: Vec<&WireChange> = changes
             .iter()
+            .map(|(c, _)| c)
             .filter(|c| !outcome.held_tables.contains(&c.tbl))
             .collect();
         let xids: Vec<i64> = done.iter().map(|c| c.xid as i64).collect();

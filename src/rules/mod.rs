@@ -132,6 +132,9 @@ pub enum ColumnRule {
     Union,
     /// The value furthest along this order (values not listed come first).
     States(Vec<String>),
+    /// The value of the write that changed this column last (each column
+    /// has its own version, kept by capture).
+    LastWriterWins,
 }
 
 impl ColumnRule {
@@ -142,23 +145,20 @@ impl ColumnRule {
             ColumnRule::Min => "min",
             ColumnRule::Union => "union",
             ColumnRule::States(_) => "states",
+            ColumnRule::LastWriterWins => "last-writer-wins",
         }
     }
 
     fn parse(value: &toml::Value) -> Result<ColumnRule, String> {
         const EXPECTED: &str =
-            "expected \"counter\", \"max\", \"min\", \"union\" or { states = [...] }";
+            "expected \"counter\", \"max\", \"min\", \"union\", \"last-writer-wins\" or { states = [...] }";
         match value {
             toml::Value::String(s) => match s.as_str() {
                 "counter" => Ok(ColumnRule::Counter),
                 "max" => Ok(ColumnRule::Max),
                 "min" => Ok(ColumnRule::Min),
                 "union" => Ok(ColumnRule::Union),
-                "last-writer-wins" => Err(
-                    "per-column last-writer-wins is not supported yet (it needs a version per column); \
-                     leave the column out to have it follow the table's policy"
-                        .into(),
-                ),
+                "last-writer-wins" => Ok(ColumnRule::LastWriterWins),
                 other => Err(format!("unknown column rule {other:?}; {EXPECTED}")),
             },
             toml::Value::Table(t) => {
@@ -175,9 +175,15 @@ impl ColumnRule {
                     .collect::<Option<_>>()
                     .ok_or("states must be a list of strings")?;
                 if states.len() < 2 {
-                    return Err("states needs at least two values, in the order a value may move".into());
+                    return Err(
+                        "states needs at least two values, in the order a value may move".into(),
+                    );
                 }
-                if let Some(dup) = states.iter().enumerate().find(|(i, s)| states[..*i].contains(s)) {
+                if let Some(dup) = states
+                    .iter()
+                    .enumerate()
+                    .find(|(i, s)| states[..*i].contains(s))
+                {
                     return Err(format!("state {:?} is listed twice", dup.1));
                 }
                 Ok(ColumnRule::States(states))
@@ -254,6 +260,23 @@ impl TableRule {
                 .map(|(c, r)| (c.clone(), r.clone()))
                 .collect(),
         })
+    }
+
+    /// The merged columns' rules as the database keeps them
+    /// (`meridian.engine_table.columns`, read by capture):
+    /// `{"n": "counter", "st": {"states": [...]}}`.
+    pub fn columns_json(&self) -> serde_json::Value {
+        self.columns
+            .iter()
+            .map(|(c, r)| {
+                let v = match r {
+                    ColumnRule::States(s) => serde_json::json!({ "states": s }),
+                    r => serde_json::Value::from(r.name()),
+                };
+                (c.clone(), v)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
     }
 
     pub fn qualified(&self) -> String {
@@ -606,11 +629,8 @@ policy = "first-writer-wins"
             "{t}deletes = \"update-wins\"\n[table.columns]\nn = \"max\"\n"
         ))
         .starts_with("table[0].deletes"));
-        assert!(
-            key(&format!("{t}[table.columns]\nn = \"last-writer-wins\"\n")).starts_with(
-                "table[0].columns.n: per-column last-writer-wins is not supported yet"
-            )
-        );
+        assert!(key(&format!("{t}[table.columns]\nn = \"newest\"\n"))
+            .contains("\"last-writer-wins\" or { states"));
         assert!(
             key(&format!("{t}[table.columns]\nn = {{ states = [\"a\"] }}\n"))
                 .contains("at least two")
