@@ -723,8 +723,9 @@ async fn serve_peer(
 /// changes through `meridian.apply_batch`, the engine's through
 /// [`resolve::apply`], then the batch's position (`meridian.advance_applied`).
 /// Changes at or before the position recorded before this batch were applied
-/// already (a resend) and are skipped.
-async fn apply_with_engine(
+/// already (a resend) and are skipped. Public so tests can apply one set of
+/// changes in chosen orders through the receiver's own path.
+pub async fn apply_with_engine(
     client: &mut Client,
     engines: &resolve::Engines,
     origin: u16,
