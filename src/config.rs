@@ -96,6 +96,11 @@ pub struct PeerConfig {
     /// the host part of `address` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// The peer's database, as a libpq connection string or URL
+    /// (`postgres://user@host:5432/db`): `meridian verify` compares tables
+    /// there. Not used by replication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<String>,
 }
 
 /// The host part of `host:port` (brackets of an IPv6 literal removed).
@@ -474,6 +479,18 @@ impl Config {
                 problem(
                     format!("replication.peers[{i}].id"),
                     format!("peer id {} is listed twice", peer.id),
+                );
+            }
+        }
+        for (i, peer) in r.peers.iter().enumerate() {
+            if let Some(Err(e)) = peer
+                .postgres
+                .as_ref()
+                .map(|p| p.parse::<tokio_postgres::Config>())
+            {
+                problem(
+                    format!("replication.peers[{i}].postgres"),
+                    format!("not a PostgreSQL connection string or URL: {e}"),
                 );
             }
         }

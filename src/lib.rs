@@ -5,17 +5,15 @@
 //!
 //! - [`wire`]: the Postgres protocol front door (startup, TLS, auth, relay, cancel).
 //! - [`proxy`]: a region's accept loop, connection limit and graceful shutdown.
-//! - [`admin`]: the per-region HTTP endpoint.
+//! - [`admin`]: the per-region HTTP endpoint (`/health`, `/metrics`, `/status`).
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`sql`]: statement classification; [`clock`]: the hybrid logical clock.
 //! - [`capture`]: `meridian migrate`, the change reader, the clock lease;
-//!   [`rules`]: the conflict rule files.
+//!   [`rules`]: the conflict rule files and the rule engine (`rules::merge`).
 //! - [`replication`]: shipping changes to peers and applying theirs.
 //! - [`link`]: the WAN emulator between regions.
 //! - [`cluster`]: local PostgreSQL servers and the multi-region `demo`.
-//!
-//! The conflict rule engine arrives with the issue that builds it;
-//! docs/architecture.md shows where it plugs in.
+//! - [`ops`]: `meridian status` and `meridian verify`, for operators.
 
 pub mod admin;
 pub mod capture;
@@ -24,6 +22,7 @@ pub mod cluster;
 pub mod config;
 pub mod link;
 pub mod net;
+pub mod ops;
 pub mod proxy;
 pub mod replication;
 pub mod rules;

@@ -65,6 +65,23 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: i64,
     },
+    /// The cluster as this region sees it: proxy, links, lag and backlog per
+    /// peer, held changes, recent conflicts.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Compare every replicated table across all regions (this one and each
+    /// peer's `postgres` database) and name every key that differs. Exit
+    /// status 0 only if all are identical.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+        /// How long keys that differ are re-read before they count (changes
+        /// may still be on their way on a live cluster).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+    },
     /// Validate a config file and explain every mistake.
     Check {
         #[arg(long)]
@@ -197,6 +214,32 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or_default()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { config } => {
+            let config = Config::load(&config)?;
+            match runtime()?.block_on(meridian::ops::status::report(&config)) {
+                Ok(text) => {
+                    print!("{text}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(text) => {
+                    print!("{text}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Verify { config, settle } => {
+            let config = Config::load(&config)?;
+            let report =
+                runtime()?.block_on(meridian::ops::verify::verify(&config, settle, |line| {
+                    eprintln!("{line}")
+                }))?;
+            print!("{}", report.render());
+            Ok(if report.identical() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Migrate { config } => {
             let config = Config::load(&config)?;

@@ -309,15 +309,19 @@ pub async fn run(
                 .iter()
                 .filter(|l| l.from == p.name)
                 .map(|l| {
-                    let to = plans
+                    let (i, to) = plans
                         .iter()
-                        .find(|t| t.name == l.to)
+                        .enumerate()
+                        .find(|(_, t)| t.name == l.to)
                         .expect("planned region");
                     PeerConfig {
                         name: to.name.to_string(),
                         id: to.id,
                         address: l.state.listen.to_string(),
                         server_name: Some(to.name.to_string()),
+                        // For `meridian verify` (straight to the peer's
+                        // database, not through the link).
+                        postgres: Some(servers[i].socket_conninfo("postgres")),
                     }
                 })
                 .collect();

@@ -129,7 +129,9 @@ fn as_owner(cmd: &mut Command, owner: Option<(u32, u32)>) {
 }
 
 impl PgServer {
-    /// Initialises and starts a server in `dir` (created; must not exist yet or be empty).
+    /// Initialises and starts a server in `dir` (created if missing). A `dir`
+    /// kept from an earlier server (`remove_on_stop: false`) is started again
+    /// with its data.
     pub fn start(dir: &Path, opts: &PgOptions) -> Result<PgServer, PgError> {
         let bin = bindir()?;
         let owner = if is_root() {
@@ -169,14 +171,19 @@ impl PgServer {
             ])
             .stdin(Stdio::null());
         as_owner(&mut initdb, owner);
-        let out = initdb.output()?;
-        if !out.status.success() {
-            return Err(PgError::Command {
-                what: "initdb".into(),
-                detail: String::from_utf8_lossy(&out.stderr).into(),
-            });
+        // A directory holding a cluster already (kept from an earlier start)
+        // is started as it is.
+        let existing = data.join("PG_VERSION").is_file();
+        if !existing {
+            let out = initdb.output()?;
+            if !out.status.success() {
+                return Err(PgError::Command {
+                    what: "initdb".into(),
+                    detail: String::from_utf8_lossy(&out.stderr).into(),
+                });
+            }
         }
-        if !opts.hba_first.is_empty() {
+        if !opts.hba_first.is_empty() && !existing {
             let hba = data.join("pg_hba.conf");
             let default = std::fs::read_to_string(&hba)?;
             std::fs::write(&hba, format!("{}\n{default}", opts.hba_first.join("\n")))?;

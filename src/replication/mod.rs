@@ -105,9 +105,124 @@ pub struct ReplicationStats {
     pub orphans: AtomicU64,
     /// Conflicts decided here, by (table, rule).
     pub conflicts_by_rule: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    /// Per peer region, by name: links, lag, backlog.
+    pub peers: std::sync::Mutex<std::collections::BTreeMap<String, PeerState>>,
+    /// Changes waiting in `meridian.held` (read by housekeeping, once a second).
+    pub held_now: AtomicU64,
+}
+
+/// What this region knows of one peer.
+#[derive(Debug, Clone, Default)]
+pub struct PeerState {
+    /// Open connections shipping this region's changes to the peer (0 or 1).
+    pub shipping: u32,
+    /// Open connections receiving the peer's changes (0 or 1).
+    pub receiving: u32,
+    /// Changes captured here the peer has not acknowledged (housekeeping).
+    pub backlog: Option<i64>,
+    /// The origin's clock (ms) when it was last known to have shipped
+    /// everything it had committed, and that batch or heartbeat was applied
+    /// here; when that was, locally; and how late it was then.
+    pub caught_up_origin_ms: Option<i64>,
+    pub caught_up_at: Option<std::time::Instant>,
+    pub last_delay_ms: Option<i64>,
+    pub changes_applied: u64,
+}
+
+/// How long after the last caught-up message the lag is taken as the time
+/// since that message (the peer sends one at least once a second when
+/// idle, and with every batch that reaches its end when busy).
+const LAG_FRESH: Duration = Duration::from_secs(2);
+
+impl PeerState {
+    /// Replication lag from this peer, in seconds: how far behind the
+    /// peer's committed changes this region is. While messages arrive it
+    /// is the delay of the last caught-up one (link latency plus apply);
+    /// when none has come for [`LAG_FRESH`] (a cut link, a backlog) it is
+    /// the time since the peer was last known caught up, so it grows.
+    /// None before the first one.
+    pub fn lag_seconds(&self, now_ms: i64) -> Option<f64> {
+        let at = self.caught_up_at?;
+        let ms = if at.elapsed() <= LAG_FRESH {
+            self.last_delay_ms?
+        } else {
+            now_ms - self.caught_up_origin_ms?
+        };
+        Some(ms.max(0) as f64 / 1000.0)
+    }
+}
+
+/// Wall clock in ms since the epoch (lag is measured against the origin's).
+pub fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Counts an open link to or from a peer while alive.
+struct LinkGuard {
+    stats: Arc<ReplicationStats>,
+    peer: String,
+    outgoing: bool,
+}
+
+impl LinkGuard {
+    fn new(stats: &Arc<ReplicationStats>, peer: &str, outgoing: bool) -> LinkGuard {
+        stats.with_peer(peer, |p| {
+            if outgoing {
+                p.shipping += 1
+            } else {
+                p.receiving += 1
+            }
+        });
+        LinkGuard {
+            stats: stats.clone(),
+            peer: peer.to_string(),
+            outgoing,
+        }
+    }
+}
+
+impl Drop for LinkGuard {
+    fn drop(&mut self) {
+        let outgoing = self.outgoing;
+        self.stats.with_peer(&self.peer, |p| {
+            if outgoing {
+                p.shipping = p.shipping.saturating_sub(1)
+            } else {
+                p.receiving = p.receiving.saturating_sub(1)
+            }
+        });
+    }
 }
 
 impl ReplicationStats {
+    /// Runs `f` on the state of peer `name` (created if new).
+    pub fn with_peer<T>(&self, name: &str, f: impl FnOnce(&mut PeerState) -> T) -> T {
+        let mut peers = self.peers.lock().expect("not poisoned");
+        f(peers.entry(name.to_string()).or_default())
+    }
+
+    /// Per peer: links, lag (seconds), backlog, for `/status`.
+    pub fn peers_snapshot(&self) -> serde_json::Value {
+        let now = wall_ms();
+        self.peers
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(name, p)| {
+                serde_json::json!({
+                    "peer": name,
+                    "shipping": p.shipping > 0,
+                    "receiving": p.receiving > 0,
+                    "lag_seconds": p.lag_seconds(now),
+                    "backlog": p.backlog,
+                    "changes_applied": p.changes_applied,
+                })
+            })
+            .collect()
+    }
+
     pub fn snapshot(&self) -> serde_json::Value {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
         serde_json::json!({
@@ -126,6 +241,8 @@ impl ReplicationStats {
             "peers_refused": n(&self.peers_refused),
             "tombstones_forgotten": n(&self.tombstones_forgotten),
             "conflicts": n(&self.conflicts),
+            "held_now": n(&self.held_now),
+            "peers": self.peers_snapshot(),
             "orphans": n(&self.orphans),
             "conflicts_by_rule": self
                 .conflicts_by_rule
@@ -226,7 +343,7 @@ async fn ship_once(
     config: &Config,
     peer: &PeerConfig,
     tls: Option<&tls::PeerTls>,
-    stats: &ReplicationStats,
+    stats: &Arc<ReplicationStats>,
     stop: &CancellationToken,
 ) -> Result<(), ReplicationError> {
     let secret = config.replication.resolve_secret().unwrap_or_default();
@@ -271,6 +388,7 @@ async fn ship_once(
         other => return Err(unexpected("Welcome", &other)),
     };
     tracing::info!(?position, "connected; shipping from the peer's position");
+    let _link = LinkGuard::new(stats, &peer.name, true);
     // Up to WINDOW batches in flight: sending does not wait for the previous
     // batch's acknowledgement (a round trip over the WAN), acknowledgements
     // are matched in order as they come.
@@ -301,23 +419,26 @@ async fn ship_once(
             } else {
                 None
             };
+            let read_at = wall_ms();
             let changes = read_changes(&client, sent.into(), limit).await?;
             // Only a read that reached the end of what is committed leaves
             // nothing older behind it.
-            let floor = floor.filter(|_| (changes.len() as i64) < limit);
+            let complete = (changes.len() as i64) < limit;
+            let floor = floor.filter(|_| complete);
+            let caught_up = complete.then_some(read_at);
             if changes.is_empty() && floor.is_none() {
                 tokio::time::sleep(POLL).await;
             }
             // Read after the changes: at least what their transactions had seen.
             let after = applied_vector(&client).await?;
-            Ok::<_, ReplicationError>((changes, after, floor))
+            Ok::<_, ReplicationError>((changes, after, floor, caught_up))
         };
         tokio::select! {
             read = next => {
-                let (changes, after, floor) = read?;
+                let (changes, after, floor, caught_up) = read?;
                 let Some(last) = changes.last() else {
                     if let Some(hlc) = floor {
-                        tokio::time::timeout(IO_TIMEOUT, sink.send(Message::Floor { hlc }.encode()))
+                        tokio::time::timeout(IO_TIMEOUT, sink.send(Message::Floor { hlc, caught_up }.encode()))
                             .await
                             .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
                             .map_err(ProtocolError::Io)?;
@@ -328,7 +449,7 @@ async fn ship_once(
                 let last = WirePosition::from(last.position);
                 let wire: Vec<WireChange> = changes.iter().map(WireChange::from).collect();
                 let n = wire.len() as u64;
-                let frame = Message::Batch { changes: wire, after, floor }.encode();
+                let frame = Message::Batch { changes: wire, after, floor, caught_up }.encode();
                 if frame.len() > TARGET_FRAME && n > 1 {
                     // Wide rows: fewer changes per batch, so frames stay bounded.
                     limit = (n as i64 / 2).max(1);
@@ -466,6 +587,24 @@ pub async fn maintain(
                     .get(0);
                 last_forget = tokio::time::Instant::now();
             }
+            // For /metrics and `meridian status`: each peer's backlog (this
+            // region's changes after the last it acknowledged; counted up to
+            // ten million) and the changes held here.
+            let backlog = c
+                .query(BACKLOG, &[&peers, &i32::from(config.region.id)])
+                .await?;
+            for r in &backlog {
+                let id = r.get::<_, i32>(0) as u16;
+                if let Some(p) = config.replication.peers.iter().find(|p| p.id == id) {
+                    let n: i64 = r.get(1);
+                    stats.with_peer(&p.name, |s| s.backlog = Some(n));
+                }
+            }
+            let held: i64 = c
+                .query_one("SELECT count(*) FROM meridian.held", &[])
+                .await?
+                .get(0);
+            stats.held_now.store(held as u64, Ordering::Relaxed);
             Ok::<_, tokio_postgres::Error>((pruned, retried, forgotten))
         }
         .await;
@@ -491,6 +630,16 @@ pub async fn maintain(
         }
     }
 }
+
+/// Per peer id ($1): how many of this region's ($2) changes come after the
+/// last it acknowledged.
+const BACKLOG: &str = "SELECT p.id, (SELECT count(*) FROM (
+                           SELECT 1 FROM meridian.change c
+                            WHERE c.origin = $2
+                              AND (c.xid, c.seq) > (coalesce(s.xid, 0)::text::xid8, coalesce(s.seq, 0))
+                            LIMIT 10000000) x)
+                         FROM unnest($1::int[]) AS p(id)
+                         LEFT JOIN meridian.shipped s ON s.peer = p.id";
 
 /// What every receiving connection of a region shares.
 #[derive(Clone)]
@@ -598,6 +747,25 @@ async fn serve_peer(
     let position = applied_position(&client, origin).await?;
     send(&mut conn, &Message::Welcome { position }).await?;
     tracing::info!(origin, ?position, "peer authenticated; receiving");
+    let peer_name = config
+        .replication
+        .peers
+        .iter()
+        .find(|p| p.id == origin)
+        .map_or_else(|| origin.to_string(), |p| p.name.clone());
+    let _link = LinkGuard::new(stats, &peer_name, false);
+    // Records that everything the origin had committed by `origin_ms` is
+    // applied here (its wall clock), for the lag.
+    let caught_up = |origin_ms: Option<i64>, applied: u64| {
+        stats.with_peer(&peer_name, |p| {
+            p.changes_applied += applied;
+            if let Some(ms) = origin_ms {
+                p.caught_up_origin_ms = Some(ms);
+                p.caught_up_at = Some(std::time::Instant::now());
+                p.last_delay_ms = Some(wall_ms() - ms);
+            }
+        })
+    };
     loop {
         // No timeout here: a shipper with nothing to ship is silent. A dead
         // peer shows as a closed connection (TCP keepalive, or its restart).
@@ -606,15 +774,20 @@ async fn serve_peer(
             .await
             .ok_or(ProtocolError::Closed)?
             .map_err(ProtocolError::Io)?;
-        let (changes, after, floor) = match Message::decode(&frame)? {
+        let (changes, after, floor, origin_ms) = match Message::decode(&frame)? {
             Message::Batch {
                 changes,
                 after,
                 floor,
-            } => (changes, after, floor),
+                caught_up,
+            } => (changes, after, floor, caught_up),
             // Everything the origin sent before this is applied.
-            Message::Floor { hlc } => {
+            Message::Floor {
+                hlc,
+                caught_up: origin_ms,
+            } => {
                 note_floor(&client, origin, hlc).await?;
+                caught_up(origin_ms, 0);
                 continue;
             }
             other => return Err(unexpected("Batch", &other)),
@@ -698,6 +871,7 @@ async fn serve_peer(
                 *by.entry((table.clone(), rule.to_string())).or_default() += n;
             }
         }
+        caught_up(origin_ms, count("applied") + engine.applied);
         if count("held") > 0 {
             tracing::warn!(
                 origin,

@@ -5,9 +5,9 @@
 //! receiver -> shipper   Challenge { version, region, nonce }
 //! shipper  -> receiver  Hello { version, origin, proof = HMAC-SHA256(secret, nonce || origin) }
 //! receiver -> shipper   Welcome { position }            (or Refused { reason }, then close)
-//! shipper  -> receiver  Batch { changes, after, floor } (in capture order, after position)
+//! shipper  -> receiver  Batch { changes, after, floor, caught_up } (in capture order, after position)
 //! receiver -> shipper   Ack { position, applied, older, held, duplicate }
-//! shipper  -> receiver  Floor { hlc }                   (when idle, about once a second; no reply)
+//! shipper  -> receiver  Floor { hlc, caught_up }        (when idle, about once a second; no reply)
 //! ```
 //!
 //! A floor is the origin's promise that every change it ships from then on
@@ -65,9 +65,18 @@ pub enum Message {
         /// committed: every later change has a row version above it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         floor: Option<i64>,
+        /// Set when the read reached the end of what the origin had
+        /// committed: the origin's wall clock (ms since the epoch) just
+        /// before the read. A receiver that has applied it was caught up
+        /// with the origin as of then (replication lag).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        caught_up: Option<i64>,
     },
     Floor {
         hlc: i64,
+        /// The origin's wall clock (ms) when it found nothing to ship.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        caught_up: Option<i64>,
     },
     Ack {
         position: WirePosition,
@@ -283,7 +292,8 @@ mod tests {
                 pk: Some(serde_json::json!({"id": v})), row: Some(serde_json::json!({"id": v, "t": "x"})), old: None,
                 base_hlc: Some(hlc), base_origin: None, epoch: Some(v), gen: Some(v), tag_hlc: Some(hlc), tag_origin: Some(v),
                 cols: Some(serde_json::json!({"t": [hlc, v]})),
-            }], after: vec![OriginPosition { origin: 3, position: WirePosition { xid, seq } }], floor: Some(hlc) };
+            }], after: vec![OriginPosition { origin: 3, position: WirePosition { xid, seq } }], floor: Some(hlc),
+                caught_up: Some(hlc) };
             prop_assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         }
 

@@ -4,12 +4,12 @@
 //! for real clients (psql, pgbench, Python drivers).
 #![allow(dead_code)]
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 use meridian::cluster::postgres::{free_port, PgOptions, PgServer};
@@ -655,5 +655,90 @@ impl Drop for Region {
         if let Some(dir) = self.config.parent() {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+/// A running `meridian demo` (stopped when dropped).
+pub struct Demo {
+    pub child: Child,
+    /// Per region: name, client URL, admin address.
+    pub regions: Vec<(String, String, String)>,
+}
+
+/// Starts a demo on free ports, retrying if another process took one meanwhile.
+pub fn start_demo(regions: usize, extra: &[&str]) -> Demo {
+    for attempt in 0..5 {
+        let port = 20000 + (std::process::id() as u16 % 5000) * 2 + attempt * 10;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meridian"));
+        cmd.args([
+            "demo",
+            "--regions",
+            &regions.to_string(),
+            "--port",
+            &port.to_string(),
+        ])
+        .args(extra);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = spawn_tied(&mut cmd);
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(120)) {
+                Ok(l) if l == "ready" => break,
+                Ok(l) => lines.push(l),
+                Err(_) => break,
+            }
+        }
+        if lines.len() != regions {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("already in use") {
+                continue;
+            }
+            panic!("demo did not become ready: {lines:?}\n{err}");
+        }
+        let regions = lines
+            .iter()
+            .map(|l| {
+                let parts: Vec<&str> = l.split(' ').collect();
+                assert_eq!(parts.len(), 3, "{l}");
+                let field = |i: usize, key: &str| {
+                    parts[i]
+                        .strip_prefix(key)
+                        .unwrap_or_else(|| panic!("{l}"))
+                        .to_string()
+                };
+                (field(0, "region="), field(1, "url="), field(2, "admin="))
+            })
+            .collect();
+        return Demo { child, regions };
+    }
+    panic!("no free ports for the demo");
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        // Only reached with the process still running when a test failed.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Demo {
+    pub fn stop(&mut self, signal: i32) -> std::process::ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+        wait_exit(&mut self.child)
     }
 }
