@@ -723,13 +723,26 @@ async fn one_set_of_changes_applied_in_many_orders_gives_identical_tables() {
     let receivers: Vec<Region> = (0..6).map(|i| prepare(format!("orders_r{i}"), 3)).collect();
     let engines =
         |r: &Region| Engines::load(&meridian::config::Config::load(&r.config).unwrap()).unwrap();
-    async fn changes_after(client: &tokio_postgres::Client, after: Position) -> Vec<WireChange> {
-        read_changes(client, after, 10_000)
-            .await
-            .unwrap()
-            .iter()
-            .map(WireChange::from)
-            .collect()
+    // The safe read order holds changes back while any older transaction
+    // of the server runs (other tests share it): read until all are there.
+    async fn changes_after(
+        client: &tokio_postgres::Client,
+        after: Position,
+        expected: usize,
+    ) -> Vec<WireChange> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let changes: Vec<WireChange> = read_changes(client, after, 10_000)
+                .await
+                .unwrap()
+                .iter()
+                .map(WireChange::from)
+                .collect();
+            if changes.len() >= expected || std::time::Instant::now() > deadline {
+                return changes;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     async fn apply(r: &Region, engines: &Engines, origin: u16, batch: &[WireChange]) {
         let mut client = r.direct_client().await;
@@ -747,7 +760,7 @@ async fn one_set_of_changes_applied_in_many_orders_gives_identical_tables() {
     )
     .await
     .unwrap();
-    let base = changes_after(&ca, Position { xid: 0, seq: 0 }).await;
+    let base = changes_after(&ca, Position { xid: 0, seq: 0 }, 7).await;
     apply(&b, &engines(&b), 1, &base).await;
     let after_base = Position {
         xid: base.last().unwrap().xid,
@@ -779,8 +792,8 @@ async fn one_set_of_changes_applied_in_many_orders_gives_identical_tables() {
     ] {
         cb.batch_execute(sql).await.unwrap();
     }
-    let from_a = changes_after(&ca, after_base).await;
-    let from_b = changes_after(&cb, Position { xid: 0, seq: 0 }).await;
+    let from_a = changes_after(&ca, after_base, 9).await;
+    let from_b = changes_after(&cb, Position { xid: 0, seq: 0 }, 8).await;
     assert_eq!(
         (from_a.len(), from_b.len()),
         (9, 8),

@@ -152,6 +152,9 @@ impl PeerState {
     }
 }
 
+/// Seconds between "catching up" progress lines.
+const CATCH_UP_REPORT: u64 = 5;
+
 /// Wall clock in ms since the epoch (lag is measured against the origin's).
 pub fn wall_ms() -> i64 {
     std::time::SystemTime::now()
@@ -754,6 +757,8 @@ async fn serve_peer(
         .find(|p| p.id == origin)
         .map_or_else(|| origin.to_string(), |p| p.name.clone());
     let _link = LinkGuard::new(stats, &peer_name, false);
+    // While catching up: since when, changes applied, seconds when last reported.
+    let mut catching_up: Option<(std::time::Instant, u64, u64)> = None;
     // Records that everything the origin had committed by `origin_ms` is
     // applied here (its wall clock), for the lag.
     let caught_up = |origin_ms: Option<i64>, applied: u64| {
@@ -872,6 +877,41 @@ async fn serve_peer(
             }
         }
         caught_up(origin_ms, count("applied") + engine.applied);
+        // Catching up (batches that do not reach the origin's end): say how
+        // it goes every few seconds, and when it is done.
+        let applied_now = count("applied") + count("older") + engine.applied;
+        match (&mut catching_up, origin_ms) {
+            (None, None) => catching_up = Some((std::time::Instant::now(), applied_now, 0)),
+            (Some((since, total, logged)), None) => {
+                *total += applied_now;
+                let secs = since.elapsed().as_secs();
+                if secs >= *logged + CATCH_UP_REPORT {
+                    *logged = secs;
+                    let newest = changes.last().map_or(0, |c| c.tx_hlc);
+                    tracing::info!(
+                        origin,
+                        changes = *total,
+                        per_second = *total / secs.max(1),
+                        behind_s = crate::clock::physical_ms(newest as u64)
+                            .map_or(0.0, |t| (wall_ms() - t) as f64 / 1000.0),
+                        "catching up"
+                    );
+                }
+            }
+            (Some((since, total, _)), Some(_)) => {
+                let total = *total + applied_now;
+                if since.elapsed().as_secs() >= CATCH_UP_REPORT {
+                    tracing::info!(
+                        origin,
+                        changes = total,
+                        seconds = since.elapsed().as_secs(),
+                        "caught up"
+                    );
+                }
+                catching_up = None;
+            }
+            (None, Some(_)) => {}
+        }
         if count("held") > 0 {
             tracing::warn!(
                 origin,
