@@ -603,6 +603,21 @@ key = "/nonexistent/key.pem"
     }
 
     #[test]
+    fn a_peer_database_that_is_no_connection_string_is_named() {
+        let text = format!(
+            "{MINIMAL}\n[replication]\nsecret = \"0123456789abcdef\"\n\
+             [[replication.peers]]\nname = \"b\"\nid = 2\naddress = \"127.0.0.1:1\"\npostgres = \"port=eleven\"\n\
+             [[replication.peers]]\nname = \"c\"\nid = 3\naddress = \"127.0.0.1:2\"\npostgres = \"postgres://u@h:5432/db\"\n"
+        );
+        let problems = Config::from_toml(&text).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["replication.peers[0].postgres"]);
+        assert!(problems[0]
+            .message
+            .starts_with("not a PostgreSQL connection string"));
+    }
+
+    #[test]
     fn peer_tls_mistakes_name_the_file_and_key() {
         let dir = tempfile::tempdir().unwrap();
         let issued = crate::cluster::certs::issue(dir.path(), &["b"]).unwrap();

@@ -374,14 +374,13 @@ fn conflicting_writes_are_decided_by_the_tables_rules_and_logged() {
         "users 1 first",           // first writer
         "users 2 bob-a",           // the update wins over the concurrent delete
     ];
-    let mut last = (Vec::new(), Vec::new());
-    eventually(
-        "both regions decide the same",
+    let held =
+        |r: &Region| r.query("SELECT format('%s %s %s', tbl, sqlstate, error) FROM meridian.held");
+    eventually_value(
+        "both regions decide the same (A, B, held in A, held in B)",
         Duration::from_secs(60),
-        || {
-            last = (all(&p.a), all(&p.b));
-            last.0 == expected && last.1 == expected
-        },
+        || (all(&p.a), all(&p.b), held(&p.a), held(&p.b)),
+        |v| v.0 == expected && v.1 == expected,
     );
     // Each region logged the four conflicts, with the rule that decided.
     let log = |r: &Region| {
