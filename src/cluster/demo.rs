@@ -387,7 +387,15 @@ pub async fn run(
         eprintln!(
             "links between regions: curl http://127.0.0.1:{control_port}/links\n\
              partition a region:   curl -X POST 'http://127.0.0.1:{control_port}/partition?region={0}'\n\
-             heal it:              curl -X POST 'http://127.0.0.1:{control_port}/heal?region={0}'",
+             heal it:              curl -X POST 'http://127.0.0.1:{control_port}/heal?region={0}'\n\
+             metrics, health:      curl http://127.0.0.1:{1}/metrics   (and /health, /status)",
+            first.name,
+            first.admin_port
+        );
+        eprintln!(
+            "cluster status:       meridian status --config {0}/{1}.toml\n\
+             compare all regions:  meridian verify --config {0}/{1}.toml",
+            base.display(),
             first.name
         );
     }
