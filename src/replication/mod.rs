@@ -592,7 +592,7 @@ pub async fn maintain(
             }
             // For /metrics and `meridian status`: each peer's backlog (this
             // region's changes after the last it acknowledged; counted up to
-            // ten million) and the changes held here.
+            // a million: an index range scan each second) and the changes held here.
             let backlog = c
                 .query(BACKLOG, &[&peers, &i32::from(config.region.id)])
                 .await?;
@@ -640,7 +640,7 @@ const BACKLOG: &str = "SELECT p.id, (SELECT count(*) FROM (
                            SELECT 1 FROM meridian.change c
                             WHERE c.origin = $2
                               AND (c.xid, c.seq) > (coalesce(s.xid, 0)::text::xid8, coalesce(s.seq, 0))
-                            LIMIT 10000000) x)
+                            LIMIT 1000000) x)
                          FROM unnest($1::int[]) AS p(id)
                          LEFT JOIN meridian.shipped s ON s.peer = p.id";
 

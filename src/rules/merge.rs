@@ -312,27 +312,6 @@ impl Engine {
             .position(|&r| r == region)
             .map_or(0, |i| self.priority.len() - i)
     }
-
-    /// Whether a local write from `old` to `new` keeps the grow-only merged
-    /// columns growing (capture refuses it otherwise; see the module docs).
-    /// Returns the first column that would move back.
-    pub fn shrinks<'a>(&'a self, old: &Row, new: &Row) -> Option<&'a str> {
-        let null = Value::Null;
-        self.columns.iter().find_map(|(column, rule)| {
-            let (o, n) = (
-                old.get(column).unwrap_or(&null),
-                new.get(column).unwrap_or(&null),
-            );
-            let grown = match rule {
-                ColumnRule::Max => pick(o, n, Ordering::Greater) == *n,
-                ColumnRule::Min => pick(o, n, Ordering::Less) == *n,
-                ColumnRule::Union => union(o, n) == union(n, &null),
-                ColumnRule::States(states) => state_rank(states, n) >= state_rank(states, o),
-                ColumnRule::Counter | ColumnRule::LastWriterWins => true,
-            };
-            (!grown).then_some(column.as_str())
-        })
-    }
 }
 
 impl Write {
@@ -421,12 +400,12 @@ pub fn cols_to_json(cols: &Cols) -> Option<Value> {
     })
 }
 
-/// A counter's totals as a state keeps them, or as the row implies them
+/// A counter's totals from its metadata, or as its value implies them
 /// before any were kept (the whole value, held by region 0).
-pub fn totals(cols: &Cols, row: &Row, column: &str) -> BTreeMap<u16, (u64, Value)> {
-    match cols.get(column) {
-        Some(ColMeta::Totals(t)) => t.clone(),
-        _ => BTreeMap::from([(0, (0, row.get(column).cloned().unwrap_or(Value::Null)))]),
+fn into_totals(meta: Option<ColMeta>, value: &Value) -> BTreeMap<u16, (u64, Value)> {
+    match meta {
+        Some(ColMeta::Totals(t)) => t,
+        _ => BTreeMap::from([(0, (0, value.clone()))]),
     }
 }
 
@@ -469,15 +448,7 @@ fn merge_column(
             } else {
                 Ordering::Less
             };
-            let better = match (slot.is_null(), other.is_null()) {
-                (_, true) => false,
-                (true, false) => true,
-                _ => {
-                    compare(&other, slot).then_with(|| other.to_string().cmp(&slot.to_string()))
-                        == want
-                }
-            };
-            better && replace(slot, other)
+            better(&other, slot, want) && replace(slot, other)
         }
         ColumnRule::Union => {
             let u = union(slot, &other);
@@ -502,18 +473,10 @@ fn merge_column(
             value_changed || meta_changed
         }
         ColumnRule::Counter => {
-            let mut meta_changed = false;
-            let mut mine = match stored.cols.remove(column) {
-                Some(ColMeta::Totals(t)) => t,
-                _ => {
-                    meta_changed = true;
-                    BTreeMap::from([(0, (0, slot.clone()))])
-                }
-            };
-            let theirs = match other_meta {
-                Some(ColMeta::Totals(t)) => t,
-                _ => BTreeMap::from([(0, (0, other))]),
-            };
+            let kept = stored.cols.remove(column);
+            let mut meta_changed = !matches!(kept, Some(ColMeta::Totals(_)));
+            let mut mine = into_totals(kept, slot);
+            let theirs = into_totals(other_meta, &other);
             for (region, (hlc, sum)) in theirs {
                 match mine.entry(region) {
                     std::collections::btree_map::Entry::Vacant(e) => {
@@ -580,13 +543,29 @@ pub fn compare(a: &Value, b: &Value) -> Ordering {
     }
 }
 
+/// Whether `candidate` beats `current` for max (`want = Greater`) or min: a
+/// value beats null, never the reverse; values equal by [`compare`] but
+/// spelled differently (1 and 1.0) are ordered by their text, so every
+/// region keeps the same one.
+fn better(candidate: &Value, current: &Value, want: Ordering) -> bool {
+    match (current.is_null(), candidate.is_null()) {
+        (_, true) => false,
+        (true, false) => true,
+        _ => {
+            compare(candidate, current)
+                .then_with(|| candidate.to_string().cmp(&current.to_string()))
+                == want
+        }
+    }
+}
+
 /// The larger (`want = Greater`) or smaller value; null only if both are.
+#[cfg(test)]
 fn pick(a: &Value, b: &Value, want: Ordering) -> Value {
-    match (a.is_null(), b.is_null()) {
-        (true, _) => b.clone(),
-        (_, true) => a.clone(),
-        _ if compare(b, a) == want => b.clone(),
-        _ => a.clone(),
+    if better(b, a, want) {
+        b.clone()
+    } else {
+        a.clone()
     }
 }
 
@@ -681,6 +660,27 @@ mod tests {
         }
     }
 
+    /// Whether a local write from `old` to `new` keeps the grow-only merged
+    /// columns growing (capture refuses it otherwise; see the module docs).
+    /// Returns the first column that would move back.
+    fn shrinks<'a>(engine: &'a Engine, old: &Row, new: &Row) -> Option<&'a str> {
+        let null = Value::Null;
+        engine.columns.iter().find_map(|(column, rule)| {
+            let (o, n) = (
+                old.get(column).unwrap_or(&null),
+                new.get(column).unwrap_or(&null),
+            );
+            let grown = match rule {
+                ColumnRule::Max => pick(o, n, Ordering::Greater) == *n,
+                ColumnRule::Min => pick(o, n, Ordering::Less) == *n,
+                ColumnRule::Union => union(o, n) == union(n, &null),
+                ColumnRule::States(states) => state_rank(states, n) >= state_rank(states, o),
+                ColumnRule::Counter | ColumnRule::LastWriterWins => true,
+            };
+            (!grown).then_some(column.as_str())
+        })
+    }
+
     /// What capture records for a write at `version` on top of `on` (None:
     /// a key new in that region): `set` holds the new values (None: a
     /// delete). `lww` and `counters` name the merged columns whose metadata
@@ -716,7 +716,10 @@ mod tests {
         }
         for c in counters {
             let mut t = match live {
-                Some(s) => totals(&s.cols, &s.row, c),
+                Some(s) => into_totals(
+                    s.cols.get(*c).cloned(),
+                    s.row.get(*c).unwrap_or(&Value::Null),
+                ),
                 None => BTreeMap::new(),
             };
             let old = live
@@ -1109,7 +1112,7 @@ mod tests {
                     }
                     let c = write_with(state[r].as_ref(), version, set.as_ref(), lww, counters);
                     if let Some(s) = state[r].as_ref().filter(|s| !s.deleted && !c.deleted) {
-                        if engine.shrinks(&s.row, &c.row).is_some() {
+                        if shrinks(engine, &s.row, &c.row).is_some() {
                             continue; // refused by capture
                         }
                     }
