@@ -701,3 +701,56 @@ async fn a_write_in_an_aborted_transaction_gets_the_usual_error_and_the_session_
         r.proxy().log()
     );
 }
+
+/// pgJDBC, postgres.js and psycopg's pipeline mode send ROLLBACK, COMMIT and
+/// ROLLBACK TO SAVEPOINT after an error as Parse/Bind/Execute/Sync: Postgres
+/// answers them as usual, and so must the proxy (nothing injected in front).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_control_after_an_error_in_the_extended_protocol_works_as_on_postgres() {
+    let r = Region::start("cap_control", ITEMS, &[]);
+    let client = r.client().await;
+    for control in ["ROLLBACK", "COMMIT", "ABORT"] {
+        client.execute("BEGIN", &[]).await.unwrap();
+        client
+            .execute("INSERT INTO items VALUES (10, 'rolled back')", &[])
+            .await
+            .unwrap();
+        assert!(client.execute("SELECT 1/0", &[]).await.is_err());
+        client
+            .execute(control, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{control} after an error: {e}"));
+    }
+    // Prepared (named) once and reused, as pgJDBC does after prepareThreshold.
+    let rollback = client.prepare("ROLLBACK").await.unwrap();
+    for _ in 0..2 {
+        client.execute("BEGIN", &[]).await.unwrap();
+        assert!(client.execute("SELECT 1/0", &[]).await.is_err());
+        client.execute(&rollback, &[]).await.unwrap();
+    }
+    client.execute("BEGIN", &[]).await.unwrap();
+    client
+        .execute("INSERT INTO items VALUES (11, 'kept')", &[])
+        .await
+        .unwrap();
+    client.execute("SAVEPOINT s", &[]).await.unwrap();
+    assert!(client
+        .execute("INSERT INTO items VALUES (11, 'duplicate')", &[])
+        .await
+        .is_err());
+    client
+        .execute("ROLLBACK TO SAVEPOINT s", &[])
+        .await
+        .unwrap();
+    client
+        .execute("INSERT INTO items VALUES (12, 'after the savepoint')", &[])
+        .await
+        .unwrap();
+    client.execute("COMMIT", &[]).await.unwrap();
+    assert_eq!(
+        r.query("SELECT string_agg(format('%s %s', key->>'id', via_proxy), ',' ORDER BY seq) FROM meridian.changes"),
+        ["11 t,12 t"],
+        "{}",
+        r.proxy().log()
+    );
+}

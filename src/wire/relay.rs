@@ -119,6 +119,10 @@ impl ReadyLog for SessionState {
         self.last_closed.load(Ordering::Acquire)
     }
 
+    fn last_status(&self) -> u8 {
+        self.tx_status.load(Ordering::Acquire)
+    }
+
     fn statement_ready(&self) -> Option<u32> {
         match self.statement_ready.load(Ordering::Acquire) {
             0 => None,
