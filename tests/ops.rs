@@ -355,6 +355,57 @@ fn verify_names_a_key_written_with_capture_off_and_status_shows_the_peers() {
         text.contains("NOT identical: 1 table(s) in 3 region(s), 1 key(s) differ"),
         "{text}"
     );
+    // Schema changes behind replication's back (replica mode: the schema
+    // trigger does not fire), and ten tables only us-east has: each is
+    // named, the tables are looked for once for all, and counts are right.
+    psql(
+        &eu_db,
+        &[
+            "-c",
+            "SET session_replication_role = replica",
+            "-c",
+            "ALTER TABLE kv ADD COLUMN extra int",
+            "-c",
+            "CREATE INDEX kv_v ON kv (v)",
+            "-c",
+            "ALTER TABLE kv ADD CONSTRAINT kv_v_short CHECK (length(v) < 100)",
+        ],
+        None,
+    );
+    let us_db = meridian::config::Config::load(&config).unwrap().backend;
+    let us_db = format!(
+        "host={} port={} user={} dbname={}",
+        us_db.host, us_db.port, us_db.user, us_db.database
+    );
+    let mut ghosts = vec!["SET session_replication_role = replica".to_string()];
+    for i in 0..10 {
+        ghosts.push(format!("CREATE TABLE ghost_{i} (id int PRIMARY KEY)"));
+    }
+    ghosts.push("INSERT INTO ghost_0 VALUES (1), (2), (3), (4)".into());
+    let args: Vec<&str> = ghosts.iter().flat_map(|g| ["-c", g.as_str()]).collect();
+    psql(&us_db, &args, None);
+    let out = verify("2s");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    for item in [
+        "DIFFERS public.kv key (schema) column extra:",
+        "DIFFERS public.kv key (schema) index kv_v:",
+        "DIFFERS public.kv key (schema) constraint kv_v_short:",
+        "CREATE INDEX kv_v ON public.kv USING btree (v)",
+        "CHECK ((length(v) < 100))",
+        "public.ghost_0: us-east 4, eu-west (missing), ap-south (missing) rows",
+        "DIFFERS public.ghost_9 key (the whole table):",
+        "NOT identical: 11 table(s) in 3 region(s), 14 key(s) differ",
+    ] {
+        assert!(text.contains(item), "{item}\n{text}");
+    }
+    let waits = String::from_utf8_lossy(&out.stderr)
+        .matches("not in every region yet")
+        .count();
+    assert!(
+        waits <= 5,
+        "one wait for all missing tables, not one each: {waits}"
+    );
     // `meridian status`: both peers, links up.
     let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
         .args(["status", "--config"])

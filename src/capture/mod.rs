@@ -18,6 +18,7 @@
 
 pub mod clock_store;
 pub mod reader;
+mod rule_rows;
 
 use tokio_postgres::{Client, NoTls};
 
@@ -65,6 +66,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "row_states",
         sql: include_str!("../../migrations/0006_row_states.sql"),
     },
+    Migration {
+        version: 7,
+        name: "ddl",
+        sql: include_str!("../../migrations/0007_ddl.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "rules_ahead",
+        sql: include_str!("../../migrations/0008_rules_ahead.sql"),
+    },
 ];
 
 /// Serialises concurrent `meridian migrate` runs against one database.
@@ -87,8 +98,6 @@ pub enum CaptureError {
         "the database has meridian migration {0}, newer than this meridian knows; upgrade meridian"
     )]
     NewerSchema(i32),
-    #[error("{origin}: table {table} does not exist in the database")]
-    MissingTable { origin: String, table: String },
     #[error("{origin}: no function {function}(jsonb, jsonb, jsonb) in the database")]
     MissingFunction { origin: String, function: String },
     #[error("{origin}: table {table} has no column {column}")]
@@ -249,98 +258,7 @@ async fn migrate_locked(
     )
     .await
     .map_err(pg("meridian.configure"))?;
-    for rule in &rules.tables {
-        let name = rule.qualified();
-        let exists = tx
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-            .await
-            .map_err(pg("looking up rule tables"))?;
-        if !exists.get::<_, bool>(0) {
-            return Err(CaptureError::MissingTable {
-                origin: rule.origin(),
-                table: name,
-            });
-        }
-        tx.execute(
-            "SELECT meridian.set_table_rule($1::text::regclass, $2, $3)",
-            &[&name, &rule.insert_only, &rule.counters],
-        )
-        .await
-        .map_err(pg(format!(
-            "{}: applying the rule for {name}",
-            rule.origin()
-        )))?;
-        for column in rule.columns.keys() {
-            let found: bool = tx
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1::text::regclass
-                                       AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
-                    &[&name, column],
-                )
-                .await
-                .map_err(pg("looking up rule columns"))?
-                .get(0);
-            if !found {
-                return Err(CaptureError::MissingColumn {
-                    origin: format!("{}.columns.{column}", rule.origin()),
-                    table: name,
-                    column: column.clone(),
-                });
-            }
-        }
-        if let Some(function) = &rule.function {
-            let found: bool = tx
-                .query_one(
-                    "SELECT to_regprocedure($1 || '(jsonb, jsonb, jsonb)') IS NOT NULL",
-                    &[function],
-                )
-                .await
-                .map_err(pg("looking up rule functions"))?
-                .get(0);
-            if !found {
-                return Err(CaptureError::MissingFunction {
-                    origin: format!("{}.function", rule.origin()),
-                    function: function.clone(),
-                });
-            }
-        }
-        tx.execute(
-            "SELECT meridian.set_orphans($1::text::regclass, $2)",
-            &[&name, &rule.orphans.name()],
-        )
-        .await
-        .map_err(pg(format!(
-            "{}: applying the rule for {name}",
-            rule.origin()
-        )))?;
-        tx.execute(
-            "SELECT meridian.set_table_engine($1::text::regclass, $2, $3)",
-            &[&name, &rule.needs_engine(), &rule.columns_json()],
-        )
-        .await
-        .map_err(pg(format!(
-            "{}: applying the rule for {name}",
-            rule.origin()
-        )))?;
-    }
-    let rule_tables: Vec<String> = rules.tables.iter().map(|t| t.qualified()).collect();
-    // A table whose rule was removed goes back to last-writer-wins.
-    // (set_table_engine also regenerates the table's capture function.)
-    tx.execute(
-        "SELECT meridian.set_table_engine(e.tbl::regclass, false, '{}')
-           FROM meridian.engine_table e
-          WHERE e.tbl <> ALL($1) AND to_regclass(e.tbl) IS NOT NULL",
-        &[&rule_tables],
-    )
-    .await
-    .map_err(pg("resetting rules"))?;
-    tx.execute(
-        "WITH e AS (DELETE FROM meridian.engine_table WHERE tbl <> ALL($1))
-         DELETE FROM meridian.orphan_rule WHERE tbl <> ALL($1)",
-        &[&rule_tables],
-    )
-    .await
-    .map_err(pg("resetting rules"))?;
+    let rule_tables = rule_rows::record(&tx, rules).await?;
     let candidates = tx
         .query(
             "SELECT format('%I.%I', n.nspname, c.relname) AS name,

@@ -9,6 +9,7 @@
 //! Both are library functions returning reports, so tests drive them the
 //! way the binary does.
 
+pub mod schema;
 pub mod status;
 pub mod verify;
 

@@ -387,7 +387,9 @@ pub fn psql(conninfo: &str, args: &[&str], stdin: Option<&str>) -> (String, Stri
     (o, e)
 }
 
-/// A Python interpreter with psycopg 3 and asyncpg, in a venv under target/.
+/// A Python interpreter with psycopg 3, asyncpg, SQLAlchemy 2, Alembic and
+/// Django 5, in a venv under target/ (made once; the marker file names the
+/// package set, so a venv from an older set is brought up to date).
 pub fn python() -> &'static Path {
     static PY: OnceLock<PathBuf> = OnceLock::new();
     PY.get_or_init(|| {
@@ -395,7 +397,7 @@ pub fn python() -> &'static Path {
             .join("target")
             .join("test-venv");
         let py = venv.join("bin").join("python");
-        let ready = venv.join(".meridian-ready");
+        let ready = venv.join(".meridian-ready-2");
         if !ready.exists() {
             let ok = Command::new("python3")
                 .args(["-m", "venv"])
@@ -412,6 +414,9 @@ pub fn python() -> &'static Path {
                     "--disable-pip-version-check",
                     "psycopg[binary]>=3.1,<4",
                     "asyncpg>=0.29",
+                    "sqlalchemy>=2,<3",
+                    "alembic>=1.12,<2",
+                    "django>=5,<6",
                 ])
                 .output()
                 .expect("pip");
