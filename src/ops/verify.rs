@@ -317,14 +317,17 @@ async fn compare_rows(
     let key = primary_key(&local.client, table)
         .await
         .map_err(query(&local.name, format!("reading the key of {table}")))?;
-    let row = format!(
-        "jsonb_build_object({})::text",
-        columns
-            .iter()
-            .map(|c| format!("{}, t.{}", quote_literal(c), quote_ident(c)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    // Quoted by Postgres, as the key's columns are (primary_key).
+    let row_args: String = local
+        .client
+        .query_one(
+            "SELECT coalesce(string_agg(format('%L, t.%I', c, c), ', '), '') FROM unnest($1::text[]) c",
+            &[&columns],
+        )
+        .await
+        .map_err(query(&local.name, format!("quoting the columns of {table}")))?
+        .get(0);
+    let row = format!("jsonb_build_object({row_args})::text");
     // Keyed tables: one row per key. Without a key, identical rows are
     // one entry, with their number of copies.
     let rows = match key {
@@ -455,14 +458,6 @@ async fn primary_key(
         .await?
         .get(0);
     Ok(cols)
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 fn query(
