@@ -76,6 +76,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "rules_ahead",
         sql: include_str!("../../migrations/0008_rules_ahead.sql"),
     },
+    Migration {
+        version: 9,
+        name: "identity_always",
+        sql: include_str!("../../migrations/0009_identity_always.sql"),
+    },
 ];
 
 /// Serialises concurrent `meridian migrate` runs against one database.
