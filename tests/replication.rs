@@ -1265,6 +1265,12 @@ fn rows_of_a_table_with_an_identity_always_key_replicate() {
         ],
         None,
     );
+    // The table reaches B through replication: write there once it has.
+    eventually("the table exists in B", Duration::from_secs(60), || {
+        p.b.query("SELECT to_regclass('public.ident')::text")
+            .first()
+            .is_some_and(|v| !v.is_empty())
+    });
     psql(
         &p.b.url(),
         &["-c", "INSERT INTO ident (v) VALUES ('from b')"],
