@@ -151,6 +151,8 @@ pub struct Region {
     peer_tls: Option<crate::replication::tls::PeerTls>,
     /// The rule engines of tables whose conflicts they decide.
     engines: crate::replication::resolve::EngineHandle,
+    /// Shared by capture and the apply sessions (see `capture::wal`).
+    barrier: Arc<crate::capture::wal::Barrier>,
 }
 
 impl Region {
@@ -165,7 +167,8 @@ impl Region {
         offset_ms: i64,
     ) -> Result<Region, ProxyError> {
         let clock = Arc::new(Clock::shifted(offset_ms, 0, config.replication.max_drift));
-        let proxy = Proxy::bind(config, Some(clock.clone())).await?;
+        // Capture stamps each transaction from the WAL: the relay adds nothing.
+        let proxy = Proxy::bind(config, None).await?;
         let admin = match config.admin.listen {
             Some(addr) => Some(
                 crate::admin::bind(addr)
@@ -197,6 +200,7 @@ impl Region {
             replication,
             peer_tls,
             engines: crate::replication::resolve::EngineHandle::new(engines),
+            barrier: Default::default(),
             name: config.region.name.clone(),
             config: config.clone(),
             clock,
@@ -242,10 +246,17 @@ impl Region {
             tracing::warn!("clock high-water mark not read yet; serving anyway");
         }
         let stats = self.proxy.context().replication.clone();
+        let capture = tokio::spawn(crate::capture::wal::run(
+            self.config.clone(),
+            self.clock.clone(),
+            self.barrier.clone(),
+            stop.clone(),
+        ));
         let mut replication = Vec::new();
         if let Some(listener) = self.replication {
             let receiver = crate::replication::Receiver {
                 config: self.config.clone(),
+                barrier: self.barrier.clone(),
                 engines: self.engines.clone(),
                 tls: self.peer_tls.clone(),
                 clock: self.clock.clone(),
@@ -285,6 +296,7 @@ impl Region {
         self.proxy.run(shutdown).await;
         stop.cancel();
         let _ = lease.await;
+        let _ = capture.await;
         for task in replication {
             let _ = task.await;
         }

@@ -752,7 +752,12 @@ async fn one_set_of_changes_applied_in_many_orders_gives_identical_tables() {
     }
     async fn apply(r: &Region, engines: &Engines, origin: u16, batch: &[WireChange]) {
         let mut client = r.direct_client().await;
-        meridian::replication::apply_with_engine(&mut client, engines, origin, batch)
+        // As the receiver's own sessions: applied, so not captured again.
+        client
+            .execute("SELECT meridian.apply_session_setup()", &[])
+            .await
+            .unwrap();
+        meridian::replication::apply_with_engine(&mut client, None, engines, origin, batch)
             .await
             .unwrap();
     }

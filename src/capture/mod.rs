@@ -16,9 +16,13 @@
 //!   committed late by a transaction that started early;
 //! - [`clock_store`]: the clock's persisted high-water mark and its lease.
 
+mod assemble;
 pub mod clock_store;
+pub mod pgoutput;
 pub mod reader;
 mod rule_rows;
+pub mod wal;
+mod writer;
 
 use tokio_postgres::{Client, NoTls};
 
@@ -81,6 +85,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "identity_always",
         sql: include_str!("../../migrations/0009_identity_always.sql"),
     },
+    Migration {
+        version: 10,
+        name: "wal_capture",
+        sql: include_str!("../../migrations/0010_wal_capture.sql"),
+    },
 ];
 
 /// Serialises concurrent `meridian migrate` runs against one database.
@@ -115,6 +124,10 @@ pub enum CaptureError {
     NoPrimaryKey(Vec<String>),
     #[error("meridian.change holds something this meridian cannot read: {0}")]
     Corrupt(String),
+    #[error("the capture slot: {0}")]
+    Slot(String),
+    #[error("{0}")]
+    Settings(String),
     #[error("{context}: {source}")]
     Postgres {
         context: String,
@@ -168,6 +181,17 @@ pub async fn connect(config: &Config) -> Result<Client, CaptureError> {
     Ok(client)
 }
 
+/// A connection for applying peers' changes: its transactions carry a
+/// replication origin, so capture does not record them again.
+pub async fn connect_apply(config: &Config) -> Result<Client, CaptureError> {
+    let client = connect(config).await?;
+    client
+        .execute("SELECT meridian.apply_session_setup()", &[])
+        .await
+        .map_err(pg("marking the apply session"))?;
+    Ok(client)
+}
+
 /// What `migrate` did.
 #[derive(Debug, Default)]
 pub struct MigrateReport {
@@ -204,6 +228,7 @@ async fn migrate_locked(
     rules: &RuleSet,
 ) -> Result<MigrateReport, CaptureError> {
     let mut report = MigrateReport::default();
+    check_settings(client).await?;
     client
         .batch_execute(
             "CREATE SCHEMA IF NOT EXISTS meridian;
@@ -300,7 +325,60 @@ async fn migrate_locked(
         report.tables.push((name, status));
     }
     tx.commit().await.map_err(pg("committing capture setup"))?;
+    // The slot is made outside any transaction that wrote (Postgres' rule);
+    // from here on every committed change is kept for capture.
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot(meridian.slot_name(), 'pgoutput')
+              WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = meridian.slot_name())",
+            &[],
+        )
+        .await
+        .map_err(pg("creating the capture slot"))?;
     Ok(report)
+}
+
+/// Capture reads the WAL through a logical replication slot: Postgres must
+/// be configured for it. Says which settings to change, with the lines.
+async fn check_settings(client: &Client) -> Result<(), CaptureError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'),
+                    current_setting('max_replication_slots')::int,
+                    current_setting('max_wal_senders')::int,
+                    (SELECT count(*) FROM pg_replication_slots)::int,
+                    (SELECT count(*) FROM pg_stat_replication)::int",
+            &[],
+        )
+        .await
+        .map_err(pg("reading the server's settings"))?;
+    let (level, slots, senders, used_slots, used_senders): (String, i32, i32, i32, i32) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let mut fix = Vec::new();
+    if level != "logical" {
+        fix.push(format!("wal_level = logical            # now {level}"));
+    }
+    if slots <= used_slots {
+        fix.push(format!(
+            "max_replication_slots = {}      # now {slots}, {used_slots} in use; meridian needs one per database",
+            used_slots + 10
+        ));
+    }
+    if senders <= used_senders {
+        fix.push(format!(
+            "max_wal_senders = {}            # now {senders}, {used_senders} in use; meridian needs one per database",
+            used_senders + 10
+        ));
+    }
+    if fix.is_empty() {
+        return Ok(());
+    }
+    Err(CaptureError::Settings(format!(
+        "meridian captures changes from the WAL through a logical replication slot, and this \
+         PostgreSQL is not set up for it. Add to postgresql.conf (or ALTER SYSTEM SET ...), \
+         then restart PostgreSQL:\n    {}",
+        fix.join("\n    ")
+    )))
 }
 
 #[cfg(test)]

@@ -196,6 +196,10 @@ impl PgServer {
             ("listen_addresses".to_string(), "127.0.0.1".to_string()),
             ("max_connections".into(), "200".into()),
             ("logging_collector".into(), "off".into()),
+            // Capture reads the WAL through one logical slot per database.
+            ("wal_level".into(), "logical".into()),
+            ("max_replication_slots".into(), "100".into()),
+            ("max_wal_senders".into(), "100".into()),
         ];
         if !opts.durable {
             settings.push(("fsync".into(), "off".into()));

@@ -559,7 +559,7 @@ pub async fn maintain(
             _ = stop.cancelled() => return,
         }
         if client.is_none() {
-            client = capture::connect(&config).await.ok();
+            client = capture::connect_apply(&config).await.ok();
         }
         let Some(c) = client.as_mut() else { continue };
         let result = async {
@@ -648,6 +648,9 @@ const BACKLOG: &str = "SELECT p.id, (SELECT count(*) FROM (
 #[derive(Clone)]
 pub struct Receiver {
     pub config: Config,
+    /// Capture's barrier: applies decide on exact local state (see
+    /// `capture::wal::Barrier::settle`).
+    pub barrier: Arc<crate::capture::wal::Barrier>,
     /// Rule engines of the tables whose conflicts they decide.
     pub engines: resolve::EngineHandle,
     pub tls: Option<tls::PeerTls>,
@@ -684,6 +687,7 @@ async fn serve_peer(
 ) -> Result<(), ReplicationError> {
     let Receiver {
         config,
+        barrier,
         engines: rules,
         tls,
         clock,
@@ -746,7 +750,7 @@ async fn serve_peer(
         }
         other => return Err(unexpected("Hello", &other)),
     };
-    let mut client = capture::connect(config).await?;
+    let mut client = capture::connect_apply(config).await?;
     let position = applied_position(&client, origin).await?;
     send(&mut conn, &Message::Welcome { position }).await?;
     tracing::info!(origin, ?position, "peer authenticated; receiving");
@@ -825,11 +829,10 @@ async fn serve_peer(
         let mut attempt = 0;
         let (outcome, engine) = loop {
             let result = match &batch {
-                None => apply_with_engine(&mut client, engines, origin, &changes).await,
-                Some(batch) => client
-                    .query_one(APPLY_BATCH_AND_ORPHANS, &[&i32::from(origin), batch])
+                None => apply_with_engine(&mut client, Some(barrier), engines, origin, &changes).await,
+                Some(batch) => apply_plain(&mut client, barrier, origin, batch)
                     .await
-                    .map(|row| (row.get(0), resolve::Outcome::default())),
+                    .map(|outcome| (outcome, resolve::Outcome::default())),
             };
             match result {
                 Ok(done) => break done,
@@ -933,6 +936,24 @@ async fn serve_peer(
     }
 }
 
+/// A batch without engine tables: `meridian.apply_batch` and the orphan
+/// rules, in one transaction after the local state is settled.
+async fn apply_plain(
+    client: &mut Client,
+    barrier: &crate::capture::wal::Barrier,
+    origin: u16,
+    batch: &serde_json::Value,
+) -> Result<serde_json::Value, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    barrier.settle(&tx, batch).await?;
+    let outcome = tx
+        .query_one(APPLY_BATCH_AND_ORPHANS, &[&i32::from(origin), batch])
+        .await?
+        .get(0);
+    tx.commit().await?;
+    Ok(outcome)
+}
+
 /// A batch with changes for engine tables, in one transaction: the other
 /// changes through `meridian.apply_batch`, the engine's through
 /// [`resolve::apply`], then the batch's position (`meridian.advance_applied`).
@@ -941,6 +962,7 @@ async fn serve_peer(
 /// changes in chosen orders through the receiver's own path.
 pub async fn apply_with_engine(
     client: &mut Client,
+    barrier: Option<&crate::capture::wal::Barrier>,
     engines: &resolve::Engines,
     origin: u16,
     changes: &[WireChange],
@@ -956,6 +978,10 @@ pub async fn apply_with_engine(
          SET LOCAL deadlock_timeout = '20ms'",
     )
     .await?;
+    if let Some(barrier) = barrier {
+        let all = serde_json::to_value(changes).expect("changes serialise");
+        barrier.settle(&tx, &all).await?;
+    }
     let position = tx
         .query_opt(
             "SELECT xid, seq FROM meridian.applied WHERE origin = $1 FOR UPDATE",

@@ -647,6 +647,20 @@ impl Region {
         client
     }
 
+    /// Waits until capture has recorded every transaction committed so far
+    /// (capture reads the WAL after commit): a sync point is placed in the
+    /// WAL and capture's progress must pass it.
+    pub fn captured(&self) {
+        let lsn = self.query("SELECT pg_logical_emit_message(false, 'meridian.sync', '')::text");
+        let passed = format!(
+            "SELECT lsn >= '{}'::pg_lsn FROM meridian.capture_progress",
+            lsn[0]
+        );
+        eventually("capture recorded what was committed", Duration::from_secs(60), || {
+            self.query(&passed) == ["t"]
+        });
+    }
+
     /// One column of one query, straight to Postgres, as text.
     pub fn query(&self, sql: &str) -> Vec<String> {
         let (out, _) = psql(&self.direct(), &["-At", "-c", sql], None);

@@ -1,0 +1,250 @@
+//! Capture from the WAL: the region's committed transactions, read from its
+//! logical replication slot, stamped and recorded in `meridian.change`.
+//!
+//! Nothing of capture runs inside the client's transaction (see
+//! `migrations/0010_wal_capture.sql` for what that replaced). This task
+//! streams the slot (`pgoutput`, publication `meridian`) over the
+//! replication protocol (pgwire-replication owns that connection), builds
+//! transactions ([`super::assemble`]), gives each one HLC stamp in commit
+//! order, and has [`super::writer`] record batches of them in one local
+//! transaction together with the slot position reached
+//! (`meridian.capture_progress`). Only then is the slot told it may release
+//! that WAL, so a crash at any point neither loses a committed transaction
+//! nor records one twice: after a restart the slot resends from its
+//! confirmed position and what the progress row covers is skipped.
+//!
+//! [`Barrier`] lets an apply session wait until every transaction committed
+//! before a point is recorded: it emits a non-transactional logical message,
+//! which the slot delivers after every transaction that committed before it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::assemble::{Assembler, Tx};
+use super::writer::{self, Relations};
+use super::CaptureError;
+use crate::clock::Clock;
+use crate::config::Config;
+
+/// Prefix of the sync messages (see [`Barrier`]).
+const SYNC_PREFIX: &str = "meridian.sync";
+/// A batch is recorded once it holds this many changes, or as soon as
+/// nothing more is waiting on the stream; a larger transaction is recorded
+/// in parts of this size, so memory stays bounded.
+const BATCH_CHANGES: usize = 5_000;
+
+/// Lets a session wait until capture has recorded every transaction that
+/// committed before a point: the session places a sync message in the WAL
+/// ([`Barrier::EMIT`], which returns its LSN); the slot delivers it after
+/// every transaction that committed before it, and capture, having
+/// recorded those, publishes its LSN here and in `meridian.capture_progress`.
+/// Whoever emits one, it only ever says what is true (nothing earlier is
+/// left unrecorded), so no secret is needed.
+#[derive(Default)]
+pub struct Barrier {
+    passed: watch::Sender<u64>,
+}
+
+impl Barrier {
+    /// Places a sync point in the WAL; returns its LSN as text.
+    pub const EMIT: &'static str =
+        "SELECT pg_logical_emit_message(false, 'meridian.sync', '')::text";
+
+    /// Waits until capture has recorded everything before `lsn` (as
+    /// returned by [`Barrier::EMIT`]); false after `limit`.
+    pub async fn wait(&self, lsn: &str, limit: Duration) -> bool {
+        let Ok(lsn) = Lsn::parse(lsn) else {
+            return false;
+        };
+        let mut rx = self.passed.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|&p| p >= lsn.as_u64()))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Makes the local state an apply session decides on exact, inside its
+    /// transaction: locks what `changes` (the peer protocol's JSON) touch
+    /// (`meridian.lock_keys`), then waits until capture has recorded every
+    /// transaction committed before. Waits as long as it takes (capture
+    /// down means nothing can be decided), saying so every 10 s.
+    pub async fn settle(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        changes: &serde_json::Value,
+    ) -> Result<(), tokio_postgres::Error> {
+        tx.execute("SELECT meridian.lock_keys($1)", &[changes]).await?;
+        let lsn: String = tx.query_one(Self::EMIT, &[]).await?.get(0);
+        while !self.wait(&lsn, Duration::from_secs(10)).await {
+            tracing::warn!(%lsn, "applying waits for capture to record this region's own recent transactions");
+        }
+        Ok(())
+    }
+
+    fn pass(&self, lsn: Lsn) {
+        self.passed.send_if_modified(|p| {
+            let moved = lsn.as_u64() > *p;
+            *p = (*p).max(lsn.as_u64());
+            moved
+        });
+    }
+}
+
+/// Runs capture until `stop`: reconnects after failures, never gives up.
+pub async fn run(config: Config, clock: Arc<Clock>, barrier: Arc<Barrier>, stop: CancellationToken) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match session(&config, &clock, &barrier, &stop).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "capture interrupted; retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn slot_err(context: &'static str) -> impl FnOnce(pgwire_replication::PgWireError) -> CaptureError {
+    move |e| CaptureError::Slot(format!("{context}: {e}"))
+}
+
+/// Where capture resumes: the progress row says which transaction was
+/// recorded last (its commit LSN, or its end LSN once whole) and, for one
+/// recorded in parts, how many of its changes.
+struct Resume {
+    lsn: Lsn,
+    done: u64,
+}
+
+impl Resume {
+    /// Changes of the transaction committing at `commit_lsn` to skip.
+    fn skip(&self, commit_lsn: Lsn) -> u64 {
+        if commit_lsn < self.lsn {
+            u64::MAX
+        } else if commit_lsn == self.lsn {
+            self.done
+        } else {
+            0
+        }
+    }
+}
+
+async fn session(
+    config: &Config,
+    clock: &Clock,
+    barrier: &Barrier,
+    stop: &CancellationToken,
+) -> Result<(), CaptureError> {
+    let mut client = super::connect(config).await?;
+    let row = client
+        .query_one(
+            "SELECT meridian.slot_name(), p.lsn::text, p.done FROM meridian.capture_progress p",
+            &[],
+        )
+        .await
+        .map_err(super::pg("reading capture progress"))?;
+    let (slot, lsn, done): (String, String, i64) = (row.get(0), row.get(1), row.get(2));
+    let resume = Resume {
+        lsn: Lsn::parse(&lsn).map_err(|e| CaptureError::Slot(e.to_string()))?,
+        done: done as u64,
+    };
+    let b = &config.backend;
+    let mut cfg = ReplicationConfig::new(
+        &b.host,
+        &b.user,
+        b.resolve_password().unwrap_or_default(),
+        &b.database,
+        slot,
+        "meridian",
+    )
+    .with_port(b.port)
+    .with_application_name("meridian capture")
+    // Values as text in one fixed style, whatever the server's defaults.
+    .with_options("-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c TimeZone=UTC");
+    if !b.is_unix_socket() {
+        cfg = cfg.with_tls(pgwire_replication::TlsConfig::disabled());
+    }
+    let mut slot = ReplicationClient::connect(cfg)
+        .await
+        .map_err(slot_err("starting the replication stream"))?;
+    tracing::info!(resume = %resume.lsn, "capture reading the slot");
+    let mut relations = Relations::new();
+    let mut asm = Assembler::default();
+    let mut batch: Vec<Tx> = Vec::new();
+    let mut changes = 0usize;
+    loop {
+        let event = if batch.is_empty() {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                ev = slot.recv() => ev,
+            }
+        } else if let Some(ev) = slot.recv().now_or_never() {
+            ev
+        } else {
+            record(&mut client, &mut relations, &mut batch, &slot).await?;
+            changes = 0;
+            continue;
+        };
+        let Some(event) = event.map_err(slot_err("reading the slot"))? else {
+            return Ok(());
+        };
+        match event {
+            ReplicationEvent::Begin { final_lsn, .. } => asm.begin(final_lsn, resume.skip(final_lsn)),
+            ReplicationEvent::XLogData { data, .. } => {
+                asm.message(&data)
+                    .map_err(|e| CaptureError::Slot(e.to_string()))?;
+                if asm.open_changes() >= BATCH_CHANGES {
+                    batch.extend(asm.take_part(clock));
+                    record(&mut client, &mut relations, &mut batch, &slot).await?;
+                    changes = 0;
+                }
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => match asm.commit(end_lsn, clock) {
+                Some(tx) => {
+                    changes += tx.changes.len();
+                    batch.push(tx);
+                    if changes >= BATCH_CHANGES {
+                        record(&mut client, &mut relations, &mut batch, &slot).await?;
+                        changes = 0;
+                    }
+                }
+                // Nothing to record (empty, or applied by meridian).
+                None if batch.is_empty() => slot.update_applied_lsn(end_lsn),
+                None => {}
+            },
+            ReplicationEvent::Message { transactional: false, prefix, lsn, .. }
+                if prefix == SYNC_PREFIX =>
+            {
+                record(&mut client, &mut relations, &mut batch, &slot).await?;
+                changes = 0;
+                writer::mark(&client, lsn).await?;
+                barrier.pass(lsn);
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } if batch.is_empty() && !asm.is_open() => {
+                slot.update_applied_lsn(wal_end)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Records the batch, then lets the slot release what it covers.
+async fn record(
+    client: &mut tokio_postgres::Client,
+    relations: &mut Relations,
+    batch: &mut Vec<Tx>,
+    slot: &ReplicationClient,
+) -> Result<(), CaptureError> {
+    writer::record(client, relations, batch).await?;
+    if let Some(end) = batch.iter().rev().find(|t| t.complete).map(|t| t.end_lsn) {
+        slot.update_applied_lsn(end);
+    }
+    batch.clear();
+    Ok(())
+}
