@@ -57,22 +57,36 @@ AS $$
     SELECT 'meridian_' || d.oid FROM pg_database d WHERE d.datname = current_database()
 $$;
 
--- Marks this session's transactions as applied by meridian (replication
--- origin meridian_<pid>), so capture does not ship them again.
+-- Marks this session's transactions as applied by meridian, so capture
+-- does not ship them again: the session takes a replication origin of this
+-- database (meridian_<database oid>_<n>, n = 1..16; names and their state
+-- are cluster-wide, and Postgres 15 lets one session at a time use an
+-- origin, so each concurrent apply session needs its own).
 CREATE FUNCTION meridian.apply_session_setup() RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    name text := 'meridian_' || pg_backend_pid();
+    base text := (SELECT 'meridian_' || d.oid || '_' FROM pg_database d WHERE d.datname = current_database());
+    name text;
 BEGIN
     IF pg_replication_origin_session_is_setup() THEN
         RETURN;
     END IF;
-    IF pg_replication_origin_oid(name) IS NULL THEN
-        PERFORM pg_replication_origin_create(name);
-    END IF;
-    PERFORM pg_replication_origin_session_setup(name);
+    FOR i IN 1..16 LOOP
+        name := base || i;
+        BEGIN
+            IF pg_replication_origin_oid(name) IS NULL THEN
+                PERFORM pg_replication_origin_create(name);
+            END IF;
+            PERFORM pg_replication_origin_session_setup(name);
+            RETURN;
+        EXCEPTION WHEN object_in_use OR unique_violation THEN
+            NULL;   -- another apply session has this one: try the next
+        END;
+    END LOOP;
+    RAISE EXCEPTION 'all 16 replication origins for meridian''s apply sessions in this database are in use'
+        USING ERRCODE = '53400';
 END
 $$;
 

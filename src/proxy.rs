@@ -200,7 +200,7 @@ impl Region {
             replication,
             peer_tls,
             engines: crate::replication::resolve::EngineHandle::new(engines),
-            barrier: Default::default(),
+            barrier: Arc::new(crate::capture::wal::Barrier::new(config)),
             name: config.region.name.clone(),
             config: config.clone(),
             clock,

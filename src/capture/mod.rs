@@ -151,6 +151,15 @@ fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Captu
     move |source| CaptureError::Postgres { context, source }
 }
 
+/// As [`connect`], with the driver's own error.
+pub async fn connect_raw(config: &Config) -> Result<Client, tokio_postgres::Error> {
+    match connect(config).await {
+        Ok(c) => Ok(c),
+        Err(CaptureError::Connect { source, .. }) => Err(source),
+        Err(_) => unreachable!("connect fails only to connect"),
+    }
+}
+
 /// Opens meridian's own connection to the region's Postgres (`backend.user`,
 /// `backend.database`). The connection task runs until the client is dropped.
 pub async fn connect(config: &Config) -> Result<Client, CaptureError> {
@@ -346,7 +355,8 @@ async fn check_settings(client: &Client) -> Result<(), CaptureError> {
             "SELECT current_setting('wal_level'),
                     current_setting('max_replication_slots')::int,
                     current_setting('max_wal_senders')::int,
-                    (SELECT count(*) FROM pg_replication_slots)::int,
+                    (SELECT count(*) FROM pg_replication_slots)::int
+                      + (SELECT count(*) FROM pg_replication_origin)::int,
                     (SELECT count(*) FROM pg_stat_replication)::int",
             &[],
         )
@@ -360,8 +370,8 @@ async fn check_settings(client: &Client) -> Result<(), CaptureError> {
     }
     if slots <= used_slots {
         fix.push(format!(
-            "max_replication_slots = {}      # now {slots}, {used_slots} in use; meridian needs one per database",
-            used_slots + 10
+            "max_replication_slots = {}      # now {slots}, {used_slots} in use (slots and origins); meridian needs one slot per database and an origin per peer",
+            used_slots + 20
         ));
     }
     if senders <= used_senders {

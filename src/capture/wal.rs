@@ -38,22 +38,36 @@ const SYNC_PREFIX: &str = "meridian.sync";
 /// in parts of this size, so memory stays bounded.
 const BATCH_CHANGES: usize = 5_000;
 
-/// Lets a session wait until capture has recorded every transaction that
-/// committed before a point: the session places a sync message in the WAL
-/// ([`Barrier::EMIT`], which returns its LSN); the slot delivers it after
-/// every transaction that committed before it, and capture, having
-/// recorded those, publishes its LSN here and in `meridian.capture_progress`.
-/// Whoever emits one, it only ever says what is true (nothing earlier is
-/// left unrecorded), so no secret is needed.
-#[derive(Default)]
+/// Lets an apply session wait until capture has recorded every transaction
+/// that committed before a point. A sync point is a logical message
+/// (prefix `meridian.sync`) committed in a transaction of its own, on a
+/// connection of its own: the commit makes Postgres flush the WAL up to it
+/// (a non-transactional message is not flushed by itself, and the slot
+/// only sends flushed WAL), and the slot delivers it after every
+/// transaction that committed before it. Capture, having recorded those,
+/// publishes the message's LSN here and in `meridian.capture_progress`.
+/// Whoever emits one, it only ever says what is true, so no secret is
+/// needed.
 pub struct Barrier {
+    config: Config,
     passed: watch::Sender<u64>,
+    /// The connection sync points are committed on.
+    sync: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
 impl Barrier {
-    /// Places a sync point in the WAL; returns its LSN as text.
+    /// Places a sync point in the WAL (in a transaction of its own);
+    /// returns its LSN as text.
     pub const EMIT: &'static str =
-        "SELECT pg_logical_emit_message(false, 'meridian.sync', '')::text";
+        "SELECT pg_logical_emit_message(true, 'meridian.sync', '')::text";
+
+    pub fn new(config: &Config) -> Barrier {
+        Barrier {
+            config: config.clone(),
+            passed: watch::channel(0).0,
+            sync: Default::default(),
+        }
+    }
 
     /// Waits until capture has recorded everything before `lsn` (as
     /// returned by [`Barrier::EMIT`]); false after `limit`.
@@ -67,18 +81,31 @@ impl Barrier {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Commits a sync point; returns its LSN.
+    async fn emit(&self) -> Result<String, tokio_postgres::Error> {
+        let mut sync = self.sync.lock().await;
+        if sync.is_none() {
+            *sync = Some(super::connect_raw(&self.config).await?);
+        }
+        let result = sync.as_ref().expect("connected").query_one(Self::EMIT, &[]).await;
+        if result.is_err() {
+            *sync = None;
+        }
+        Ok(result?.get(0))
+    }
+
     /// Makes the local state an apply session decides on exact, inside its
     /// transaction: locks what `changes` (the peer protocol's JSON) touch
     /// (`meridian.lock_keys`), then waits until capture has recorded every
-    /// transaction committed before. Waits as long as it takes (capture
-    /// down means nothing can be decided), saying so every 10 s.
+    /// transaction committed before. Waits as long as it takes (with
+    /// capture down nothing can be decided), saying so every 10 s.
     pub async fn settle(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         changes: &serde_json::Value,
     ) -> Result<(), tokio_postgres::Error> {
         tx.execute("SELECT meridian.lock_keys($1)", &[changes]).await?;
-        let lsn: String = tx.query_one(Self::EMIT, &[]).await?.get(0);
+        let lsn = self.emit().await?;
         while !self.wait(&lsn, Duration::from_secs(10)).await {
             tracing::warn!(%lsn, "applying waits for capture to record this region's own recent transactions");
         }
@@ -218,8 +245,7 @@ async fn session(
                 None if batch.is_empty() => slot.update_applied_lsn(end_lsn),
                 None => {}
             },
-            ReplicationEvent::Message { transactional: false, prefix, lsn, .. }
-                if prefix == SYNC_PREFIX =>
+            ReplicationEvent::Message { prefix, lsn, .. } if prefix == SYNC_PREFIX =>
             {
                 record(&mut client, &mut relations, &mut batch, &slot).await?;
                 changes = 0;

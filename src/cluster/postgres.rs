@@ -196,9 +196,11 @@ impl PgServer {
             ("listen_addresses".to_string(), "127.0.0.1".to_string()),
             ("max_connections".into(), "200".into()),
             ("logging_collector".into(), "off".into()),
-            // Capture reads the WAL through one logical slot per database.
+            // Capture reads the WAL through one logical slot per database,
+            // and each apply session takes a replication origin, whose
+            // state counts against max_replication_slots too.
             ("wal_level".into(), "logical".into()),
-            ("max_replication_slots".into(), "100".into()),
+            ("max_replication_slots".into(), "500".into()),
             ("max_wal_senders".into(), "100".into()),
         ];
         if !opts.durable {

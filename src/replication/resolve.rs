@@ -155,26 +155,63 @@ pub async fn apply(
         let Some(engine) = engines.tables.get(tbl) else {
             continue;
         };
-        let mut sp = tx.savepoint("meridian_engine").await?;
-        match apply_table(&mut sp, engine, tbl, origin, &changes).await {
-            Ok((applied, rules)) => {
-                sp.commit().await?;
-                outcome.applied += applied;
-                for rule in rules {
-                    outcome.conflicts += 1;
-                    *outcome.by_rule.entry((tbl.to_string(), rule)).or_default() += 1;
-                }
+        if apply_group(tx, engine, tbl, origin, &changes, &mut outcome, false).await? {
+            continue;
+        }
+        let held_before = outcome.held;
+        // The table's changes failed together: one key at a time, so a row
+        // that cannot be written holds only its own key's changes.
+        let mut by_key: Vec<(String, Vec<&WireChange>)> = Vec::new();
+        for c in changes {
+            let key = c.pk.as_ref().map(|k| k.to_string()).unwrap_or_default();
+            match by_key.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, group)) => group.push(c),
+                None => by_key.push((key, vec![c])),
             }
-            Err(e) if is_retryable(&e) => return Err(e),
-            Err(e) => {
-                sp.rollback().await?;
-                hold(tx, origin, &changes, &e).await?;
-                outcome.held += changes.len() as u64;
-                outcome.held_tables.push(tbl.to_string());
-            }
+        }
+        for (_, group) in by_key {
+            apply_group(tx, engine, tbl, origin, &group, &mut outcome, true).await?;
+        }
+        if outcome.held > held_before {
+            outcome.held_tables.push(tbl.to_string());
         }
     }
     Ok(outcome)
+}
+
+/// Applies one group of a table's changes in a savepoint. On failure the
+/// savepoint is rolled back and, when `hold_failed`, the group is held;
+/// returns whether it was applied.
+async fn apply_group(
+    tx: &mut Transaction<'_>,
+    engine: &Engine,
+    tbl: &str,
+    origin: u16,
+    changes: &[&WireChange],
+    outcome: &mut Outcome,
+    hold_failed: bool,
+) -> Result<bool, tokio_postgres::Error> {
+    let mut sp = tx.savepoint("meridian_engine").await?;
+    match apply_table(&mut sp, engine, tbl, origin, changes).await {
+        Ok((applied, rules)) => {
+            sp.commit().await?;
+            outcome.applied += applied;
+            for rule in rules {
+                outcome.conflicts += 1;
+                *outcome.by_rule.entry((tbl.to_string(), rule)).or_default() += 1;
+            }
+            Ok(true)
+        }
+        Err(e) if is_retryable(&e) => Err(e),
+        Err(e) => {
+            sp.rollback().await?;
+            if hold_failed {
+                hold(tx, origin, changes, &e).await?;
+                outcome.held += changes.len() as u64;
+            }
+            Ok(false)
+        }
+    }
 }
 
 /// A lost deadlock or serialization race: the whole batch is retried.
