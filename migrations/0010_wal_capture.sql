@@ -28,14 +28,16 @@
 CREATE TABLE meridian.capture_progress (
     single bool PRIMARY KEY DEFAULT true CHECK (single),
     lsn    pg_lsn NOT NULL,
-    done   bigint NOT NULL
+    done   bigint NOT NULL,
+    committed_at timestamptz
 );
-INSERT INTO meridian.capture_progress (lsn, done) VALUES ('0/0', 0);
+-- Nothing older than now can reach capture: the slot is made after this.
+INSERT INTO meridian.capture_progress (lsn, done, committed_at) VALUES ('0/0', 0, now());
 
 COMMENT ON TABLE meridian.capture_progress IS
     'Where capture is, written with the changes it recorded: the end LSN of the last whole '
     'transaction recorded (done = 0), or the commit LSN of one recorded in parts and how many '
-    'of its changes are in.';
+    'of its changes are in; committed_at: when the last of them committed (bounds the floor).';
 
 CREATE TABLE meridian.ddl_out (
     id    bigserial PRIMARY KEY,
@@ -180,6 +182,26 @@ SELECT %2$s, ver.hlc, pg_catalog.substr(pin, 2)::pg_catalog.int8,
     RETURN replace(stmt, E'\n', E'\n' || repeat(' ', indent));
 END
 $fn$;
+
+-- This region's floor (migration 3): every change it captures from now on
+-- has a row version above it. Capture stamps a transaction with its commit
+-- time (src/capture/wal.rs), so a transaction committed but not recorded yet
+-- bounds it too: the floor stays below the commit time of the last one
+-- capture recorded (or its last sync point).
+CREATE OR REPLACE FUNCTION meridian.local_floor(grace_ms bigint) RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ((floor(extract(epoch FROM least(
+                clock_timestamp(),
+                (SELECT min(a.xact_start) FROM pg_stat_activity a
+                  WHERE a.datid = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+                    AND a.backend_type = 'client backend'),
+                (SELECT min(p.prepared) FROM pg_prepared_xacts p
+                  WHERE p.database = current_database()),
+                (SELECT c.committed_at FROM meridian.capture_progress c))) * 1000)::int8
+             - 1704067200000 - grace_ms) << 22)
+$$;
 
 -- The keys of `decoded` with their values in `typed`: a row image as the
 -- table is now (typed by its current columns) but holding only the columns

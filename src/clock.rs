@@ -116,6 +116,21 @@ impl Clock {
         }
     }
 
+    /// A stamp for a local event that happened at `unix_ms` (a transaction's
+    /// commit time, read back from the WAL a moment later): that time's HLC
+    /// if it is above every stamp issued or observed before, else just
+    /// above them. Never ahead of the clock's own time.
+    pub fn stamp_at(&self, unix_ms: i64) -> u64 {
+        loop {
+            self.generator
+                .set_current_timestamp(unix_ms.min(self.now_ms()));
+            if let Some(ts) = self.generator.next_timestamp() {
+                return ts.as_u64();
+            }
+            std::thread::yield_now();
+        }
+    }
+
     /// The last stamp issued or observed (what to persist as the high-water mark).
     pub fn last(&self) -> u64 {
         self.generator.timestamp().as_u64()

@@ -23,6 +23,14 @@ fn stamps(r: &Region, proxy: &Proxy) -> u64 {
     v["stamps"]["injected"].as_u64().unwrap()
 }
 
+/// Runs `select` (one SELECT) as meridian's apply sessions do: with a
+/// replication origin, so what it applies is not captured again.
+fn as_applier(r: &Region, select: &str) -> Vec<String> {
+    r.query(&format!(
+        "WITH origin AS MATERIALIZED (SELECT meridian.apply_session_setup()) {select} FROM origin"
+    ))
+}
+
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, v text);
      CREATE TABLE parent (id int PRIMARY KEY);
      CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent ON DELETE CASCADE);
@@ -277,8 +285,8 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
         )
     };
     let apply = |changes: Vec<String>| {
-        r.query(&format!(
-            "SELECT meridian.apply_session_setup(); SELECT meridian.apply_batch(9, '[{}]'::jsonb) ->> 'applied'",
+        as_applier(&r, &format!(
+            "SELECT meridian.apply_batch(9, '[{}]'::jsonb) ->> 'applied'",
             changes.join(",")
         ))
     };
@@ -326,8 +334,8 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
     // The set-wise path itself works (apply_batch falls back to change by
     // change when it fails, which is correct but ~30x slower, and silent).
     assert_eq!(
-        r.query(&format!(
-            "SELECT meridian.apply_session_setup(); SELECT meridian.apply_table('public.accounts', '[{}]'::jsonb, 9)::text",
+        as_applier(&r, &format!(
+            "SELECT meridian.apply_table('public.accounts', '[{}]'::jsonb, 9)::text",
             change(
                 6,
                 newer + 3,
@@ -349,8 +357,8 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
         None,
     );
     assert_eq!(
-        r.query(&format!(
-            "SELECT meridian.apply_session_setup(); SELECT meridian.apply_batch(9, meridian.fill_defaults('[{}]'::jsonb)) ->> 'applied'",
+        as_applier(&r, &format!(
+            "SELECT meridian.apply_batch(9, meridian.fill_defaults('[{}]'::jsonb)) ->> 'applied'",
             change(
                 5,
                 newer + 2,
@@ -389,8 +397,8 @@ fn a_local_write_always_gets_a_larger_version_than_the_rows_current_one() {
     r.captured();
     let now = meridian::clock::Clock::start(0, Duration::from_millis(500)).now_ms();
     let ahead = meridian::clock::Clock::hlc_at(now + 30_000);
-    let applied = r.query(&format!(
-        r#"SELECT meridian.apply_session_setup(); SELECT meridian.apply_batch(9, '[{{"xid": 5, "seq": 1, "hlc": {ahead}, "tx_hlc": {ahead}, "tbl": "public.items", "op": "U", "pk": {{"id": 1}}, "row": {{"id": 1, "v": "from a peer"}}, "old": null}}]'::jsonb) ->> 'applied'"#
+    let applied = as_applier(&r, &format!(
+        r#"SELECT meridian.apply_batch(9, '[{{"xid": 5, "seq": 1, "hlc": {ahead}, "tx_hlc": {ahead}, "tbl": "public.items", "op": "U", "pk": {{"id": 1}}, "row": {{"id": 1, "v": "from a peer"}}, "old": null}}]'::jsonb) ->> 'applied'"#
     ));
     assert_eq!(applied, ["1"]);
     psql(&r.url(), &["-c", "UPDATE items SET v = 'local' WHERE id = 1"], None);

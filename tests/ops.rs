@@ -325,8 +325,9 @@ fn verify_names_a_key_written_with_capture_off_and_status_shows_the_peers() {
         "{text}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("verify: [1/1] public.kv"));
-    // A write straight into eu-west's Postgres with capture off (the
-    // session's triggers do not fire): it never replicates.
+    // A write straight into eu-west's Postgres in a session marked as one of
+    // meridian's apply sessions (its replication origin makes capture skip
+    // it): it never replicates.
     let eu_db = meridian::config::Config::load(&config)
         .unwrap()
         .replication
@@ -337,7 +338,12 @@ fn verify_names_a_key_written_with_capture_off_and_status_shows_the_peers() {
         .unwrap();
     psql(
         &eu_db,
-        &["-c", "SET session_replication_role = replica; UPDATE kv SET v = 'changed behind its back' WHERE k = 321"],
+        &[
+            "-c",
+            "SELECT meridian.apply_session_setup()",
+            "-c",
+            "UPDATE kv SET v = 'changed behind its back' WHERE k = 321",
+        ],
         None,
     );
     let out = verify("1s");

@@ -15,6 +15,9 @@ use pgwire_replication::Lsn;
 use super::pgoutput::{self, DecodeError, Message, Relation, Value};
 use crate::clock::Clock;
 
+/// 2000-01-01 (Postgres' epoch) in milliseconds since the Unix epoch.
+const PG_EPOCH_MS: i64 = 946_684_800_000;
+
 /// One decoded change.
 #[derive(Debug, Clone)]
 pub enum Decoded {
@@ -72,12 +75,22 @@ impl DecodedRow {
     }
 }
 
-/// Column name to text value. A TOASTed value an update left unchanged is
-/// not in the WAL's new row; it is taken from the old row (`fill`).
+/// `json` and `jsonb`: `jsonb_populate_record` takes their values as JSON,
+/// every other type's as its text form.
+const JSON_TYPES: [u32; 2] = [114, 3802];
+
+/// Column name to value. A TOASTed value an update left unchanged is not in
+/// the WAL's new row; it is taken from the old row (`fill`).
 fn image(rel: &Relation, values: &[Value], fill: Option<&[Value]>) -> serde_json::Value {
-    let text = |b: &Bytes| serde_json::Value::String(String::from_utf8_lossy(b).into_owned());
     let mut map = serde_json::Map::with_capacity(rel.columns.len());
     for (i, col) in rel.columns.iter().enumerate() {
+        let text = |b: &Bytes| {
+            JSON_TYPES
+                .contains(&col.type_oid)
+                .then(|| serde_json::from_slice(b).ok())
+                .flatten()
+                .unwrap_or_else(|| serde_json::Value::String(String::from_utf8_lossy(b).into_owned()))
+        };
         let v = match values.get(i) {
             Some(Value::Text(b)) => text(b),
             Some(Value::Null) => serde_json::Value::Null,
@@ -96,6 +109,8 @@ fn image(rel: &Relation, values: &[Value], fill: Option<&[Value]>) -> serde_json
 #[derive(Debug, Clone)]
 pub struct Tx {
     pub commit_lsn: Lsn,
+    /// Commit time, milliseconds since the Unix epoch (the origin server's clock).
+    pub commit_ms: i64,
     pub end_lsn: Lsn,
     pub changes: Vec<Decoded>,
     /// The transaction's HLC stamp, made by capture in commit order.
@@ -115,6 +130,7 @@ impl Tx {
 
 struct Open {
     commit_lsn: Lsn,
+    commit_ms: i64,
     changes: Vec<Decoded>,
     from_origin: bool,
     stamp: Option<u64>,
@@ -131,10 +147,12 @@ pub struct Assembler {
 }
 
 impl Assembler {
-    /// A transaction begins; its first `skip` changes are already recorded.
-    pub fn begin(&mut self, commit_lsn: Lsn, skip: u64) {
+    /// A transaction begins (`commit_micros`: pgoutput's commit time, since
+    /// 2000-01-01); its first `skip` changes are already recorded.
+    pub fn begin(&mut self, commit_lsn: Lsn, commit_micros: i64, skip: u64) {
         self.open = Some(Open {
             commit_lsn,
+            commit_ms: commit_micros / 1000 + PG_EPOCH_MS,
             changes: Vec::new(),
             from_origin: false,
             stamp: None,
@@ -145,6 +163,11 @@ impl Assembler {
 
     pub fn is_open(&self) -> bool {
         self.open.is_some()
+    }
+
+    /// The open transaction's commit time (ms since the Unix epoch).
+    pub fn open_commit_ms(&self) -> Option<i64> {
+        self.open.as_ref().map(|t| t.commit_ms)
     }
 
     pub fn open_changes(&self) -> usize {
@@ -205,11 +228,13 @@ impl Assembler {
         if tx.from_origin || tx.changes.is_empty() {
             return None;
         }
+        let at = tx.commit_ms;
         Some(Tx {
             commit_lsn: tx.commit_lsn,
+            commit_ms: tx.commit_ms,
             end_lsn: tx.commit_lsn,
             changes: std::mem::take(&mut tx.changes),
-            stamp: *tx.stamp.get_or_insert_with(|| clock.stamp()),
+            stamp: *tx.stamp.get_or_insert_with(|| clock.stamp_at(at)),
             done_after: tx.seen,
             complete: false,
         })
@@ -223,9 +248,10 @@ impl Assembler {
         }
         Some(Tx {
             commit_lsn: tx.commit_lsn,
+            commit_ms: tx.commit_ms,
             end_lsn,
             changes: tx.changes,
-            stamp: tx.stamp.unwrap_or_else(|| clock.stamp()),
+            stamp: tx.stamp.unwrap_or_else(|| clock.stamp_at(tx.commit_ms)),
             done_after: tx.seen,
             complete: true,
         })
@@ -275,7 +301,7 @@ mod tests {
     fn a_transaction_is_collected_stamped_and_skipped_when_applied_by_meridian() {
         let clock = Clock::manual(1_000, 0, Duration::from_millis(500));
         let mut a = Assembler::default();
-        a.begin(Lsn::from_u64(10), 0);
+        a.begin(Lsn::from_u64(10), 0, 0);
         a.message(&relation(5)).unwrap();
         a.message(&insert(5, "1")).unwrap();
         let tx = a.commit(Lsn::from_u64(11), &clock).unwrap();
@@ -284,7 +310,7 @@ mod tests {
         assert_eq!(row.new_json().unwrap(), serde_json::json!({"k": "1", "v": null}));
         assert!(tx.complete && tx.pin().starts_with('B'));
 
-        a.begin(Lsn::from_u64(20), 0);
+        a.begin(Lsn::from_u64(20), 0, 0);
         a.message(&origin()).unwrap();
         a.message(&insert(5, "2")).unwrap();
         assert!(a.commit(Lsn::from_u64(21), &clock).is_none());
@@ -295,7 +321,7 @@ mod tests {
         let clock = Clock::manual(1_000, 0, Duration::from_millis(500));
         let mut a = Assembler::default();
         a.message(&relation(5)).unwrap();
-        a.begin(Lsn::from_u64(10), 2);
+        a.begin(Lsn::from_u64(10), 0, 2);
         for k in ["1", "2", "3"] {
             a.message(&insert(5, k)).unwrap();
         }
@@ -309,7 +335,7 @@ mod tests {
         let clock = Clock::manual(1_000, 0, Duration::from_millis(500));
         let mut a = Assembler::default();
         a.message(&relation(5)).unwrap();
-        a.begin(Lsn::from_u64(10), 0);
+        a.begin(Lsn::from_u64(10), 0, 0);
         a.message(&insert(5, "1")).unwrap();
         let part = a.take_part(&clock).unwrap();
         assert!(!part.complete);

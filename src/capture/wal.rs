@@ -222,7 +222,9 @@ async fn session(
             return Ok(());
         };
         match event {
-            ReplicationEvent::Begin { final_lsn, .. } => asm.begin(final_lsn, resume.skip(final_lsn)),
+            ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
+                asm.begin(final_lsn, commit_time_micros, resume.skip(final_lsn))
+            }
             ReplicationEvent::XLogData { data, .. } => {
                 asm.message(&data)
                     .map_err(|e| CaptureError::Slot(e.to_string()))?;
@@ -249,7 +251,7 @@ async fn session(
             {
                 record(&mut client, &mut relations, &mut batch, &slot).await?;
                 changes = 0;
-                writer::mark(&client, lsn).await?;
+                writer::mark(&client, lsn, asm.open_commit_ms()).await?;
                 barrier.pass(lsn);
             }
             ReplicationEvent::KeepAlive { wal_end, .. } if batch.is_empty() && !asm.is_open() => {

@@ -97,8 +97,9 @@ pub async fn record(
     let done = if last.complete { 0 } else { last.done_after as i64 };
     let at = if last.complete { last.end_lsn } else { last.commit_lsn };
     tx.execute(
-        "UPDATE meridian.capture_progress SET lsn = $1::text::pg_lsn, done = $2",
-        &[&at.to_pg_string(), &done],
+        "UPDATE meridian.capture_progress
+            SET lsn = $1::text::pg_lsn, done = $2, committed_at = to_timestamp($3::float8 / 1000)",
+        &[&at.to_pg_string(), &done, &(last.commit_ms as f64)],
     )
     .await
     .map_err(super::pg("recording capture progress"))?;
@@ -107,12 +108,20 @@ pub async fn record(
         .map_err(super::pg("committing a capture batch"))
 }
 
-/// Records that everything before `lsn` is recorded (a sync point passed).
-pub async fn mark(client: &Client, lsn: pgwire_replication::Lsn) -> Result<(), CaptureError> {
+/// Records that everything before `lsn` is recorded (a sync point, which
+/// committed at `commit_ms`, passed).
+pub async fn mark(
+    client: &Client,
+    lsn: pgwire_replication::Lsn,
+    commit_ms: Option<i64>,
+) -> Result<(), CaptureError> {
     client
         .execute(
-            "UPDATE meridian.capture_progress SET lsn = $1::text::pg_lsn, done = 0 WHERE lsn < $1::text::pg_lsn",
-            &[&lsn.to_pg_string()],
+            "UPDATE meridian.capture_progress
+                SET lsn = $1::text::pg_lsn, done = 0,
+                    committed_at = coalesce(to_timestamp($2::float8 / 1000), committed_at)
+              WHERE lsn < $1::text::pg_lsn",
+            &[&lsn.to_pg_string(), &commit_ms.map(|m| m as f64)],
         )
         .await
         .map_err(super::pg("recording capture progress"))?;
