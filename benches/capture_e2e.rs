@@ -32,10 +32,17 @@ type Target<'a> = (&'a str, String, bool);
 /// Waits until capture has recorded everything committed in `captured`.
 fn wait_for_capture(pg: &PgServer) -> Duration {
     let start = Instant::now();
-    let lsn = psql(pg, "captured", "SELECT pg_logical_emit_message(true, 'meridian.sync', '')::text");
+    let lsn = psql(
+        pg,
+        "captured",
+        "SELECT pg_logical_emit_message(true, 'meridian.sync', '')::text",
+    );
     let passed = format!("SELECT lsn >= '{lsn}'::pg_lsn FROM meridian.capture_progress");
     while psql(pg, "captured", &passed) != "t" {
-        assert!(start.elapsed() < Duration::from_secs(600), "capture stalled");
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "capture stalled"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     start.elapsed()
@@ -113,10 +120,18 @@ fn main() {
             psql(&pg, "postgres", "CHECKPOINT");
             let lsn = psql(&pg, "postgres", "SELECT pg_current_wal_lsn()");
             let r = pgbench(url, &args);
-            let lag = if *captured { wait_for_capture(&pg).as_secs_f64() } else { 0.0 };
-            let wal: f64 = psql(&pg, "postgres", &format!("SELECT pg_current_wal_lsn() - '{lsn}'::pg_lsn"))
-                .parse()
-                .unwrap();
+            let lag = if *captured {
+                wait_for_capture(&pg).as_secs_f64()
+            } else {
+                0.0
+            };
+            let wal: f64 = psql(
+                &pg,
+                "postgres",
+                &format!("SELECT pg_current_wal_lsn() - '{lsn}'::pg_lsn"),
+            )
+            .parse()
+            .unwrap();
             let per_tx = wal / (r.tps * seconds.parse::<f64>().unwrap());
             println!(
                 "| {name} | {round} | {:.0} | {:.3} | {per_tx:.0} | {lag:.1} |",

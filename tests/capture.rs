@@ -189,9 +189,14 @@ fn every_kind_of_write_through_the_proxy_is_captured_once_with_one_stamp_per_tra
     assert_eq!(got, want, "in capture order: {rows:#?}");
     // One stamp per transaction (nine committed ones wrote), a different
     // one for each, close to now.
-    assert_eq!(r.query("SELECT count(DISTINCT tx_hlc) FROM meridian.change"), ["9"]);
     assert_eq!(
-        r.query("SELECT count(DISTINCT tx_hlc) FROM meridian.changes WHERE key->>'id' IN ('4', '40')"),
+        r.query("SELECT count(DISTINCT tx_hlc) FROM meridian.change"),
+        ["9"]
+    );
+    assert_eq!(
+        r.query(
+            "SELECT count(DISTINCT tx_hlc) FROM meridian.changes WHERE key->>'id' IN ('4', '40')"
+        ),
         ["1"]
     );
     assert_eq!(
@@ -285,10 +290,13 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
         )
     };
     let apply = |changes: Vec<String>| {
-        as_applier(&r, &format!(
-            "SELECT meridian.apply_batch(9, '[{}]'::jsonb) ->> 'applied'",
-            changes.join(",")
-        ))
+        as_applier(
+            &r,
+            &format!(
+                "SELECT meridian.apply_batch(9, '[{}]'::jsonb) ->> 'applied'",
+                changes.join(",")
+            ),
+        )
     };
     // Older than the local row: owner stays, the deltas (+10, -5) count.
     apply(vec![
@@ -334,17 +342,20 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
     // The set-wise path itself works (apply_batch falls back to change by
     // change when it fails, which is correct but ~30x slower, and silent).
     assert_eq!(
-        as_applier(&r, &format!(
-            "SELECT meridian.apply_table('public.accounts', '[{}]'::jsonb, 9)::text",
-            change(
-                6,
-                newer + 3,
-                "U",
-                "public.accounts",
-                r#"{"id": 1, "balance": 176, "owner": "bob"}"#,
-                r#"{"balance": 175}"#
+        as_applier(
+            &r,
+            &format!(
+                "SELECT meridian.apply_table('public.accounts', '[{}]'::jsonb, 9)::text",
+                change(
+                    6,
+                    newer + 3,
+                    "U",
+                    "public.accounts",
+                    r#"{"id": 1, "balance": 176, "owner": "bob"}"#,
+                    r#"{"balance": 175}"#
+                )
             )
-        )),
+        ),
         ["{\"older\": 0, \"applied\": 1}"]
     );
     // A row captured before a column existed gets the column's default.
@@ -357,7 +368,9 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
         None,
     );
     assert_eq!(
-        as_applier(&r, &format!(
+        as_applier(
+            &r,
+            &format!(
             "SELECT meridian.apply_batch(9, meridian.fill_defaults('[{}]'::jsonb)) ->> 'applied'",
             change(
                 5,
@@ -368,7 +381,8 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
                 "null"
             )
             .replace(r#""pk": {"id": 1}"#, r#""pk": {"id": 2}"#)
-        )),
+        )
+        ),
         ["1"]
     );
     assert_eq!(r.query("SELECT tier FROM accounts WHERE id = 2"), ["basic"]);
@@ -397,11 +411,18 @@ fn a_local_write_always_gets_a_larger_version_than_the_rows_current_one() {
     r.captured();
     let now = meridian::clock::Clock::start(0, Duration::from_millis(500)).now_ms();
     let ahead = meridian::clock::Clock::hlc_at(now + 30_000);
-    let applied = as_applier(&r, &format!(
-        r#"SELECT meridian.apply_batch(9, '[{{"xid": 5, "seq": 1, "hlc": {ahead}, "tx_hlc": {ahead}, "tbl": "public.items", "op": "U", "pk": {{"id": 1}}, "row": {{"id": 1, "v": "from a peer"}}, "old": null}}]'::jsonb) ->> 'applied'"#
-    ));
+    let applied = as_applier(
+        &r,
+        &format!(
+            r#"SELECT meridian.apply_batch(9, '[{{"xid": 5, "seq": 1, "hlc": {ahead}, "tx_hlc": {ahead}, "tbl": "public.items", "op": "U", "pk": {{"id": 1}}, "row": {{"id": 1, "v": "from a peer"}}, "old": null}}]'::jsonb) ->> 'applied'"#
+        ),
+    );
     assert_eq!(applied, ["1"]);
-    psql(&r.url(), &["-c", "UPDATE items SET v = 'local' WHERE id = 1"], None);
+    psql(
+        &r.url(),
+        &["-c", "UPDATE items SET v = 'local' WHERE id = 1"],
+        None,
+    );
     r.captured();
     let local = r.query(
         "SELECT format('%s %s', hlc, tx_hlc) FROM meridian.changes WHERE row->>'v' = 'local'",

@@ -459,7 +459,9 @@ fn conflicting_writes_are_decided_by_the_tables_rules_and_logged() {
     eventually_value(
         "B holds the refused change",
         Duration::from_secs(60),
-        || p.b.query("SELECT format('%s %s %s %s %s', sqlstate, origin, xid, seq, change) FROM meridian.held"),
+        || {
+            p.b.query("SELECT format('%s %s %s %s %s', sqlstate, origin, xid, seq, change) FROM meridian.held")
+        },
         |held| held.len() == 1 && held[0].starts_with("23514 "),
     );
     eventually("B applies the next one", Duration::from_secs(60), || {

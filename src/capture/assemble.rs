@@ -89,7 +89,9 @@ fn image(rel: &Relation, values: &[Value], fill: Option<&[Value]>) -> serde_json
                 .contains(&col.type_oid)
                 .then(|| serde_json::from_slice(b).ok())
                 .flatten()
-                .unwrap_or_else(|| serde_json::Value::String(String::from_utf8_lossy(b).into_owned()))
+                .unwrap_or_else(|| {
+                    serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+                })
         };
         let v = match values.get(i) {
             Some(Value::Text(b)) => text(b),
@@ -190,7 +192,12 @@ impl Assembler {
             }
             Message::Truncate { rels, .. } => Decoded::Truncate(
                 rels.iter()
-                    .map(|&oid| self.relations.get(&oid).cloned().ok_or(DecodeError::UnknownRelation(oid)))
+                    .map(|&oid| {
+                        self.relations
+                            .get(&oid)
+                            .cloned()
+                            .ok_or(DecodeError::UnknownRelation(oid))
+                    })
                     .collect::<Result<_, _>>()?,
             ),
             Message::Insert { rel, new } => self.row(rel, Op::Insert, new, None)?,
@@ -306,8 +313,13 @@ mod tests {
         a.message(&insert(5, "1")).unwrap();
         let tx = a.commit(Lsn::from_u64(11), &clock).unwrap();
         assert_eq!(tx.changes.len(), 1);
-        let Decoded::Row(row) = &tx.changes[0] else { panic!() };
-        assert_eq!(row.new_json().unwrap(), serde_json::json!({"k": "1", "v": null}));
+        let Decoded::Row(row) = &tx.changes[0] else {
+            panic!()
+        };
+        assert_eq!(
+            row.new_json().unwrap(),
+            serde_json::json!({"k": "1", "v": null})
+        );
         assert!(tx.complete && tx.pin().starts_with('B'));
 
         a.begin(Lsn::from_u64(20), 0, 0);

@@ -57,14 +57,32 @@ pub enum Value {
 pub enum Message {
     Relation(Relation),
     /// A type's name, sent before a relation that uses a non-built-in type.
-    Type { oid: u32 },
-    Insert { rel: u32, new: Vec<Value> },
+    Type {
+        oid: u32,
+    },
+    Insert {
+        rel: u32,
+        new: Vec<Value>,
+    },
     /// `old` is the replica identity's image (key or full row) when sent.
-    Update { rel: u32, old: Option<Vec<Value>>, new: Vec<Value> },
-    Delete { rel: u32, old: Vec<Value> },
-    Truncate { rels: Vec<u32>, cascade: bool, restart_identity: bool },
+    Update {
+        rel: u32,
+        old: Option<Vec<Value>>,
+        new: Vec<Value>,
+    },
+    Delete {
+        rel: u32,
+        old: Vec<Value>,
+    },
+    Truncate {
+        rels: Vec<u32>,
+        cascade: bool,
+        restart_identity: bool,
+    },
     /// The transaction was replayed by a replication origin (`name`).
-    Origin { name: String },
+    Origin {
+        name: String,
+    },
 }
 
 /// A cursor over one message's bytes.
@@ -261,8 +279,11 @@ mod tests {
         let Message::Relation(r) = decode(&Bytes::from(rel)).unwrap() else {
             panic!()
         };
-        assert_eq!((r.schema.as_str(), r.name.as_str(), r.identity), ("public", "kv", b'f'));
-        assert_eq!(r.columns[0].key, true);
+        assert_eq!(
+            (r.schema.as_str(), r.name.as_str(), r.identity),
+            ("public", "kv", b'f')
+        );
+        assert!(r.columns[0].key);
         assert_eq!(r.columns[1].type_oid, 25);
 
         let mut upd = vec![b'U'];

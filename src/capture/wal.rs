@@ -87,7 +87,11 @@ impl Barrier {
         if sync.is_none() {
             *sync = Some(super::connect_raw(&self.config).await?);
         }
-        let result = sync.as_ref().expect("connected").query_one(Self::EMIT, &[]).await;
+        let result = sync
+            .as_ref()
+            .expect("connected")
+            .query_one(Self::EMIT, &[])
+            .await;
         if result.is_err() {
             *sync = None;
         }
@@ -104,7 +108,8 @@ impl Barrier {
         tx: &tokio_postgres::Transaction<'_>,
         changes: &serde_json::Value,
     ) -> Result<(), tokio_postgres::Error> {
-        tx.execute("SELECT meridian.lock_keys($1)", &[changes]).await?;
+        tx.execute("SELECT meridian.lock_keys($1)", &[changes])
+            .await?;
         let lsn = self.emit().await?;
         while !self.wait(&lsn, Duration::from_secs(10)).await {
             tracing::warn!(%lsn, "applying waits for capture to record this region's own recent transactions");
@@ -122,7 +127,12 @@ impl Barrier {
 }
 
 /// Runs capture until `stop`: reconnects after failures, never gives up.
-pub async fn run(config: Config, clock: Arc<Clock>, barrier: Arc<Barrier>, stop: CancellationToken) {
+pub async fn run(
+    config: Config,
+    clock: Arc<Clock>,
+    barrier: Arc<Barrier>,
+    stop: CancellationToken,
+) {
     let mut delay = Duration::from_millis(100);
     loop {
         match session(&config, &clock, &barrier, &stop).await {
@@ -193,7 +203,9 @@ async fn session(
     .with_port(b.port)
     .with_application_name("meridian capture")
     // Values as text in one fixed style, whatever the server's defaults.
-    .with_options("-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c TimeZone=UTC");
+    .with_options(
+        "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c TimeZone=UTC",
+    );
     if !b.is_unix_socket() {
         cfg = cfg.with_tls(pgwire_replication::TlsConfig::disabled());
     }
@@ -222,9 +234,11 @@ async fn session(
             return Ok(());
         };
         match event {
-            ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
-                asm.begin(final_lsn, commit_time_micros, resume.skip(final_lsn))
-            }
+            ReplicationEvent::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => asm.begin(final_lsn, commit_time_micros, resume.skip(final_lsn)),
             ReplicationEvent::XLogData { data, .. } => {
                 asm.message(&data)
                     .map_err(|e| CaptureError::Slot(e.to_string()))?;
@@ -247,8 +261,7 @@ async fn session(
                 None if batch.is_empty() => slot.update_applied_lsn(end_lsn),
                 None => {}
             },
-            ReplicationEvent::Message { prefix, lsn, .. } if prefix == SYNC_PREFIX =>
-            {
+            ReplicationEvent::Message { prefix, lsn, .. } if prefix == SYNC_PREFIX => {
                 record(&mut client, &mut relations, &mut batch, &slot).await?;
                 changes = 0;
                 writer::mark(&client, lsn, asm.open_commit_ms()).await?;

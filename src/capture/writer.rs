@@ -72,8 +72,10 @@ pub async fn record(
                             AS c(op, new, old, pin, held)"
                 );
                 let ops: Vec<&str> = rows.iter().map(|r| r.op).collect();
-                let news: Vec<Option<&serde_json::Value>> = rows.iter().map(|r| r.new.as_ref()).collect();
-                let olds: Vec<Option<&serde_json::Value>> = rows.iter().map(|r| r.old.as_ref()).collect();
+                let news: Vec<Option<&serde_json::Value>> =
+                    rows.iter().map(|r| r.new.as_ref()).collect();
+                let olds: Vec<Option<&serde_json::Value>> =
+                    rows.iter().map(|r| r.old.as_ref()).collect();
                 let pins: Vec<&str> = rows.iter().map(|r| r.pin.as_str()).collect();
                 let held: Vec<bool> = rows.iter().map(|r| r.old_key_held).collect();
                 tx.query_one(&sql, &[&ops, &news, &olds, &pins, &held])
@@ -94,8 +96,16 @@ pub async fn record(
             }
         }
     }
-    let done = if last.complete { 0 } else { last.done_after as i64 };
-    let at = if last.complete { last.end_lsn } else { last.commit_lsn };
+    let done = if last.complete {
+        0
+    } else {
+        last.done_after as i64
+    };
+    let at = if last.complete {
+        last.end_lsn
+    } else {
+        last.commit_lsn
+    };
     tx.execute(
         "UPDATE meridian.capture_progress
             SET lsn = $1::text::pg_lsn, done = $2, committed_at = to_timestamp($3::float8 / 1000)",
@@ -149,7 +159,10 @@ async fn plan(
                         }
                     }
                     open.clear();
-                    steps.push(Step::Truncate { names, pin: tx.pin() });
+                    steps.push(Step::Truncate {
+                        names,
+                        pin: tx.pin(),
+                    });
                 }
                 Decoded::Row(row) => {
                     let info = lookup(client, relations, &row.rel).await?;
@@ -169,7 +182,10 @@ async fn plan(
                     }
                     let held = row.op == Op::Update && old_key_held(&info.key, row, &tx.changes, i);
                     let at = *open.entry(row.rel.oid).or_insert_with(|| {
-                        steps.push(Step::Rows { rel: row.rel.oid, rows: Vec::new() });
+                        steps.push(Step::Rows {
+                            rel: row.rel.oid,
+                            rows: Vec::new(),
+                        });
                         steps.len() - 1
                     });
                     if let Step::Rows { rows, .. } = &mut steps[at] {

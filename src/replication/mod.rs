@@ -829,7 +829,9 @@ async fn serve_peer(
         let mut attempt = 0;
         let (outcome, engine) = loop {
             let result = match &batch {
-                None => apply_with_engine(&mut client, Some(barrier), engines, origin, &changes).await,
+                None => {
+                    apply_with_engine(&mut client, Some(barrier), engines, origin, &changes).await
+                }
                 Some(batch) => apply_plain(&mut client, barrier, origin, batch)
                     .await
                     .map(|outcome| (outcome, resolve::Outcome::default())),

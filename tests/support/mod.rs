@@ -656,9 +656,11 @@ impl Region {
             "SELECT lsn >= '{}'::pg_lsn FROM meridian.capture_progress",
             lsn[0]
         );
-        eventually("capture recorded what was committed", Duration::from_secs(60), || {
-            self.query(&passed) == ["t"]
-        });
+        eventually(
+            "capture recorded what was committed",
+            Duration::from_secs(60),
+            || self.query(&passed) == ["t"],
+        );
     }
 
     /// One column of one query, straight to Postgres, as text.
