@@ -830,3 +830,38 @@ async fn transaction_control_after_an_error_in_the_extended_protocol_works_as_on
         r.proxy().log()
     );
 }
+
+/// meridian is killed (SIGKILL) again and again while transactions commit,
+/// one of them large enough to be recorded in parts: after the last restart
+/// every committed change is recorded exactly once (capture's progress is
+/// written with the changes, and the slot resends what came after it).
+#[test]
+fn killing_meridian_at_any_point_loses_no_committed_change_and_records_none_twice() {
+    let mut r = Region::start("cap_crash", ITEMS, &[]);
+    let direct = r.direct();
+    let writer = std::thread::spawn(move || {
+        let mut script = String::new();
+        for i in 0..300 {
+            script.push_str(&format!("INSERT INTO items VALUES ({i}, 'small');\n"));
+            if i == 150 {
+                script.push_str(
+                    "INSERT INTO items SELECT g, 'large' FROM generate_series(1000, 13000) g;\n",
+                );
+            }
+            script.push_str("SELECT pg_sleep(0.01);\n");
+        }
+        psql(&direct, &["-v", "ON_ERROR_STOP=1", "-q"], Some(&script));
+    });
+    for k in 0..8u64 {
+        std::thread::sleep(Duration::from_millis(150 + (k * 173) % 400));
+        r.proxy.take(); // SIGKILL
+        r.proxy = Some(Proxy::start_with_config(&r.config));
+    }
+    writer.join().unwrap();
+    r.captured();
+    assert_eq!(
+        r.query("SELECT count(*) || ' ' || count(DISTINCT key) FROM meridian.changes WHERE \"table\" = 'public.items'"),
+        ["12301 12301"]
+    );
+    assert_eq!(r.query("SELECT count(*) FROM items"), ["12301"]);
+}

@@ -575,6 +575,12 @@ pub async fn maintain(
             if !engines.is_empty() {
                 retried += resolve::retry_held(c, &engines).await? as i32;
             }
+            // A sync point each round: once capture passes it, the region's
+            // floor may move up to it even when nothing else is written
+            // (see `meridian.local_floor`).
+            c.execute(crate::capture::wal::Barrier::EMIT, &[]).await?;
+            // Schema changes reach capture through the WAL; the rows can go.
+            c.execute("DELETE FROM meridian.ddl_out", &[]).await?;
             let expired = resolve::prune_conflicts(c, retention).await?;
             if expired > 0 {
                 tracing::debug!(expired, "conflict log entries past their retention deleted");
