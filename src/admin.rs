@@ -295,6 +295,12 @@ fn render_metrics(s: &AdminState, postgres_up: bool) -> String {
         "Changes waiting in meridian.held now.",
     )
     .sample(&region, n(&rep.held_now));
+    m.family(
+        "meridian_capture_retained_wal_bytes",
+        "gauge",
+        "WAL the capture slot keeps (from its restart point to now).",
+    )
+    .sample(&region, n(&rep.capture_retained_bytes));
     let f = m.family(
         "meridian_conflicts_total",
         "counter",

@@ -1042,9 +1042,11 @@ fn a_tombstone_is_kept_while_a_peer_is_silent_and_forgotten_once_every_region_is
 
     p.b.proxy = Some(Proxy::start_with_config(&p.b.config));
     assert_eq!(converge(&p, "B applies the delete"), ["2=y/0"]);
+    // (Floors move once capture has passed a housekeeping sync point,
+    // which takes longer when the whole suite loads the machine.)
     eventually(
         "both regions forget the tombstone",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || tombstones(&p.a).is_empty() && tombstones(&p.b).is_empty(),
     );
     // Live rows keep their versions, and the key can be used again.

@@ -128,11 +128,19 @@ pub enum CaptureError {
     Slot(String),
     #[error("{0}")]
     Settings(String),
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", describe(.source))]
     Postgres {
         context: String,
         source: tokio_postgres::Error,
     },
+}
+
+/// A driver error with the server's own words when it has them.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => e.to_string(),
+    }
 }
 
 fn no_primary_key_message(tables: &[String]) -> String {

@@ -126,6 +126,35 @@ impl Barrier {
     }
 }
 
+/// The capture slot as Postgres sees it.
+#[derive(Debug, Clone)]
+pub struct SlotState {
+    /// WAL the slot keeps (from its restart point to the present).
+    pub retained_bytes: i64,
+    /// Postgres' verdict on that WAL: `reserved`, `extended`, `unreserved`
+    /// (beyond `max_wal_size`, kept only while within
+    /// `max_slot_wal_keep_size`) or `lost` (removed: capture cannot go on).
+    pub wal_status: String,
+    /// A capture task is connected to it.
+    pub active: bool,
+}
+
+/// Reads the capture slot's state; `None` when the slot does not exist.
+pub async fn slot_state(client: &tokio_postgres::Client) -> Result<Option<SlotState>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT coalesce((pg_current_wal_lsn() - s.restart_lsn)::int8, 0), coalesce(s.wal_status, 'lost'), s.active
+               FROM pg_replication_slots s WHERE s.slot_name = meridian.slot_name()",
+            &[],
+        )
+        .await?;
+    Ok(row.map(|r| SlotState {
+        retained_bytes: r.get(0),
+        wal_status: r.get(1),
+        active: r.get(2),
+    }))
+}
+
 /// Runs capture until `stop`: reconnects after failures, never gives up.
 pub async fn run(
     config: Config,

@@ -27,6 +27,9 @@ pub struct RelInfo {
     key: Vec<usize>,
     /// `meridian.ddl_out`: its inserts are schema changes.
     ddl_out: bool,
+    /// The table's columns now are the ones the WAL describes (images need
+    /// no trimming).
+    exact: bool,
 }
 
 pub type Relations = HashMap<u32, RelInfo>;
@@ -66,10 +69,9 @@ pub async fn record(
     for step in &steps {
         match step {
             Step::Rows { rel, rows } => {
+                let exact = relations.get(rel).is_some_and(|r| r.exact);
                 let sql = format!(
-                    "SELECT count(meridian.capture_{rel}(c.op, c.new, c.old, c.pin, c.held))
-                       FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::text[], $5::bool[])
-                            AS c(op, new, old, pin, held)"
+                    "SELECT meridian.capture_rows_{rel}($1::text[], $2::jsonb[], $3::jsonb[], $4::text[], $5::bool[], {exact})"
                 );
                 let ops: Vec<&str> = rows.iter().map(|r| r.op).collect();
                 let news: Vec<Option<&serde_json::Value>> =
@@ -246,7 +248,10 @@ async fn lookup<'a>(
                                     FROM pg_index i
                                     CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
                                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                                   WHERE i.indrelid = $3::oid AND i.indisprimary), '{}')",
+                                   WHERE i.indrelid = $3::oid AND i.indisprimary), '{}'),
+                        coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+                                   WHERE a.attrelid = $3::oid AND a.attnum > 0 AND NOT a.attisdropped
+                                     AND a.attgenerated = ''), '{}')",
                 &[&rel.schema, &rel.name, &rel.oid],
             )
             .await
@@ -256,9 +261,13 @@ async fn lookup<'a>(
             .iter()
             .filter_map(|k| rel.columns.iter().position(|c| &c.name == k))
             .collect();
+        let now: Vec<String> = found.get(3);
+        let exact = now.len() == rel.columns.len()
+            && now.iter().zip(&rel.columns).all(|(a, b)| *a == b.name);
         relations.insert(
             rel.oid,
             RelInfo {
+                exact,
                 desc: rel.clone(),
                 name: found.get(0),
                 captured: found.get(1),

@@ -138,6 +138,23 @@ pub async fn report(config: &Config) -> Result<String, String> {
         );
     }
     if let Some(c) = &db {
+        match crate::capture::wal::slot_state(c).await {
+            Ok(Some(slot)) => {
+                let _ = writeln!(
+                    out,
+                    "  capture slot: {} MB of WAL kept ({}), {}",
+                    slot.retained_bytes >> 20,
+                    slot.wal_status,
+                    if slot.active { "capture connected" } else { "NO CAPTURE CONNECTED" }
+                );
+            }
+            Ok(None) => {
+                let _ = writeln!(out, "  capture slot: MISSING (run meridian migrate)");
+            }
+            Err(e) => {
+                let _ = writeln!(out, "  capture slot: cannot read: {e}");
+            }
+        }
         match resolve::recent_conflicts(c, None, None, 5).await {
             Ok(list) if list.is_empty() => {
                 let _ = writeln!(out, "  conflicts: none logged");

@@ -109,6 +109,8 @@ pub struct ReplicationStats {
     pub peers: std::sync::Mutex<std::collections::BTreeMap<String, PeerState>>,
     /// Changes waiting in `meridian.held` (read by housekeeping, once a second).
     pub held_now: AtomicU64,
+    /// WAL the capture slot keeps, in bytes (housekeeping, once a second).
+    pub capture_retained_bytes: AtomicU64,
 }
 
 /// What this region knows of one peer.
@@ -552,6 +554,7 @@ pub async fn maintain(
     // every second: as often as the grace, between 1 s and a minute.
     let forget_every = grace.clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut last_forget = tokio::time::Instant::now();
+    let mut slot_warning = SlotWarning::default();
     let mut client = None;
     loop {
         tokio::select! {
@@ -614,6 +617,12 @@ pub async fn maintain(
                 .await?
                 .get(0);
             stats.held_now.store(held as u64, Ordering::Relaxed);
+            if let Some(slot) = crate::capture::wal::slot_state(c).await? {
+                stats
+                    .capture_retained_bytes
+                    .store(slot.retained_bytes.max(0) as u64, Ordering::Relaxed);
+                slot_warning.note(&slot);
+            }
             Ok::<_, tokio_postgres::Error>((pruned, retried, forgotten))
         }
         .await;
@@ -1028,6 +1037,41 @@ pub async fn apply_with_engine(
     .await?;
     tx.commit().await?;
     Ok((outcome, engine))
+}
+
+/// Says, at most once a minute, when the capture slot keeps a lot of WAL
+/// (capture is behind, or was down) or has lost WAL it still needed.
+#[derive(Default)]
+struct SlotWarning {
+    last: Option<std::time::Instant>,
+}
+
+impl SlotWarning {
+    /// Above this much retained WAL the operator is told.
+    const RETAINED: i64 = 1 << 30;
+
+    fn note(&mut self, slot: &crate::capture::wal::SlotState) {
+        let due = self.last.map_or(true, |t| t.elapsed() >= Duration::from_secs(60));
+        if !due {
+            return;
+        }
+        if slot.wal_status == "lost" {
+            tracing::error!(
+                "the capture slot lost WAL it still needed (max_slot_wal_keep_size): changes committed \
+                 while capture was behind cannot be captured; this region must be rebuilt from a peer"
+            );
+        } else if slot.retained_bytes > Self::RETAINED {
+            tracing::warn!(
+                retained_mb = slot.retained_bytes >> 20,
+                wal_status = %slot.wal_status,
+                active = slot.active,
+                "the capture slot keeps much WAL: capture is behind (see meridian_capture_retained_wal_bytes)"
+            );
+        } else {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+    }
 }
 
 /// This region's floor: every change it captures from now on has a row
