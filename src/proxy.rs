@@ -272,6 +272,7 @@ impl Region {
             replication.push(tokio::spawn(crate::replication::maintain(
                 self.config.clone(),
                 self.engines.clone(),
+                self.barrier.clone(),
                 stats.clone(),
                 stop.clone(),
             )));

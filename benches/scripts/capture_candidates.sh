@@ -10,22 +10,9 @@
 set -e
 W=${W:-/tmp/meridian-capture-candidates}
 mkdir -p $W
-PGBIN=/usr/lib/postgresql/15/bin
+. "$(dirname "$0")/start_pg.sh"
 D=$W/pg
-rm -rf $D; mkdir -p $D; chown postgres $D
-su postgres -c "$PGBIN/initdb -D $D/data -A trust >/dev/null"
-cat >> $D/data/postgresql.conf <<CONF
-wal_level = logical
-max_wal_senders = 10
-max_replication_slots = 10
-shared_buffers = 256MB
-unix_socket_directories = '$D'
-listen_addresses = ''
-port = 55432
-max_wal_size = 4GB
-CONF
-su postgres -c "$PGBIN/pg_ctl -D $D/data -l $D/log -w start >/dev/null"
-export PGHOST=$D PGPORT=55432 PGUSER=postgres
+start_pg $D 55432
 for db in a b c d; do psql -qX -c "create database $db" postgres; pgbench -i -q -s 10 $db 2>/dev/null; done
 # b: slot + stamp message per transaction, consumed live by pg_recvlogical
 psql -qX b -c "create publication meridian for all tables" -c "select pg_create_logical_replication_slot('m','pgoutput')" >/dev/null
@@ -138,4 +125,4 @@ for round in 1 2 3; do
   done
 done
 kill $RECV
-su postgres -c "$PGBIN/pg_ctl -D $D/data -w stop -m fast >/dev/null"
+stop_pg $D

@@ -53,6 +53,9 @@ pub struct Barrier {
     passed: watch::Sender<u64>,
     /// The connection sync points are committed on.
     sync: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// Held by whoever applies peers' changes, from before its locks until
+    /// its commit (see [`Barrier::settle`]).
+    applying: tokio::sync::Mutex<()>,
 }
 
 impl Barrier {
@@ -66,6 +69,7 @@ impl Barrier {
             config: config.clone(),
             passed: watch::channel(0).0,
             sync: Default::default(),
+            applying: Default::default(),
         }
     }
 
@@ -103,18 +107,31 @@ impl Barrier {
     /// (`meridian.lock_keys`), then waits until capture has recorded every
     /// transaction committed before. Waits as long as it takes (with
     /// capture down nothing can be decided), saying so every 10 s.
+    ///
+    /// One apply at a time: the returned guard is held until the apply
+    /// commits. Two applies at once could deadlock with capture, out of
+    /// Postgres' sight: the first waits here holding its locks; the second,
+    /// past its wait, holds row versions capture must update and waits for
+    /// the first one's locks.
     pub async fn settle(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         changes: &serde_json::Value,
-    ) -> Result<(), tokio_postgres::Error> {
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, tokio_postgres::Error> {
+        let turn = self.applying.lock().await;
         tx.execute("SELECT meridian.lock_keys($1)", &[changes])
             .await?;
         let lsn = self.emit().await?;
         while !self.wait(&lsn, Duration::from_secs(10)).await {
             tracing::warn!(%lsn, "applying waits for capture to record this region's own recent transactions");
         }
-        Ok(())
+        Ok(turn)
+    }
+
+    /// For other writers of applied state (retries of held changes): the
+    /// same turn as [`Barrier::settle`]'s, without waiting for capture.
+    pub async fn turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.applying.lock().await
     }
 
     fn pass(&self, lsn: Lsn) {
@@ -140,7 +157,9 @@ pub struct SlotState {
 }
 
 /// Reads the capture slot's state; `None` when the slot does not exist.
-pub async fn slot_state(client: &tokio_postgres::Client) -> Result<Option<SlotState>, tokio_postgres::Error> {
+pub async fn slot_state(
+    client: &tokio_postgres::Client,
+) -> Result<Option<SlotState>, tokio_postgres::Error> {
     let row = client
         .query_opt(
             "SELECT coalesce((pg_current_wal_lsn() - s.restart_lsn)::int8, 0), coalesce(s.wal_status, 'lost'), s.active

@@ -145,7 +145,11 @@ pub async fn report(config: &Config) -> Result<String, String> {
                     "  capture slot: {} MB of WAL kept ({}), {}",
                     slot.retained_bytes >> 20,
                     slot.wal_status,
-                    if slot.active { "capture connected" } else { "NO CAPTURE CONNECTED" }
+                    if slot.active {
+                        "capture connected"
+                    } else {
+                        "NO CAPTURE CONNECTED"
+                    }
                 );
             }
             Ok(None) => {

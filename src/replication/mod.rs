@@ -538,6 +538,7 @@ async fn record_shipped(
 pub async fn maintain(
     config: Config,
     engines: resolve::EngineHandle,
+    barrier: Arc<crate::capture::wal::Barrier>,
     stats: Arc<ReplicationStats>,
     stop: CancellationToken,
 ) {
@@ -570,6 +571,9 @@ pub async fn maintain(
                 .query_one("SELECT meridian.prune($1)", &[&peers])
                 .await?
                 .get(0);
+            // Retries write applied state: in the appliers' turn (see
+            // `Barrier::settle`).
+            let turn = barrier.turn().await;
             let mut retried: i32 = c
                 .query_one("SELECT meridian.retry_held()", &[])
                 .await?
@@ -578,6 +582,7 @@ pub async fn maintain(
             if !engines.is_empty() {
                 retried += resolve::retry_held(c, &engines).await? as i32;
             }
+            drop(turn);
             // A sync point each round: once capture passes it, the region's
             // floor may move up to it even when nothing else is written
             // (see `meridian.local_floor`).
@@ -962,7 +967,7 @@ async fn apply_plain(
     batch: &serde_json::Value,
 ) -> Result<serde_json::Value, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    barrier.settle(&tx, batch).await?;
+    let _turn = barrier.settle(&tx, batch).await?;
     let outcome = tx
         .query_one(APPLY_BATCH_AND_ORPHANS, &[&i32::from(origin), batch])
         .await?
@@ -995,10 +1000,13 @@ pub async fn apply_with_engine(
          SET LOCAL deadlock_timeout = '20ms'",
     )
     .await?;
-    if let Some(barrier) = barrier {
-        let all = serde_json::to_value(changes).expect("changes serialise");
-        barrier.settle(&tx, &all).await?;
-    }
+    let _turn = match barrier {
+        Some(barrier) => {
+            let all = serde_json::to_value(changes).expect("changes serialise");
+            Some(barrier.settle(&tx, &all).await?)
+        }
+        None => None,
+    };
     let position = tx
         .query_opt(
             "SELECT xid, seq FROM meridian.applied WHERE origin = $1 FOR UPDATE",
@@ -1051,7 +1059,9 @@ impl SlotWarning {
     const RETAINED: i64 = 1 << 30;
 
     fn note(&mut self, slot: &crate::capture::wal::SlotState) {
-        let due = self.last.map_or(true, |t| t.elapsed() >= Duration::from_secs(60));
+        let due = self
+            .last
+            .map_or(true, |t| t.elapsed() >= Duration::from_secs(60));
         if !due {
             return;
         }
