@@ -1044,10 +1044,21 @@ fn a_tombstone_is_kept_while_a_peer_is_silent_and_forgotten_once_every_region_is
     assert_eq!(converge(&p, "B applies the delete"), ["2=y/0"]);
     // (Floors move once capture has passed a housekeeping sync point,
     // which takes longer when the whole suite loads the machine.)
-    eventually(
+    let state = |r: &Region| {
+        r.query(
+            "SELECT format('tombstones %s (min %s), floors %s, own floor %s, capture at %s',
+                    (SELECT count(*) FROM meridian.row_version WHERE deleted),
+                    (SELECT min(hlc) FROM meridian.row_version WHERE deleted),
+                    (SELECT string_agg(origin || ':' || hlc, ' ') FROM meridian.floor),
+                    meridian.local_floor(200),
+                    (SELECT committed_at FROM meridian.capture_progress))",
+        )
+    };
+    eventually_value(
         "both regions forget the tombstone",
         Duration::from_secs(120),
-        || tombstones(&p.a).is_empty() && tombstones(&p.b).is_empty(),
+        || (state(&p.a), state(&p.b)),
+        |_| tombstones(&p.a).is_empty() && tombstones(&p.b).is_empty(),
     );
     // Live rows keep their versions, and the key can be used again.
     assert_eq!(

@@ -85,8 +85,8 @@ impl Barrier {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Commits a sync point; returns its LSN.
-    async fn emit(&self) -> Result<String, tokio_postgres::Error> {
+    /// Commits a sync point (on the barrier's own connection); returns its LSN.
+    pub async fn emit(&self) -> Result<String, tokio_postgres::Error> {
         let mut sync = self.sync.lock().await;
         if sync.is_none() {
             *sync = Some(super::connect_raw(&self.config).await?);

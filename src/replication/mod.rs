@@ -586,7 +586,7 @@ pub async fn maintain(
             // A sync point each round: once capture passes it, the region's
             // floor may move up to it even when nothing else is written
             // (see `meridian.local_floor`).
-            c.execute(crate::capture::wal::Barrier::EMIT, &[]).await?;
+            barrier.emit().await?;
             // Schema changes reach capture through the WAL; the rows can go.
             c.execute("DELETE FROM meridian.ddl_out", &[]).await?;
             let expired = resolve::prune_conflicts(c, retention).await?;
