@@ -857,6 +857,9 @@ DECLARE
     t_cols text;
     locked bigint;
 BEGIN
+    -- As apply_batch does: an apply that deadlocks with a local transaction
+    -- is the one to give way (and is retried), and quickly.
+    PERFORM set_config('deadlock_timeout', '20ms', true);
     FOR t, pks IN
         SELECT c ->> 'tbl', jsonb_agg(DISTINCT c -> 'pk')
           FROM jsonb_array_elements(changes) AS c
