@@ -32,11 +32,7 @@ type Target<'a> = (&'a str, String, bool);
 /// Waits until capture has recorded everything committed in `captured`.
 fn wait_for_capture(pg: &PgServer) -> Duration {
     let start = Instant::now();
-    let lsn = psql(
-        pg,
-        "captured",
-        "SELECT pg_logical_emit_message(true, 'meridian.sync', '')::text",
-    );
+    let lsn = psql(pg, "captured", meridian::capture::wal::Barrier::EMIT);
     let passed = format!("SELECT lsn >= '{lsn}'::pg_lsn FROM meridian.capture_progress");
     while psql(pg, "captured", &passed) != "t" {
         assert!(

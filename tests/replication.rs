@@ -1016,6 +1016,20 @@ fn write_apart(p: &mut Pair, a_sql: &str, b_sql: &str) {
     p.b.proxy = Some(Proxy::start_with_config(&p.b.config));
 }
 
+/// What decides when `r` forgets tombstones, for a failure message: its
+/// tombstones, the floors its peers sent, its own floor (with `grace_ms`)
+/// and how far capture has come.
+fn floor_state(r: &Region, grace_ms: u32) -> Vec<String> {
+    r.query(&format!(
+        "SELECT format('tombstones %s (min %s), floors %s, own floor %s, capture at %s',
+                (SELECT count(*) FROM meridian.row_version WHERE deleted),
+                (SELECT min(hlc) FROM meridian.row_version WHERE deleted),
+                (SELECT string_agg(origin || ':' || hlc, ' ') FROM meridian.floor),
+                meridian.local_floor({grace_ms}),
+                (SELECT committed_at FROM meridian.capture_progress))"
+    ))
+}
+
 /// Tombstones of `kv` rows in `r` (keys).
 fn tombstones(r: &Region) -> Vec<String> {
     r.query("SELECT pk ->> 'k' FROM meridian.row_version WHERE tbl = 'public.kv' AND deleted ORDER BY 1")
@@ -1044,16 +1058,7 @@ fn a_tombstone_is_kept_while_a_peer_is_silent_and_forgotten_once_every_region_is
     assert_eq!(converge(&p, "B applies the delete"), ["2=y/0"]);
     // (Floors move once capture has passed a housekeeping sync point,
     // which takes longer when the whole suite loads the machine.)
-    let state = |r: &Region| {
-        r.query(
-            "SELECT format('tombstones %s (min %s), floors %s, own floor %s, capture at %s',
-                    (SELECT count(*) FROM meridian.row_version WHERE deleted),
-                    (SELECT min(hlc) FROM meridian.row_version WHERE deleted),
-                    (SELECT string_agg(origin || ':' || hlc, ' ') FROM meridian.floor),
-                    meridian.local_floor(200),
-                    (SELECT committed_at FROM meridian.capture_progress))",
-        )
-    };
+    let state = |r: &Region| floor_state(r, 200);
     eventually_value(
         "both regions forget the tombstone",
         Duration::from_secs(120),
@@ -1655,14 +1660,7 @@ fn converge_with_seed(seed: u64) {
                 .map(|r| {
                     let forgot = !http_get(&admin_address(r), "/status")
                         .contains("\"tombstones_forgotten\":0");
-                    let state = r.query(
-                        "SELECT format('tombstones %s (min %s), floors %s, own floor %s, capture at %s',
-                                (SELECT count(*) FROM meridian.row_version WHERE deleted),
-                                (SELECT min(hlc) FROM meridian.row_version WHERE deleted),
-                                (SELECT string_agg(origin || ':' || hlc, ' ') FROM meridian.floor),
-                                meridian.local_floor(100),
-                                (SELECT committed_at FROM meridian.capture_progress))",
-                    );
+                    let state = floor_state(r, 100);
                     (forgot, state)
                 })
                 .collect::<Vec<_>>()

@@ -159,18 +159,23 @@ fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Captu
     move |source| CaptureError::Postgres { context, source }
 }
 
-/// As [`connect`], with the driver's own error.
-pub async fn connect_raw(config: &Config) -> Result<Client, tokio_postgres::Error> {
-    match connect(config).await {
-        Ok(c) => Ok(c),
-        Err(CaptureError::Connect { source, .. }) => Err(source),
-        Err(_) => unreachable!("connect fails only to connect"),
-    }
-}
-
 /// Opens meridian's own connection to the region's Postgres (`backend.user`,
 /// `backend.database`). The connection task runs until the client is dropped.
 pub async fn connect(config: &Config) -> Result<Client, CaptureError> {
+    let b = &config.backend;
+    connect_raw(config)
+        .await
+        .map_err(|source| CaptureError::Connect {
+            target: format!(
+                "host={} port={} user={} dbname={}",
+                b.host, b.port, b.user, b.database
+            ),
+            source,
+        })
+}
+
+/// As [`connect`], with the driver's own error.
+pub async fn connect_raw(config: &Config) -> Result<Client, tokio_postgres::Error> {
     let b = &config.backend;
     let mut pg = tokio_postgres::Config::new();
     pg.host(&b.host)
@@ -182,14 +187,7 @@ pub async fn connect(config: &Config) -> Result<Client, CaptureError> {
     if let Some(p) = b.resolve_password() {
         pg.password(p);
     }
-    let target = format!(
-        "host={} port={} user={} dbname={}",
-        b.host, b.port, b.user, b.database
-    );
-    let (client, connection) = pg
-        .connect(NoTls)
-        .await
-        .map_err(|source| CaptureError::Connect { target, source })?;
+    let (client, connection) = pg.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "meridian's control connection ended");

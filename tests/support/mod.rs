@@ -651,7 +651,7 @@ impl Region {
     /// (capture reads the WAL after commit): a sync point is placed in the
     /// WAL and capture's progress must pass it.
     pub fn captured(&self) {
-        let lsn = self.query("SELECT pg_logical_emit_message(true, 'meridian.sync', '')::text");
+        let lsn = self.query(meridian::capture::wal::Barrier::EMIT);
         let passed = format!(
             "SELECT lsn >= '{}'::pg_lsn FROM meridian.capture_progress",
             lsn[0]
