@@ -37,6 +37,11 @@ const SYNC_PREFIX: &str = "meridian.sync";
 /// nothing more is waiting on the stream; a larger transaction is recorded
 /// in parts of this size, so memory stays bounded.
 const BATCH_CHANGES: usize = 5_000;
+/// A batch whose newest transaction committed longer ago than this is
+/// behind: capture then gathers up to [`BATCH_CHANGES`] changes, waiting up
+/// to [`CATCH_UP_GATHER`] for more, since recording costs mostly per batch.
+const BEHIND_MS: i64 = 20;
+const CATCH_UP_GATHER: Duration = Duration::from_millis(2);
 
 /// Lets an apply session wait until capture has recorded every transaction
 /// that committed before a point. A sync point is a logical message
@@ -273,6 +278,18 @@ async fn session(
             }
         } else if let Some(ev) = slot.recv().now_or_never() {
             ev
+        } else if behind(&batch, clock, changes) {
+            // Behind (a backlog): the stream hands over the WAL in chunks;
+            // wait a moment for the next one rather than record a small batch.
+            let next = tokio::time::timeout(CATCH_UP_GATHER, slot.recv()).await;
+            match next {
+                Ok(ev) => ev,
+                Err(_) => {
+                    record(&mut client, &mut relations, &mut batch, &slot).await?;
+                    changes = 0;
+                    continue;
+                }
+            }
         } else {
             record(&mut client, &mut relations, &mut batch, &slot).await?;
             changes = 0;
@@ -321,6 +338,14 @@ async fn session(
             _ => {}
         }
     }
+}
+
+/// Whether `batch` is worth growing before it is recorded (see [`BEHIND_MS`]).
+fn behind(batch: &[Tx], clock: &Clock, changes: usize) -> bool {
+    changes < BATCH_CHANGES
+        && batch
+            .last()
+            .is_some_and(|t| clock.now_ms() - t.commit_ms > BEHIND_MS)
 }
 
 /// Records the batch, then lets the slot release what it covers.

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_postgres::Client;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -795,15 +795,22 @@ async fn serve_peer(
             }
         })
     };
+    // A message read while gathering that must wait for the next round.
+    let mut pending: Option<Message> = None;
     loop {
         // No timeout here: a shipper with nothing to ship is silent. A dead
         // peer shows as a closed connection (TCP keepalive, or its restart).
-        let frame = conn
-            .next()
-            .await
-            .ok_or(ProtocolError::Closed)?
-            .map_err(ProtocolError::Io)?;
-        let (changes, after, floor, origin_ms) = match Message::decode(&frame)? {
+        let message = match pending.take() {
+            Some(m) => m,
+            None => Message::decode(
+                &conn
+                    .next()
+                    .await
+                    .ok_or(ProtocolError::Closed)?
+                    .map_err(ProtocolError::Io)?,
+            )?,
+        };
+        let (changes, after, floor, origin_ms) = match message {
             Message::Batch {
                 changes,
                 after,
@@ -821,23 +828,36 @@ async fn serve_peer(
             }
             other => return Err(unexpected("Batch", &other)),
         };
-        let Some(last) = changes.last() else {
-            continue;
+        if !hold_until_causally_ready(&client, &after, config.region.id, origin, stats, stop)
+            .await?
+        {
+            return Ok(());
+        }
+        let mut gathered = Gathered {
+            ends: changes
+                .last()
+                .map(WireChange::position)
+                .into_iter()
+                .collect(),
+            changes,
+            floor,
+            origin_ms,
         };
-        let last = WirePosition {
-            xid: last.xid,
-            seq: last.seq,
+        pending = gather(&mut conn, &client, &mut gathered, config.region.id, origin).await?;
+        let Gathered {
+            changes,
+            ends,
+            floor,
+            origin_ms,
+        } = gathered;
+        let Some(&last) = ends.last() else {
+            continue;
         };
         let newest = changes
             .iter()
             .map(|c| c.hlc.max(c.tx_hlc))
             .max()
             .unwrap_or(0);
-        if !hold_until_causally_ready(&client, &after, config.region.id, origin, stats, stop)
-            .await?
-        {
-            return Ok(());
-        }
         if !hold_until_within_drift(clock, newest as u64, stats, stop).await {
             return Ok(());
         }
@@ -944,6 +964,18 @@ async fn serve_peer(
                 "changes held (see meridian.held)"
             );
         }
+        // One acknowledgement per batch received, in order; the counts go
+        // with the last (the shipper only adds them up).
+        for &position in &ends[..ends.len() - 1] {
+            let ack = Message::Ack {
+                position,
+                applied: 0,
+                older: 0,
+                held: 0,
+                duplicate: false,
+            };
+            send(&mut conn, &ack).await?;
+        }
         send(
             &mut conn,
             &Message::Ack {
@@ -956,6 +988,90 @@ async fn serve_peer(
         )
         .await?;
     }
+}
+
+/// Batches received together, applied in one transaction.
+struct Gathered {
+    changes: Vec<WireChange>,
+    /// Each batch's last position, in order (each gets its acknowledgement).
+    ends: Vec<WirePosition>,
+    /// The last batch's floor and caught-up time that were set.
+    floor: Option<i64>,
+    origin_ms: Option<i64>,
+}
+
+/// Adds to `gathered` the batches that have already arrived behind it (and
+/// whose causal dependencies are met), up to [`BATCH`] changes: one apply
+/// transaction then carries them all. An apply waits for this region's
+/// capture (a sync point) and commits, so per batch it costs more than the
+/// shipper spends to read one; applied one by one, a steady stream of small
+/// batches would queue up to the shipper's whole window. Returns a message
+/// read that has to wait for the next round.
+async fn gather(
+    conn: &mut Conn,
+    client: &Client,
+    gathered: &mut Gathered,
+    me: u16,
+    origin: u16,
+) -> Result<Option<Message>, ReplicationError> {
+    let mut have: Option<Vec<OriginPosition>> = None;
+    while gathered.changes.len() < BATCH as usize {
+        let Some(frame) = conn.next().now_or_never() else {
+            return Ok(None);
+        };
+        let message = Message::decode(
+            &frame
+                .ok_or(ProtocolError::Closed)?
+                .map_err(ProtocolError::Io)?,
+        )?;
+        let Message::Batch {
+            changes,
+            after,
+            floor,
+            caught_up,
+        } = message
+        else {
+            return Ok(Some(message));
+        };
+        if have.is_none() {
+            have = Some(applied_vector(client).await?);
+        }
+        if !dependencies_met(&after, have.as_deref().unwrap_or_default(), me, origin) {
+            let message = Message::Batch {
+                changes,
+                after,
+                floor,
+                caught_up,
+            };
+            return Ok(Some(message));
+        }
+        gathered
+            .ends
+            .extend(changes.last().map(WireChange::position));
+        gathered.changes.extend(changes);
+        gathered.floor = floor.or(gathered.floor);
+        gathered.origin_ms = caught_up.or(gathered.origin_ms);
+    }
+    Ok(None)
+}
+
+/// Whether `have` (this region's applied vector) holds, from every third
+/// region, what `after` asks for.
+fn dependencies_met(
+    after: &[OriginPosition],
+    have: &[OriginPosition],
+    me: u16,
+    origin: u16,
+) -> bool {
+    after
+        .iter()
+        .filter(|p| p.origin != me && p.origin != origin)
+        .all(|need| {
+            have.iter().any(|h| {
+                h.origin == need.origin
+                    && (h.position.xid, h.position.seq) >= (need.position.xid, need.position.seq)
+            })
+        })
 }
 
 /// A batch without engine tables: `meridian.apply_batch` and the orphan
@@ -1154,24 +1270,14 @@ async fn hold_until_causally_ready(
     stats: &ReplicationStats,
     stop: &CancellationToken,
 ) -> Result<bool, ReplicationError> {
-    let needed: Vec<&OriginPosition> = after
-        .iter()
-        .filter(|p| p.origin != me && p.origin != origin)
-        .collect();
-    if needed.is_empty() {
+    if dependencies_met(after, &[], me, origin) {
         return Ok(true);
     }
     let mut counted = false;
     let deadline = tokio::time::Instant::now() + CAUSAL_WAIT;
     loop {
         let have = applied_vector(client).await?;
-        let ready = needed.iter().all(|need| {
-            have.iter().any(|h| {
-                h.origin == need.origin
-                    && (h.position.xid, h.position.seq) >= (need.position.xid, need.position.seq)
-            })
-        });
-        if ready {
+        if dependencies_met(after, &have, me, origin) {
             return Ok(true);
         }
         if tokio::time::Instant::now() >= deadline {
@@ -1241,5 +1347,29 @@ async fn hold_until_within_drift(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(origin: u16, xid: u64, seq: i64) -> OriginPosition {
+        OriginPosition {
+            origin,
+            position: WirePosition { xid, seq },
+        }
+    }
+
+    #[test]
+    fn dependencies_are_met_only_by_as_much_of_every_third_region() {
+        // Region 1 receives from 2; 3 is the third region.
+        let after = [at(1, 50, 0), at(2, 40, 0), at(3, 10, 5)];
+        assert!(dependencies_met(&after, &[at(3, 10, 5)], 1, 2));
+        assert!(dependencies_met(&after, &[at(3, 11, 0)], 1, 2));
+        assert!(!dependencies_met(&after, &[at(3, 10, 4)], 1, 2));
+        assert!(!dependencies_met(&after, &[], 1, 2));
+        // Its own position and the origin's are not dependencies.
+        assert!(dependencies_met(&after[..2], &[], 1, 2));
     }
 }

@@ -152,6 +152,16 @@ pub struct WireChange {
     pub cols: Option<serde_json::Value>,
 }
 
+impl WireChange {
+    /// Where this change is in its origin's stream.
+    pub fn position(&self) -> WirePosition {
+        WirePosition {
+            xid: self.xid,
+            seq: self.seq,
+        }
+    }
+}
+
 impl From<&Change> for WireChange {
     fn from(c: &Change) -> Self {
         let op = match c.operation {
