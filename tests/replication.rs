@@ -1722,3 +1722,82 @@ async fn exec_retrying(client: &tokio_postgres::Client, sql: &str) {
         assert!(tries < 10, "{e}");
     }
 }
+
+/// The cycle Postgres cannot see: an apply holds its lock on `kv` and waits
+/// for capture; a local ALTER TABLE queues behind that lock; capture's next
+/// statement on `kv` queues behind the ALTER. The apply gives way (rolls
+/// back, waits for capture without locks, retries) and everything lands.
+#[test]
+fn an_apply_waiting_for_capture_gives_way_to_a_schema_change_queued_behind_it() {
+    let p = pair_of(
+        "rep_give_way",
+        &format!("{SCHEMA} CREATE TABLE other (id int PRIMARY KEY);"),
+        &[],
+        "",
+        &[],
+    );
+    psql(
+        &p.a.url(),
+        &["-c", "INSERT INTO kv (k, v) VALUES (1, 'link up')"],
+        None,
+    );
+    eventually("the link is up", Duration::from_secs(60), || {
+        table(&p.b) == ["1=link up/0"]
+    });
+    let waiting = |what: &str| {
+        format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE '{what}%'"
+        )
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let hold = p.b.direct_client().await;
+        // B's capture stops at its next change row...
+        hold.batch_execute("BEGIN; LOCK TABLE meridian.change IN EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        // ... which is `other`'s, in a batch that then goes on to `kv`.
+        p.b.direct_client()
+            .await
+            .batch_execute("BEGIN; INSERT INTO other VALUES (1); INSERT INTO kv (k, v) VALUES (2, 'b'); COMMIT")
+            .await
+            .unwrap();
+        eventually("B's capture waits", Duration::from_secs(60), || {
+            p.b.query(&waiting("SELECT meridian.capture_rows_")) == ["1"]
+        });
+        // A new key from A: B's apply locks the table and waits for capture.
+        psql(&p.a.url(), &["-c", "INSERT INTO kv (k, v) VALUES (3, 'a')"], None);
+        eventually("B's apply holds kv", Duration::from_secs(60), || {
+            p.b.query(
+                "SELECT count(*) FROM pg_locks WHERE relation = 'kv'::regclass \
+                 AND mode = 'ShareRowExclusiveLock' AND granted",
+            ) == ["1"]
+        });
+        let ddl = p.b.direct_client().await;
+        let alter = tokio::spawn(async move {
+            ddl.batch_execute("ALTER TABLE kv ADD COLUMN extra int NOT NULL DEFAULT 7")
+                .await
+        });
+        eventually("the ALTER queues behind the apply", Duration::from_secs(60), || {
+            p.b.query(&waiting("ALTER TABLE kv")) == ["1"]
+        });
+        hold.batch_execute("COMMIT").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(120), alter)
+            .await
+            .expect("the ALTER TABLE finishes")
+            .unwrap()
+            .unwrap();
+    });
+    eventually("the column reaches A", Duration::from_secs(120), || {
+        p.a.query("SELECT count(*) FROM information_schema.columns WHERE table_name = 'kv' AND column_name = 'extra'") == ["1"]
+    });
+    let rows = |r: &Region| r.query("SELECT format('%s=%s/%s', k, v, extra) FROM kv ORDER BY k");
+    eventually(
+        "both regions have every row and the column",
+        Duration::from_secs(120),
+        || rows(&p.a) == rows(&p.b) && rows(&p.a).len() == 3,
+    );
+    assert_eq!(rows(&p.a), ["1=link up/7", "2=b/7", "3=a/7"]);
+    assert_eq!(p.a.query("SELECT id FROM other"), ["1"]);
+}

@@ -42,6 +42,9 @@ const BATCH_CHANGES: usize = 5_000;
 /// to [`CATCH_UP_GATHER`] for more, since recording costs mostly per batch.
 const BEHIND_MS: i64 = 20;
 const CATCH_UP_GATHER: Duration = Duration::from_millis(2);
+/// How long an apply holding its locks waits for capture (see
+/// [`Barrier::settle`]); capture normally passes in milliseconds.
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(1);
 
 /// Lets an apply session wait until capture has recorded every transaction
 /// that committed before a point. A sync point is a logical message
@@ -110,8 +113,13 @@ impl Barrier {
     /// Makes the local state an apply session decides on exact, inside its
     /// transaction: locks what `changes` (the peer protocol's JSON) touch
     /// (`meridian.lock_keys`), then waits until capture has recorded every
-    /// transaction committed before. Waits as long as it takes (with
-    /// capture down nothing can be decided), saying so every 10 s.
+    /// transaction committed before.
+    ///
+    /// The wait is bounded by [`SETTLE_LIMIT`]; `None` then says: roll back
+    /// (releasing the locks), [`Barrier::catch_up`], and try again. Capture
+    /// can be waiting for this apply's locks without Postgres seeing a
+    /// cycle: a local `ALTER TABLE` queues behind the apply's lock, and
+    /// capture's next statement on that table queues behind the ALTER.
     ///
     /// One apply at a time: the returned guard is held until the apply
     /// commits. Two applies at once could deadlock with capture, out of
@@ -122,15 +130,23 @@ impl Barrier {
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         changes: &serde_json::Value,
-    ) -> Result<tokio::sync::MutexGuard<'_, ()>, tokio_postgres::Error> {
+    ) -> Result<Option<tokio::sync::MutexGuard<'_, ()>>, tokio_postgres::Error> {
         let turn = self.applying.lock().await;
         tx.execute("SELECT meridian.lock_keys($1)", &[changes])
             .await?;
         let lsn = self.emit().await?;
+        Ok(self.wait(&lsn, SETTLE_LIMIT).await.then_some(turn))
+    }
+
+    /// Waits, holding no locks, until capture has recorded every
+    /// transaction committed before now: as long as it takes (with capture
+    /// down nothing can be decided), saying so every 10 s.
+    pub async fn catch_up(&self) -> Result<(), tokio_postgres::Error> {
+        let lsn = self.emit().await?;
         while !self.wait(&lsn, Duration::from_secs(10)).await {
             tracing::warn!(%lsn, "applying waits for capture to record this region's own recent transactions");
         }
-        Ok(turn)
+        Ok(())
     }
 
     /// For other writers of applied state (retries of held changes): the

@@ -46,7 +46,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::capture::{self, reader::read_changes, CaptureError};
+use crate::capture::{self, reader::read_changes, wal::SETTLE_LIMIT, CaptureError};
 use crate::clock::{Clock, ClockError};
 use crate::config::{Config, PeerConfig};
 use protocol::{Message, OriginPosition, ProtocolError, WireChange, WirePosition};
@@ -878,13 +878,24 @@ async fn serve_peer(
             };
             match result {
                 Ok(done) => break done,
+                // Rolled back to let capture through: retry once it has caught up.
+                Err(ApplyError::GaveWay(limit)) => {
+                    stats.batches_retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(origin, ?limit, "an apply gave way to capture (a local schema change may have queued behind it); retrying");
+                    barrier
+                        .catch_up()
+                        .await
+                        .map_err(|e| ReplicationError::Apply(e.to_string()))?;
+                }
                 // Lost a deadlock or serialization race against local writes: retry.
-                Err(e) if attempt < APPLY_RETRIES && resolve::is_retryable(&e) => {
+                Err(ApplyError::Postgres(e))
+                    if attempt < APPLY_RETRIES && resolve::is_retryable(&e) =>
+                {
                     attempt += 1;
                     stats.batches_retried.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
                 }
-                Err(e) => {
+                Err(ApplyError::Postgres(e)) => {
                     return Err(ReplicationError::Apply(match e.as_db_error() {
                         Some(db) => {
                             format!("{} {}: {}", db.severity(), db.code().code(), db.message())
@@ -1074,6 +1085,17 @@ fn dependencies_met(
         })
 }
 
+/// Why a batch was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    /// Capture did not pass the sync point in time while the apply held its
+    /// locks (see [`crate::capture::wal::Barrier::settle`]); rolled back.
+    #[error("the apply gave way: capture had not recorded this region's recent transactions within {0:?}")]
+    GaveWay(Duration),
+}
+
 /// A batch without engine tables: `meridian.apply_batch` and the orphan
 /// rules, in one transaction after the local state is settled.
 async fn apply_plain(
@@ -1081,9 +1103,11 @@ async fn apply_plain(
     barrier: &crate::capture::wal::Barrier,
     origin: u16,
     batch: &serde_json::Value,
-) -> Result<serde_json::Value, tokio_postgres::Error> {
+) -> Result<serde_json::Value, ApplyError> {
     let tx = client.transaction().await?;
-    let _turn = barrier.settle(&tx, batch).await?;
+    let Some(_turn) = barrier.settle(&tx, batch).await? else {
+        return Err(ApplyError::GaveWay(SETTLE_LIMIT));
+    };
     let outcome = tx
         .query_one(APPLY_BATCH_AND_ORPHANS, &[&i32::from(origin), batch])
         .await?
@@ -1104,7 +1128,7 @@ pub async fn apply_with_engine(
     engines: &resolve::Engines,
     origin: u16,
     changes: &[WireChange],
-) -> Result<(serde_json::Value, resolve::Outcome), tokio_postgres::Error> {
+) -> Result<(serde_json::Value, resolve::Outcome), ApplyError> {
     let nothing = |duplicate: bool| serde_json::json!({"applied": 0, "older": 0, "held": 0, "duplicate": duplicate});
     let Some(last) = changes.last() else {
         return Ok((nothing(false), resolve::Outcome::default()));
@@ -1119,7 +1143,10 @@ pub async fn apply_with_engine(
     let _turn = match barrier {
         Some(barrier) => {
             let all = serde_json::to_value(changes).expect("changes serialise");
-            Some(barrier.settle(&tx, &all).await?)
+            let Some(turn) = barrier.settle(&tx, &all).await? else {
+                return Err(ApplyError::GaveWay(SETTLE_LIMIT));
+            };
+            Some(turn)
         }
         None => None,
     };
