@@ -90,6 +90,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "wal_capture",
         sql: include_str!("../../migrations/0010_wal_capture.sql"),
     },
+    Migration {
+        version: 11,
+        name: "capture_sort",
+        sql: include_str!("../../migrations/0011_capture_sort.sql"),
+    },
 ];
 
 /// Serialises concurrent `meridian migrate` runs against one database.
