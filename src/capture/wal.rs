@@ -20,7 +20,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -33,15 +32,13 @@ use crate::config::Config;
 
 /// Prefix of the sync messages (see [`Barrier`]).
 const SYNC_PREFIX: &str = "meridian.sync";
-/// A batch is recorded once it holds this many changes, or as soon as
-/// nothing more is waiting on the stream; a larger transaction is recorded
-/// in parts of this size, so memory stays bounded.
+/// A batch is recorded once it holds this many changes, or [`GATHER`]
+/// after its first transaction; a larger transaction is recorded in parts
+/// of this size, so memory stays bounded.
 const BATCH_CHANGES: usize = 5_000;
-/// A batch whose newest transaction committed longer ago than this is
-/// behind: capture then gathers up to [`BATCH_CHANGES`] changes, waiting up
-/// to [`CATCH_UP_GATHER`] for more, since recording costs mostly per batch.
-const BEHIND_MS: i64 = 20;
-const CATCH_UP_GATHER: Duration = Duration::from_millis(2);
+/// How long capture gathers transactions into a batch before recording it
+/// (unless the batch is full, or a sync point asks for it now).
+const GATHER: Duration = Duration::from_millis(10);
 /// How long an apply holding its locks waits for capture (see
 /// [`Barrier::settle`]); capture normally passes in milliseconds.
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(1);
@@ -286,19 +283,21 @@ async fn session(
     let mut asm = Assembler::default();
     let mut batch: Vec<Tx> = Vec::new();
     let mut changes = 0usize;
+    // When the batch being gathered got its first transaction.
+    let mut since = tokio::time::Instant::now();
     loop {
+        if batch.is_empty() {
+            since = tokio::time::Instant::now();
+        }
         let event = if batch.is_empty() {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 ev = slot.recv() => ev,
             }
-        } else if let Some(ev) = slot.recv().now_or_never() {
-            ev
-        } else if behind(&batch, clock, changes) {
-            // Behind (a backlog): the stream hands over the WAL in chunks;
-            // wait a moment for the next one rather than record a small batch.
-            let next = tokio::time::timeout(CATCH_UP_GATHER, slot.recv()).await;
-            match next {
+        } else {
+            // Gather for a moment: recording costs mostly per batch, and
+            // under load a few milliseconds bring many transactions.
+            match tokio::time::timeout_at(since + GATHER, slot.recv()).await {
                 Ok(ev) => ev,
                 Err(_) => {
                     record(&mut client, &mut relations, &mut batch, &slot).await?;
@@ -306,10 +305,6 @@ async fn session(
                     continue;
                 }
             }
-        } else {
-            record(&mut client, &mut relations, &mut batch, &slot).await?;
-            changes = 0;
-            continue;
         };
         let Some(event) = event.map_err(slot_err("reading the slot"))? else {
             return Ok(());
@@ -354,14 +349,6 @@ async fn session(
             _ => {}
         }
     }
-}
-
-/// Whether `batch` is worth growing before it is recorded (see [`BEHIND_MS`]).
-fn behind(batch: &[Tx], clock: &Clock, changes: usize) -> bool {
-    changes < BATCH_CHANGES
-        && batch
-            .last()
-            .is_some_and(|t| clock.now_ms() - t.commit_ms > BEHIND_MS)
 }
 
 /// Records the batch, then lets the slot release what it covers.
