@@ -158,18 +158,6 @@ fn render_metrics(s: &AdminState, postgres_up: bool) -> String {
     for (class, count) in s.sessions.statements.snapshot() {
         f.sample(&[("region", &s.region), ("class", class)], count as f64);
     }
-    m.family(
-        "meridian_stamps_total",
-        "counter",
-        "Writing transactions stamped with the region's clock.",
-    )
-    .sample(&region, n(&st.stamps_injected));
-    m.family(
-        "meridian_stamp_failures_total",
-        "counter",
-        "Sessions closed because stamping a transaction failed.",
-    )
-    .sample(&region, n(&st.stamp_failures));
     let now = crate::replication::wall_ms();
     let peers = rep.peers.lock().expect("not poisoned").clone();
     let f = m.family(
@@ -389,10 +377,6 @@ async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
         },
         "statements": statements,
         "replication": s.sessions.replication.snapshot(),
-        "stamps": {
-            "injected": n(&st.stamps_injected),
-            "failures": n(&st.stamp_failures),
-        },
     }))
 }
 

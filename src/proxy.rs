@@ -43,23 +43,17 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub async fn bind(config: &Config, clock: Option<Arc<Clock>>) -> Result<Proxy, ProxyError> {
+    pub async fn bind(config: &Config) -> Result<Proxy, ProxyError> {
         let addr = config.proxy.listen;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ProxyError::Bind { addr, source })?;
-        Proxy::with_listener(config, listener, clock)
+        Proxy::with_listener(config, listener)
     }
 
-    /// Uses an already bound listener (tests bind port 0). Without a clock,
-    /// sessions are relayed without stamping.
-    pub fn with_listener(
-        config: &Config,
-        listener: TcpListener,
-        clock: Option<Arc<Clock>>,
-    ) -> Result<Proxy, ProxyError> {
-        let mut ctx = SessionContext::from_config(config)?;
-        ctx.clock = clock;
+    /// Uses an already bound listener (tests bind port 0).
+    pub fn with_listener(config: &Config, listener: TcpListener) -> Result<Proxy, ProxyError> {
+        let ctx = SessionContext::from_config(config)?;
         Ok(Proxy {
             listener,
             ctx: Arc::new(ctx),
@@ -168,7 +162,7 @@ impl Region {
     ) -> Result<Region, ProxyError> {
         let clock = Arc::new(Clock::shifted(offset_ms, 0, config.replication.max_drift));
         // Capture stamps each transaction from the WAL: the relay adds nothing.
-        let proxy = Proxy::bind(config, None).await?;
+        let proxy = Proxy::bind(config).await?;
         let admin = match config.admin.listen {
             Some(addr) => Some(
                 crate::admin::bind(addr)

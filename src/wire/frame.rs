@@ -223,14 +223,9 @@ pub fn capture_ready_for_query(tag: u8) -> usize {
     }
 }
 
-/// ReadyForQuery and ErrorResponse bodies (the write path reads the SQLSTATE
-/// of errors answering what it injected).
-pub fn capture_ready_and_errors(tag: u8) -> usize {
-    if tag == b'Z' || tag == b'E' {
-        usize::MAX
-    } else {
-        0
-    }
+/// The relay's backend-side interest: ReadyForQuery's status byte.
+pub fn capture_ready(tag: u8) -> usize {
+    usize::from(tag == b'Z')
 }
 
 /// Longest statement or portal name Postgres keeps (NAMEDATALEN - 1), plus its NUL.

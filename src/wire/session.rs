@@ -16,7 +16,6 @@ use tokio::time::{timeout_at, Instant};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use crate::clock::Clock;
 use crate::config::{AuthMethod, BackendConfig, Config};
 use crate::sql::{ClassifierCache, StatementCounts, StatementTracker};
 use crate::wire::backend::{self, BackendAddr, BackendError};
@@ -36,10 +35,6 @@ pub struct SessionStats {
     pub auth_failures: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub handshake_timeouts: AtomicU64,
-    /// Transaction stamps injected.
-    pub stamps_injected: AtomicU64,
-    /// Sessions closed because an injected stamp failed.
-    pub stamp_failures: AtomicU64,
 }
 
 /// Everything a session needs from its proxy; built once per proxy.
@@ -55,8 +50,6 @@ pub struct SessionContext {
     /// Shared by all sessions: classification by statement text.
     pub classifier: Arc<ClassifierCache>,
     pub statements: Arc<StatementCounts>,
-    /// The region's clock; `None` relays without stamping.
-    pub clock: Option<Arc<Clock>>,
     /// Replication counters (shipping and applying), shown by the admin endpoint.
     pub replication: Arc<crate::replication::ReplicationStats>,
 }
@@ -92,7 +85,6 @@ impl SessionContext {
             stats: SessionStats::default(),
             classifier: Arc::new(ClassifierCache::new(CLASSIFIER_CACHE_ENTRIES)),
             statements: Arc::new(StatementCounts::default()),
-            clock: None,
             replication: Arc::default(),
         })
     }
@@ -410,10 +402,6 @@ async fn run_relay<S>(
         session.backend.stream,
         &state,
         &mut statements,
-        ctx.clock.clone().map(|clock| relay::Stamping {
-            clock,
-            injected: &ctx.stats.stamps_injected,
-        }),
         ctx.max_message_bytes,
         &shutdown,
     )
@@ -422,9 +410,6 @@ async fn run_relay<S>(
         RelayEnd::ClientProtocolError(e) => {
             ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
             tracing::info!(error = %e, "client protocol error; session closed");
-        }
-        RelayEnd::StampFailed { .. } => {
-            ctx.stats.stamp_failures.fetch_add(1, Ordering::Relaxed);
         }
         other => tracing::debug!(end = ?other, "session ended"),
     }
