@@ -1,0 +1,111 @@
+//! Capture survives PostgreSQL crashing under it. A test binary of its own:
+//! the crashes end every session of its server, which other tests would
+//! feel.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+use tokio_postgres::NoTls;
+
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, v text);";
+
+/// Connects, retrying while the server recovers from a crash.
+async fn connect(url: &str) -> tokio_postgres::Client {
+    loop {
+        if let Ok((client, conn)) = tokio_postgres::connect(url, NoTls).await {
+            tokio::spawn(conn);
+            if client.simple_query("SELECT 1").await.is_ok() {
+                return client;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGKILL of one Postgres process: the postmaster then ends every session
+/// and recovers from the WAL, as after a crash of the whole server.
+/// Returns whether a process was killed.
+async fn kill_one(url: &str, round: usize) -> bool {
+    let client = connect(url).await;
+    // In turn: the capture stream's walsender, a session of meridian (the
+    // capture writer among them), and a client's backend.
+    let filter = match round % 3 {
+        0 => "application_name = 'meridian capture'",
+        1 => "application_name = 'meridian' AND backend_type = 'client backend'",
+        _ => "application_name = 'crash writer'",
+    };
+    let rows = client
+        .query(
+            &format!("SELECT pid FROM pg_stat_activity WHERE {filter} ORDER BY random() LIMIT 1"),
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    rows.first().is_some_and(|row| {
+        let pid: i32 = row.get(0);
+        Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+#[test]
+fn postgres_crashing_at_any_point_loses_no_committed_change_and_records_none_twice() {
+    let r = Region::start("crash_pg", ITEMS, &[]);
+    let url = format!("{} application_name='crash writer'", r.direct());
+    let admin_url = r.direct();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let writer = tokio::spawn(async move {
+            let mut client = connect(&url).await;
+            let mut failed = 0;
+            for i in 0..400 {
+                let sql = if i == 200 {
+                    "INSERT INTO items SELECT g, 'large' FROM generate_series(1000, 13000) g"
+                        .to_string()
+                } else {
+                    format!("INSERT INTO items VALUES ({i}, 'small')")
+                };
+                // An error leaves it unknown whether the row committed; the
+                // table says afterwards, and capture must agree with it.
+                if client.batch_execute(&sql).await.is_err() {
+                    failed += 1;
+                    client = connect(&url).await;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            failed
+        });
+        let mut killed = 0;
+        for round in 0..6 {
+            tokio::time::sleep(Duration::from_millis(300 + (round as u64 * 211) % 500)).await;
+            killed += usize::from(kill_one(&admin_url, round).await);
+        }
+        let failed = writer.await.unwrap();
+        assert!(
+            killed >= 4 && failed >= 2,
+            "{killed} kills, {failed} failed writes"
+        );
+        connect(&admin_url).await;
+    });
+    r.captured();
+    let rows = r.query("SELECT count(*) FROM items");
+    assert!(rows[0].parse::<i64>().unwrap() > 12_000, "{rows:?}");
+    assert_eq!(
+        r.query("SELECT count(*) || ' ' || count(DISTINCT key) FROM meridian.changes WHERE \"table\" = 'public.items'"),
+        [format!("{0} {0}", rows[0])],
+        "every committed row captured once"
+    );
+    assert_eq!(
+        r.query(
+            "SELECT count(*) FROM items i WHERE NOT EXISTS (SELECT 1 FROM meridian.change c
+              WHERE c.tbl = 'public.items' AND (c.pk ->> 'id')::int = i.id)"
+        ),
+        ["0"],
+        "and it is the committed rows that were captured"
+    );
+}
