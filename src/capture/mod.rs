@@ -92,8 +92,8 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 11,
-        name: "capture_sort",
-        sql: include_str!("../../migrations/0011_capture_sort.sql"),
+        name: "version_lookups",
+        sql: include_str!("../../migrations/0011_version_lookups.sql"),
     },
 ];
 
