@@ -976,7 +976,7 @@ async fn serve_peer(
             );
         }
         // One acknowledgement per batch received, in order; the counts go
-        // with the last (the shipper only adds them up).
+        // with the last (the shipper matches positions only).
         for &position in &ends[..ends.len() - 1] {
             let ack = Message::Ack {
                 position,
