@@ -885,7 +885,7 @@ async fn serve_peer(
                     barrier
                         .catch_up()
                         .await
-                        .map_err(|e| ReplicationError::Apply(e.to_string()))?;
+                        .map_err(|e| ReplicationError::Apply(capture::describe(&e)))?;
                 }
                 // Lost a deadlock or serialization race against local writes: retry.
                 Err(ApplyError::Postgres(e))
@@ -896,12 +896,7 @@ async fn serve_peer(
                     tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
                 }
                 Err(ApplyError::Postgres(e)) => {
-                    return Err(ReplicationError::Apply(match e.as_db_error() {
-                        Some(db) => {
-                            format!("{} {}: {}", db.severity(), db.code().code(), db.message())
-                        }
-                        None => e.to_string(),
-                    }))
+                    return Err(ReplicationError::Apply(capture::describe(&e)))
                 }
             }
         };
@@ -1096,6 +1091,19 @@ pub enum ApplyError {
     GaveWay(Duration),
 }
 
+/// [`Barrier::settle`](crate::capture::wal::Barrier::settle) for both
+/// apply paths: the apply's turn, or [`ApplyError::GaveWay`].
+async fn settle<'b>(
+    barrier: &'b crate::capture::wal::Barrier,
+    tx: &tokio_postgres::Transaction<'_>,
+    changes: &serde_json::Value,
+) -> Result<tokio::sync::MutexGuard<'b, ()>, ApplyError> {
+    barrier
+        .settle(tx, changes)
+        .await?
+        .ok_or(ApplyError::GaveWay(SETTLE_LIMIT))
+}
+
 /// A batch without engine tables: `meridian.apply_batch` and the orphan
 /// rules, in one transaction after the local state is settled.
 async fn apply_plain(
@@ -1105,9 +1113,7 @@ async fn apply_plain(
     batch: &serde_json::Value,
 ) -> Result<serde_json::Value, ApplyError> {
     let tx = client.transaction().await?;
-    let Some(_turn) = barrier.settle(&tx, batch).await? else {
-        return Err(ApplyError::GaveWay(SETTLE_LIMIT));
-    };
+    let _turn = settle(barrier, &tx, batch).await?;
     let outcome = tx
         .query_one(APPLY_BATCH_AND_ORPHANS, &[&i32::from(origin), batch])
         .await?
@@ -1143,10 +1149,7 @@ pub async fn apply_with_engine(
     let _turn = match barrier {
         Some(barrier) => {
             let all = serde_json::to_value(changes).expect("changes serialise");
-            let Some(turn) = barrier.settle(&tx, &all).await? else {
-                return Err(ApplyError::GaveWay(SETTLE_LIMIT));
-            };
-            Some(turn)
+            Some(settle(barrier, &tx, &all).await?)
         }
         None => None,
     };

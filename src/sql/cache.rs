@@ -67,7 +67,7 @@ mod tests {
         cache.classify("SELECT 2");
         assert_eq!(cache.len(), 2);
         let long = format!("SELECT {}", "1 + ".repeat(MAX_CACHED_TEXT)) + "1";
-        assert!(!cache.classify(&long).needs_stamp());
+        assert!(!cache.classify(&long).writes_rows());
         assert_eq!(cache.len(), 2, "long texts are not cached");
     }
 

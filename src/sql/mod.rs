@@ -1,11 +1,13 @@
 //! sql: what a statement does to data, decided with sqlparser's PostgreSQL
-//! dialect, so the write path knows which transactions to stamp.
+//! dialect; the relay counts the statements it forwards by class. (It used
+//! to decide which transactions the relay stamped; capture now stamps every
+//! transaction from the WAL.)
 //!
 //! Classification is deliberately conservative: whatever might write is
 //! treated as writing ([`StatementKind::MayWrite`]): CALL, DO, EXECUTE,
 //! functions other than well-known read-only built-ins, and any text that
 //! fails to parse. Text that fails to parse is still forwarded; Postgres
-//! judges SQL, meridian only needs to know whether to stamp. Results are
+//! judges SQL, meridian only needs to know whether it may write. Results are
 //! cached per statement text in a bounded LRU ([`ClassifierCache`]).
 //!
 //! Hostile input must not take the proxy down: sqlparser guards its own
@@ -26,8 +28,8 @@ use sqlparser::keywords::Keyword;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, Tokenizer};
 
-/// Longer texts are not parsed and count as `MayWrite` (conservative: they
-/// only cost a stamp). Bounds parse time and expression depth.
+/// Longer texts are not parsed and count as `MayWrite` (conservative).
+/// Bounds parse time and expression depth.
 pub const MAX_PARSED_TEXT: usize = 64 * 1024;
 
 /// What one statement does.
@@ -59,12 +61,9 @@ pub enum TxControl {
 }
 
 impl StatementKind {
-    /// Whether a transaction containing this statement must be stamped.
-    /// DDL writes no rows of replicated tables (capture of a table created by
-    /// CREATE TABLE AS starts after it exists), and some DDL (CREATE INDEX
-    /// CONCURRENTLY, CREATE DATABASE) refuses to run after anything else in
-    /// the same pipeline, so it is never stamped.
-    pub fn needs_stamp(self) -> bool {
+    /// Whether the statement may write table rows. DDL is not counted as
+    /// such (schema changes are classified apart).
+    pub fn writes_rows(self) -> bool {
         matches!(self, StatementKind::Write | StatementKind::MayWrite)
     }
 }
@@ -80,8 +79,8 @@ pub struct Classification {
 }
 
 impl Classification {
-    pub fn needs_stamp(&self) -> bool {
-        self.kinds.iter().any(|k| k.needs_stamp())
+    pub fn writes_rows(&self) -> bool {
+        self.kinds.iter().any(|k| k.writes_rows())
     }
 
     pub fn is_read_only(&self) -> bool {
@@ -260,8 +259,7 @@ fn set_expr_writes(body: &SetExpr) -> bool {
 
 /// Commands that cannot run inside a transaction block or a pipeline and
 /// write no rows of replicated tables, recognised by their first words when
-/// sqlparser cannot parse them: they must not be stamped (a stamp injected
-/// before them in the same pipeline would make Postgres refuse them).
+/// sqlparser cannot parse them: they are session commands, not row writes.
 fn non_transactional_utility(text: &str) -> Option<StatementKind> {
     let words: Vec<String> = text
         .split_whitespace()
@@ -280,7 +278,7 @@ fn non_transactional_utility(text: &str) -> Option<StatementKind> {
 
 /// Built-in functions known not to write. Anything else may (user functions,
 /// nextval, setval, pg_advisory_lock's side effects are not writes but we do
-/// not list them; being conservative only costs a stamp).
+/// not list them; being conservative only miscounts a read as a write).
 const READ_ONLY_FUNCTIONS: &[&str] = &[
     "abs",
     "array_agg",
@@ -470,7 +468,7 @@ mod tests {
     }
 
     #[test]
-    fn ddl_and_non_transactional_utilities_are_never_stamped() {
+    fn ddl_and_non_transactional_utilities_are_not_row_writes() {
         for sql in [
             "CREATE TABLE t (id int PRIMARY KEY)",
             "CREATE INDEX CONCURRENTLY i ON t (v)",
@@ -481,7 +479,7 @@ mod tests {
             "CREATE DATABASE d",
             "ALTER SYSTEM SET work_mem = '8MB'",
         ] {
-            assert!(!classify(sql).needs_stamp(), "{sql}: {:?}", classify(sql));
+            assert!(!classify(sql).writes_rows(), "{sql}: {:?}", classify(sql));
         }
     }
 
@@ -530,9 +528,9 @@ mod tests {
                 Transaction(TxControl::Commit)
             ]
         );
-        assert!(c.needs_stamp());
+        assert!(c.writes_rows());
         let c = classify("BEGIN; SELECT 1; COMMIT");
-        assert!(!c.needs_stamp());
+        assert!(!c.writes_rows());
         assert!(c.is_read_only());
         assert!(classify("").kinds.is_empty());
     }
@@ -543,7 +541,7 @@ mod tests {
         // dropping a tree this deep would overflow the stack.
         let deep = format!("SELECT {}1", "1 + ".repeat(MAX_PARSED_TEXT / 4));
         assert!(
-            classify(&deep).needs_stamp(),
+            classify(&deep).writes_rows(),
             "too long to parse: conservatively MayWrite"
         );
         let nested = format!("SELECT {}1{}", "(".repeat(5000), ")".repeat(5000));

@@ -3,7 +3,7 @@
 //!
 //! Prepared statements are classified once, at Parse, and looked up by name at
 //! each Bind, so a prepared write costs a hash lookup per execution, not a
-//! parse. The write path decides from this which transactions to stamp.
+//! parse. The counts are shown by `/status` and `/metrics`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -187,13 +187,13 @@ mod tests {
         t.on_parse(&parse_body("upd", "UPDATE t SET v = $1 WHERE id = $2"));
         t.on_parse(&parse_body("", "SELECT v FROM t WHERE id = $1"));
         for _ in 0..3 {
-            assert!(t.on_bind(&bind_prefix("", "upd")).needs_stamp());
+            assert!(t.on_bind(&bind_prefix("", "upd")).writes_rows());
         }
-        assert!(!t.on_bind(&bind_prefix("", "")).needs_stamp());
+        assert!(!t.on_bind(&bind_prefix("", "")).writes_rows());
         assert_eq!(counts.write.load(Ordering::Relaxed), 3);
         assert_eq!(counts.read.load(Ordering::Relaxed), 1);
         // An unknown statement name is assumed to write.
-        assert!(t.on_bind(&bind_prefix("", "never_parsed")).needs_stamp());
+        assert!(t.on_bind(&bind_prefix("", "never_parsed")).writes_rows());
         assert_eq!(counts.may_write.load(Ordering::Relaxed), 1);
     }
 
@@ -214,9 +214,9 @@ mod tests {
     fn simple_queries_count_each_statement_and_bad_encoding_is_may_write() {
         let (mut t, counts) = tracker();
         let c = t.on_query(b"BEGIN; INSERT INTO t VALUES (1); COMMIT;\0");
-        assert!(c.needs_stamp());
+        assert!(c.writes_rows());
         assert_eq!(counts.transaction.load(Ordering::Relaxed), 2);
         assert_eq!(counts.write.load(Ordering::Relaxed), 1);
-        assert!(t.on_query(b"SELECT '\xe9t\xe9'\0").needs_stamp());
+        assert!(t.on_query(b"SELECT '\xe9t\xe9'\0").writes_rows());
     }
 }

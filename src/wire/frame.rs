@@ -232,15 +232,12 @@ pub fn capture_ready(tag: u8) -> usize {
 const NAME_FIELD: usize = 64;
 
 /// The proxy's client-side interest: statement texts (Query, Parse), and the
-/// names a Bind, Execute or Close refers to (a short prefix, never the
-/// parameters). Without the Execute's portal name the proxy cannot tell a
-/// ROLLBACK from a write, and a stamp in front of a ROLLBACK in an aborted
-/// transaction takes the ROLLBACK down with it.
+/// names a Bind or Close refers to (a short prefix, never the parameters),
+/// which is what statement counting needs.
 pub fn capture_statements(tag: u8) -> usize {
     match tag {
         b'Q' | b'P' => usize::MAX,
         b'B' => 2 * NAME_FIELD,
-        b'E' => NAME_FIELD,
         b'C' => 1 + NAME_FIELD,
         _ => 0,
     }
