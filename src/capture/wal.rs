@@ -283,17 +283,17 @@ async fn session(
     let mut asm = Assembler::default();
     let mut batch: Vec<Tx> = Vec::new();
     let mut changes = 0usize;
-    // When the batch being gathered got its first transaction.
+    // When the batch being gathered got its first event (while it is
+    // empty, every event restarts it).
     let mut since = tokio::time::Instant::now();
     loop {
-        if batch.is_empty() {
-            since = tokio::time::Instant::now();
-        }
         let event = if batch.is_empty() {
-            tokio::select! {
+            let event = tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 ev = slot.recv() => ev,
-            }
+            };
+            since = tokio::time::Instant::now();
+            event
         } else {
             // Gather for a moment: recording costs mostly per batch, and
             // under load a few milliseconds bring many transactions.
