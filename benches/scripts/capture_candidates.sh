@@ -16,34 +16,29 @@ start_pg $D 55432
 for db in a b c d; do psql -qX -c "create database $db" postgres; pgbench -i -q -s 10 $db 2>/dev/null; done
 # b: slot + stamp message per transaction, consumed live by pg_recvlogical
 psql -qX b -c "create publication meridian for all tables" -c "select pg_create_logical_replication_slot('m','pgoutput')" >/dev/null
-cat > $W/tpcb_msg.sql <<'S'
-\set aid random(1, 100000 * :scale)
-\set bid random(1, 1 * :scale)
-\set tid random(1, 10 * :scale)
-\set delta random(-5000, 5000)
-BEGIN;
-SELECT pg_logical_emit_message(true, 'meridian', '1234567890');
-UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
-SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
-UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
-UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
-INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
-END;
-S
-cat > $W/tpcb_one.sql <<'S'
-\set aid random(1, 100000 * :scale)
-\set bid random(1, 1 * :scale)
-\set tid random(1, 10 * :scale)
-\set delta random(-5000, 5000)
-BEGIN;
-SELECT 1;
-UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
-SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
-UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
-UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
-INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
-END;
-S
+# tpcb FILE BEFORE PIPE: pgbench's TPC-B-like script with BEFORE (a
+# statement, or nothing) after BEGIN; PIPE=1 sends it and the first UPDATE
+# in one pgbench pipeline.
+tpcb() {
+  {
+    printf '%s\n' '\set aid random(1, 100000 * :scale)' '\set bid random(1, 1 * :scale)' \
+      '\set tid random(1, 10 * :scale)' '\set delta random(-5000, 5000)' 'BEGIN;'
+    [ "$3" = 1 ] && echo '\startpipeline'
+    [ -n "$2" ] && echo "$2"
+    echo 'UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;'
+    [ "$3" = 1 ] && echo '\endpipeline'
+    printf '%s\n' 'SELECT abalance FROM pgbench_accounts WHERE aid = :aid;' \
+      'UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;' \
+      'UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;' \
+      'INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);' \
+      'END;'
+  } > "$1"
+}
+MSG="SELECT pg_logical_emit_message(true, 'meridian', '1234567890');"
+tpcb $W/tpcb_msg.sql "$MSG" 0
+tpcb $W/tpcb_one.sql "SELECT 1;" 0
+tpcb $W/tpcb_pipe.sql "$MSG" 1
+tpcb $W/tpcb_pipe0.sql "" 1
 # c: cheapest row trigger: one insert of the row's text per row
 psql -qX c <<'SQL'
 create table cap_log (id bigserial primary key, tx xid8 default pg_current_xact_id(), tbl oid, op "char", r text);
@@ -71,37 +66,6 @@ do $$ declare t text; begin
   execute format('create trigger cap_u after update on %I referencing new table as new_rows for each statement execute function cap_upd()', t);
  end loop; end $$;
 SQL
-cat > $W/tpcb_pipe.sql <<'S'
-\set aid random(1, 100000 * :scale)
-\set bid random(1, 1 * :scale)
-\set tid random(1, 10 * :scale)
-\set delta random(-5000, 5000)
-BEGIN;
-\startpipeline
-SELECT pg_logical_emit_message(true, 'meridian', '1234567890');
-UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
-\endpipeline
-SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
-UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
-UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
-INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
-END;
-S
-cat > $W/tpcb_pipe0.sql <<'S'
-\set aid random(1, 100000 * :scale)
-\set bid random(1, 1 * :scale)
-\set tid random(1, 10 * :scale)
-\set delta random(-5000, 5000)
-BEGIN;
-\startpipeline
-UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
-\endpipeline
-SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
-UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
-UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
-INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
-END;
-S
 pg_recvlogical -d b --slot m --start -o proto_version=1 -o publication_names=meridian -o messages=true -f /dev/null &
 RECV=$!
 T=${T:-15}
