@@ -66,7 +66,7 @@ fn migrate_refuses_tables_without_a_key_and_is_idempotent() {
     assert!(second_out.contains("public.keyed"), "{second_out}");
     assert_eq!(
         region.query("SELECT version FROM meridian.migration ORDER BY 1"),
-        ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"]
+        ["11", "12"]
     );
     // A rule may name a table that does not exist yet: it is checked when
     // the table appears, and stays in force when the table is re-created.
@@ -122,6 +122,44 @@ fn migrate_refuses_tables_without_a_key_and_is_idempotent() {
     let err = String::from_utf8_lossy(&ghost.stderr);
     assert!(
         err.contains("ghost.toml: table[0].columns.score: table public.keyed has no column score"),
+        "{err}"
+    );
+}
+
+#[test]
+fn migrate_applies_every_function_again_and_refuses_a_schema_from_before_its_baseline() {
+    let (region, out) = Region::prepare(
+        "cap_reapply",
+        "CREATE TABLE keyed (id int PRIMARY KEY)",
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every run applies the functions again: one changed by hand is back.
+    psql(
+        &region.direct(),
+        &["-c", "CREATE OR REPLACE FUNCTION meridian.hlc_time(hlc bigint) RETURNS timestamptz LANGUAGE sql AS 'SELECT NULL::timestamptz'"],
+        None,
+    );
+    assert!(region.migrate().status.success());
+    assert_eq!(
+        region.query("SELECT meridian.hlc_time(0) = '2024-01-01 00:00:00+00'"),
+        ["t"]
+    );
+    // A database whose meridian schema stopped before the baseline is
+    // refused, not half-upgraded.
+    psql(
+        &region.direct(),
+        &["-c", "UPDATE meridian.migration SET version = version - 7"],
+        None,
+    );
+    let old = region.migrate();
+    let err = String::from_utf8_lossy(&old.stderr);
+    assert!(
+        !old.status.success() && err.contains("only up to 5"),
         "{err}"
     );
 }
@@ -252,6 +290,47 @@ fn counter_columns_record_their_old_values() {
     assert_eq!(
         r.query("SELECT format('%s %s %s', operation, old, row->'balance') FROM meridian.changes ORDER BY xid, seq -- format() prints NULL as nothing"),
         ["insert  100", "update {\"balance\": 100} 70"]
+    );
+}
+
+#[test]
+fn a_renamed_table_keeps_its_rules_and_a_dropped_one_loses_its_capture_functions() {
+    let r = Region::start(
+        "cap_rename",
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance numeric NOT NULL);",
+        &[(
+            "accounts.toml",
+            "[[table]]\nname = \"public.accounts\"\n[table.columns]\nbalance = \"counter\"\n",
+        )],
+    );
+    let oid = r.query("SELECT 'public.accounts'::regclass::oid")[0].clone();
+    psql(
+        &r.url(),
+        &[],
+        Some("INSERT INTO accounts VALUES (1, 100); ALTER TABLE accounts RENAME TO ledger; UPDATE ledger SET balance = balance - 30;"),
+    );
+    r.captured();
+    assert_eq!(
+        r.query(
+            "SELECT format('%s %s %s', tbl, counters, captured) FROM meridian.replicated_table"
+        ),
+        ["public.ledger {balance} t"]
+    );
+    assert_eq!(
+        r.query("SELECT format('%s %s', \"table\", old) FROM meridian.changes WHERE operation = 'update'"),
+        ["public.ledger {\"balance\": 100}"],
+        "the update is captured under the new name, as a counter"
+    );
+    psql(&r.url(), &["-c", "DROP TABLE ledger"], None);
+    assert_eq!(
+        r.query(&format!(
+            "SELECT count(*) FROM pg_proc WHERE proname IN ('capture_{oid}', 'capture_rows_{oid}')"
+        )),
+        ["0"]
+    );
+    assert_eq!(
+        r.query("SELECT captured FROM meridian.replicated_table"),
+        ["f"]
     );
 }
 

@@ -1,8 +1,8 @@
 //! Capture from the WAL: the region's committed transactions, read from its
 //! logical replication slot, stamped and recorded in `meridian.change`.
 //!
-//! Nothing of capture runs inside the client's transaction (see
-//! `migrations/0010_wal_capture.sql` for what that replaced). This task
+//! Nothing of capture runs inside the client's transaction (the SQL it
+//! calls is in `migrations/functions/capture.sql`). This task
 //! streams the slot (`pgoutput`, publication `meridian`) over the
 //! replication protocol (pgwire-replication owns that connection), builds
 //! transactions ([`super::assemble`]), gives each one HLC stamp in commit

@@ -25,7 +25,7 @@
 //! - **Housekeeping** ([`maintain`]): the shipper records each acknowledgement
 //!   in `meridian.shipped`; changes every configured peer has applied are
 //!   deleted; held changes are retried; tombstones below every region's
-//!   floor are forgotten (see `migrations/0003_tombstones.sql`).
+//!   floor are forgotten (see `migrations/functions/floors.sql`).
 //!
 //! - **TLS** ([`tls`]): with `replication.tls`, every peer link is mutual TLS
 //!   under the cluster's CA; the secret handshake then runs inside it.
@@ -67,6 +67,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 pub const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Times a batch is retried after losing a deadlock to local writes.
 const APPLY_RETRIES: u64 = 20;
+/// Every apply transaction's settings: ordinary triggers and foreign keys
+/// do not fire for applied rows (see migrations/functions/apply.sql), and a
+/// deadlock with a local writer is found fast, so the batch is retried.
+const APPLY_SETTINGS: &str =
+    "SET LOCAL session_replication_role = replica; SET LOCAL deadlock_timeout = '20ms'";
 /// Longest a batch waits for changes its origin had already applied.
 pub const CAUSAL_WAIT: Duration = Duration::from_secs(2);
 /// How often a shipper takes its region's floor (see [`Message::Floor`]).
@@ -1141,11 +1146,7 @@ pub async fn apply_with_engine(
     };
     let last = (last.xid as i64, last.seq);
     let mut tx = client.transaction().await?;
-    tx.batch_execute(
-        "SET LOCAL session_replication_role = replica; SET LOCAL meridian.applying = on;
-         SET LOCAL deadlock_timeout = '20ms'",
-    )
-    .await?;
+    tx.batch_execute(APPLY_SETTINGS).await?;
     let _turn = match barrier {
         Some(barrier) => {
             let all = serde_json::to_value(changes).expect("changes serialise");

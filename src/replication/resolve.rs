@@ -506,15 +506,11 @@ pub async fn retry_held(
     let mut unheld = 0;
     for (origin, changes) in by_origin {
         let mut tx = client.transaction().await?;
-        tx.batch_execute(
-            "SET LOCAL session_replication_role = replica; SET LOCAL meridian.applying = on;
-             SET LOCAL deadlock_timeout = '20ms'",
-        )
-        .await?;
+        tx.batch_execute(super::APPLY_SETTINGS).await?;
         // A change held on a unique value other than the key: the local
         // row holding it and the change are compared as incarnations, by
         // the table's policy; a losing change is dropped, a losing row
-        // deleted (both logged). See migration 6.
+        // deleted (both logged). See migrations/functions/engine.sql.
         let mut lost = Vec::new();
         for (c, _) in changes.iter().filter(|(c, unique)| *unique && c.op != "D") {
             let Some(engine) = engines.tables.get(&c.tbl) else {

@@ -4,7 +4,7 @@
 //! needs from them today: which tables are replicated, which are insert-only
 //! (no primary key; each row replicated once under a generated identity), and
 //! which columns are counters (capture records their old values, and the
-//! apply adds each update's delta: `migrations/0004_counters.sql`). Other
+//! apply adds each update's delta: `migrations/functions/counters.sql`). Other
 //! conflict policies are for the rule
 //! engine (see README, feature status); a policy this build cannot apply is
 //! refused here rather than accepted and ignored.

@@ -1,123 +1,58 @@
--- meridian migration 5: the rule engine's side of the database.
+-- The rule engine's side of the database. Tables whose rule needs more than
+-- last-writer-wins (a policy, a deletes rule, merged columns other than
+-- counters: see conflict-rules/README.md) are listed in meridian.engine_table.
+-- For them the receiver decides conflicts in meridian itself (rules::merge):
+-- it reads the local state of the batch's keys (engine_read), decides, and
+-- writes the outcome (engine_write) in the same transaction as the other
+-- changes (apply_batch) and advance_applied. Conflicts it detects are logged
+-- in meridian.conflict. Also here: unique keys other than the primary key
+-- (resolve_unique) and foreign-key orphans (handle_orphans), for every table.
 --
--- Tables whose rule needs more than last-writer-wins (a policy, a deletes
--- rule, merged columns other than counters: see conflict-rules/README.md)
--- are listed in meridian.engine_table. For them the receiver
--- decides conflicts in meridian itself (rules::merge) and writes the outcome
--- with meridian.engine_write, in the same transaction as apply_batch (which
--- it gives only the other changes) and advance_applied.
---
--- What the engine needs from capture: the version each change was written on
--- (its base), so "made on top of the version here" can be told from a
--- conflict. The capture statement now returns the row's previous version
--- from the same upsert and records it in meridian.change (base_hlc,
--- base_origin; NULL for a key new in the region). A local write also clears
--- the row's winner (the version whose row the engine kept after a conflict).
---
--- Conflicts the engine detects are logged in meridian.conflict.
+-- Re-applied by every `meridian migrate` (CREATE OR REPLACE, with
+-- check_function_bodies off, after the versioned migrations): each of
+-- meridian's functions is defined here and nowhere else. See
+-- migrations/README.md.
 
--- (A table of its own rather than a column of meridian.replicated_table:
--- enable_capture builds that table's row type with a fixed column list.)
-CREATE TABLE meridian.engine_table (
-    tbl text PRIMARY KEY
-);
-ALTER TABLE meridian.change ADD COLUMN base_hlc bigint, ADD COLUMN base_origin int;
-ALTER TABLE meridian.row_version
-    ADD COLUMN base_hlc bigint, ADD COLUMN base_origin int,
-    ADD COLUMN winner_hlc bigint, ADD COLUMN winner_origin int;
-
-COMMENT ON TABLE meridian.engine_table IS
-    'Tables whose conflicts the rule engine (meridian) decides, rather than last-writer-wins in SQL.';
-COMMENT ON COLUMN meridian.row_version.base_hlc IS
-    'Set by capture only: the version this row had before the last local write (returned to the capture statement).';
-COMMENT ON COLUMN meridian.row_version.winner_hlc IS
-    'After a conflict decided by the rule engine: the version whose row was kept (NULL: hlc/origin itself).';
-
--- The capture statement (see migration 1): same arguments, now also records
--- the previous version as the change's base and clears the winner.
-CREATE OR REPLACE FUNCTION meridian.change_stmt(tbl text, region int, op "char", key_args text,
-                                                deleted bool, row_expr text, old_expr text,
-                                                indent int) RETURNS text
-LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT replace(format($stmt$WITH ver AS (
-    INSERT INTO meridian.row_version AS v (tbl, pk, hlc, origin, deleted)
-    VALUES (%1$L, pg_catalog.jsonb_build_object(%4$s),
-            pg_catalog.substr(pin, 2)::pg_catalog.int8, %2$s, %5$s)
-    ON CONFLICT (tbl, pk) DO UPDATE
-       SET hlc = GREATEST(excluded.hlc, v.hlc OPERATOR(pg_catalog.+) 1),
-           origin = excluded.origin, deleted = excluded.deleted,
-           base_hlc = v.hlc, base_origin = v.origin,
-           winner_hlc = NULL, winner_origin = NULL
-    RETURNING v.pk, v.hlc, v.base_hlc, v.base_origin)
-INSERT INTO meridian.change (origin, hlc, tx_hlc, via_proxy, tbl, op, pk, "row", old, base_hlc, base_origin)
-SELECT %2$s, ver.hlc, pg_catalog.substr(pin, 2)::pg_catalog.int8,
-       pg_catalog.starts_with(pin, 'P'), %1$L, %3$L, ver.pk, %6$s, %7$s, ver.base_hlc, ver.base_origin
-  FROM ver;$stmt$,
-                          tbl, region, op, key_args,
-                          CASE WHEN deleted THEN 'true' ELSE 'false' END,
-                          row_expr, old_expr),
-                   E'\n', E'\n' || repeat(' ', indent))
-$$;
-
--- Regenerate every capture function with the new statement.
-DO $$
-DECLARE
-    t text;
-BEGIN
-    FOR t IN SELECT r.tbl FROM meridian.replicated_table r WHERE r.captured AND to_regclass(r.tbl) IS NOT NULL LOOP
-        PERFORM meridian.enable_capture(t::regclass);
-    END LOOP;
-END
-$$;
-
--- Marks a table as decided by the rule engine (or not); called by migrate.
-CREATE FUNCTION meridian.set_table_engine(tbl regclass, engine bool) RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    name text := meridian.table_name(set_table_engine.tbl);
-BEGIN
-    IF engine THEN
-        INSERT INTO meridian.engine_table (tbl) VALUES (name) ON CONFLICT DO NOTHING;
-    ELSE
-        DELETE FROM meridian.engine_table e WHERE e.tbl = name;
-    END IF;
-END
-$$;
-
-CREATE FUNCTION meridian.is_engine_table(tbl text) RETURNS bool
+CREATE OR REPLACE FUNCTION meridian.is_engine_table(tbl text) RETURNS bool
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT EXISTS (SELECT 1 FROM meridian.engine_table e WHERE e.tbl = is_engine_table.tbl)
 $$;
 
--- The receiver hands apply_batch only the changes of last-writer-wins tables
--- and gives the others to the engine; the batch's position is then recorded
--- here (apply_batch records the position of the last change it was given).
--- Moves origin's position forward to (xid, seq) (never back) and counts n
--- more changes.
-CREATE FUNCTION meridian.advance_applied(origin int, xid bigint, seq bigint, n bigint) RETURNS void
-LANGUAGE sql
+
+CREATE OR REPLACE FUNCTION meridian.set_table_engine(tbl regclass, engine bool, merged jsonb) RETURNS void
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
-    INSERT INTO meridian.applied AS a (origin, xid, seq, changes, applied_at)
-    VALUES (origin, xid, seq, n, now())
-    ON CONFLICT (origin) DO UPDATE
-       SET xid = excluded.xid, seq = excluded.seq, changes = a.changes + excluded.changes,
-           applied_at = excluded.applied_at
-     WHERE (a.xid, a.seq) < (excluded.xid, excluded.seq)
+DECLARE
+    name text := meridian.table_name(set_table_engine.tbl);
+    before jsonb;
+    after jsonb;
+BEGIN
+    SELECT e.columns INTO before FROM meridian.engine_table e WHERE e.tbl = name;
+    IF engine THEN
+        after := merged;
+        INSERT INTO meridian.engine_table AS e (tbl, columns) VALUES (name, after)
+        ON CONFLICT ON CONSTRAINT engine_table_pkey DO UPDATE SET columns = excluded.columns;
+    ELSE
+        DELETE FROM meridian.engine_table e WHERE e.tbl = name;
+    END IF;
+    IF before IS DISTINCT FROM after
+       AND EXISTS (SELECT FROM meridian.replicated_table r WHERE r.tbl = name AND r.captured) THEN
+        PERFORM meridian.enable_capture(set_table_engine.tbl);
+    END IF;
+END
 $$;
+
 
 -- The engine's view of some keys of a table: the row (locked), its version
 -- (locked) and winner. Rows first, then versions, in key order: the order
 -- local writes and apply_table take them.
-CREATE FUNCTION meridian.engine_read(tbl text, pks jsonb)
+CREATE OR REPLACE FUNCTION meridian.engine_read(tbl text, pks jsonb)
 RETURNS TABLE (pk jsonb, "row" jsonb, hlc bigint, origin int, deleted bool,
-               winner_hlc bigint, winner_origin int)
+               winner_hlc bigint, winner_origin int,
+               epoch int, tag_hlc bigint, tag_origin int, cols jsonb, gen int)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -148,24 +83,22 @@ BEGIN
     INTO rows
     USING pks;
     RETURN QUERY
-    SELECT k.pk, rows -> (k.pk::text), v.hlc, v.origin, v.deleted, v.winner_hlc, v.winner_origin
+    SELECT k.pk, rows -> (k.pk::text), v.hlc, v.origin, v.deleted, v.winner_hlc, v.winner_origin,
+           v.epoch, v.tag_hlc, v.tag_origin, v.cols, v.gen
       FROM jsonb_array_elements(pks) AS k(pk)
-      LEFT JOIN (SELECT rv.pk, rv.hlc, rv.origin, rv.deleted, rv.winner_hlc, rv.winner_origin
-                   FROM meridian.row_version rv
-                  WHERE rv.tbl = engine_read.tbl AND rv.pk IN (SELECT e FROM jsonb_array_elements(pks) e)
-                  ORDER BY rv.pk
-                    FOR UPDATE) v ON v.pk = k.pk;
+      -- Each key's state by index, locked in key order.
+      LEFT JOIN (SELECT rv.*
+                   FROM (SELECT DISTINCT e AS pk FROM jsonb_array_elements(pks) e ORDER BY 1) kk
+                   CROSS JOIN LATERAL (SELECT rv.pk, rv.hlc, rv.origin, rv.deleted, rv.winner_hlc, rv.winner_origin,
+                                              rv.epoch, rv.tag_hlc, rv.tag_origin, rv.cols, rv.gen
+                                         FROM meridian.row_version rv
+                                        WHERE rv.tbl = engine_read.tbl AND rv.pk = kk.pk
+                                        LIMIT 1 FOR UPDATE) rv) v ON v.pk = k.pk;
 END
 $$;
 
--- Writes the engine's decisions for some keys of a table: results is an
--- array of {pk, fresh, deleted, row, hlc, origin, winner_hlc, winner_origin}.
--- fresh: the key had no row and no version when engine_read looked, so
--- nothing was locked; if a row or version appeared since (a concurrent local
--- insert, or another region's change applied meanwhile), the decision was
--- made without it: raise serialization_failure, and the receiver retries
--- the batch, reading it this time.
-CREATE FUNCTION meridian.engine_write(tbl text, results jsonb) RETURNS void
+
+CREATE OR REPLACE FUNCTION meridian.engine_write(tbl text, results jsonb) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -176,11 +109,13 @@ DECLARE
     t_keys text;
     d_keys text;
     all_cols text;
-    excluded_cols text;
+    on_conflict text;
     n bigint;
     defaults jsonb;
 BEGIN
-    SELECT * INTO key_cols, t_keys, d_keys, all_cols, excluded_cols FROM meridian.apply_columns(rel);
+    SELECT c.key_cols, c.t_keys, c.d_keys, c.all_cols, c.on_conflict
+      INTO key_cols, t_keys, d_keys, all_cols, on_conflict
+      FROM meridian.apply_columns(rel) c;
     defaults := meridian.missing_defaults(
         rel, (SELECT jsonb_agg(r -> 'row') FROM jsonb_array_elements(results) r WHERE NOT (r ->> 'deleted')::bool));
     IF defaults IS NOT NULL THEN
@@ -191,10 +126,13 @@ BEGIN
                    rel, t_keys, d_keys)
     USING (SELECT jsonb_agg(r -> 'pk') FROM jsonb_array_elements(results) r WHERE (r ->> 'deleted')::bool);
     -- Fresh keys first: inserted only if still absent.
-    INSERT INTO meridian.row_version AS v (tbl, pk, hlc, origin, deleted, winner_hlc, winner_origin)
-    SELECT engine_write.tbl, r.pk, r.hlc, r.origin, r.deleted, r.winner_hlc, r.winner_origin
+    INSERT INTO meridian.row_version AS v (tbl, pk, hlc, origin, deleted, winner_hlc, winner_origin,
+                                           gen, tag_hlc, tag_origin, epoch, cols)
+    SELECT engine_write.tbl, r.pk, r.hlc, r.origin, r.deleted, r.winner_hlc, r.winner_origin,
+           r.gen, r.tag_hlc, r.tag_origin, r.epoch, r.cols
       FROM jsonb_to_recordset(results) AS r(pk jsonb, fresh bool, hlc bigint, origin int, deleted bool,
-                                            winner_hlc bigint, winner_origin int)
+                                            winner_hlc bigint, winner_origin int, gen int, tag_hlc bigint,
+                                            tag_origin int, epoch int, cols jsonb)
      WHERE r.fresh
     ON CONFLICT (tbl, pk) DO NOTHING;
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -215,44 +153,26 @@ BEGIN
     END IF;
     -- Keys that were there (locked by engine_read).
     EXECUTE format('INSERT INTO %1$s (%2$s) OVERRIDING SYSTEM VALUE SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)
-                    ON CONFLICT (%3$s) DO UPDATE SET (%2$s) = ROW(%4$s)',
-                   rel, all_cols, key_cols, excluded_cols)
+                    ON CONFLICT (%3$s) %4$s',
+                   rel, all_cols, key_cols, on_conflict)
     USING (SELECT jsonb_agg(r -> 'row') FROM jsonb_array_elements(results) r
             WHERE NOT (r ->> 'fresh')::bool AND NOT (r ->> 'deleted')::bool);
-    INSERT INTO meridian.row_version AS v (tbl, pk, hlc, origin, deleted, winner_hlc, winner_origin)
-    SELECT engine_write.tbl, r.pk, r.hlc, r.origin, r.deleted, r.winner_hlc, r.winner_origin
+    INSERT INTO meridian.row_version AS v (tbl, pk, hlc, origin, deleted, winner_hlc, winner_origin,
+                                           gen, tag_hlc, tag_origin, epoch, cols)
+    SELECT engine_write.tbl, r.pk, r.hlc, r.origin, r.deleted, r.winner_hlc, r.winner_origin,
+           r.gen, r.tag_hlc, r.tag_origin, r.epoch, r.cols
       FROM jsonb_to_recordset(results) AS r(pk jsonb, fresh bool, hlc bigint, origin int, deleted bool,
-                                            winner_hlc bigint, winner_origin int)
+                                            winner_hlc bigint, winner_origin int, gen int, tag_hlc bigint,
+                                            tag_origin int, epoch int, cols jsonb)
      WHERE NOT r.fresh
     ON CONFLICT (tbl, pk) DO UPDATE
        SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted,
-           winner_hlc = excluded.winner_hlc, winner_origin = excluded.winner_origin;
+           winner_hlc = excluded.winner_hlc, winner_origin = excluded.winner_origin,
+           gen = excluded.gen, tag_hlc = excluded.tag_hlc, tag_origin = excluded.tag_origin,
+           epoch = excluded.epoch, cols = excluded.cols;
 END
 $$;
 
--- Every conflict the engine detected here.
-CREATE TABLE meridian.conflict (
-    id            bigserial   PRIMARY KEY,
-    at            timestamptz NOT NULL DEFAULT now(),
-    tbl           text        NOT NULL,
-    pk            jsonb       NOT NULL,
-    rule          text        NOT NULL,   -- what decided the row: the policy, delete-wins or update-wins
-    kept          text        NOT NULL,   -- 'local' or 'remote': whose row was kept
-    merged        text[]      NOT NULL DEFAULT '{}',  -- columns whose differing values were merged
-    local_row     jsonb,                  -- NULL: deleted here
-    local_hlc     bigint      NOT NULL,
-    local_origin  int         NOT NULL,
-    remote_row    jsonb,                  -- NULL: a delete
-    remote_hlc    bigint      NOT NULL,
-    remote_origin int         NOT NULL,
-    result_row    jsonb                   -- what this region holds now (NULL: deleted)
-);
-
-CREATE INDEX conflict_at ON meridian.conflict (at);
-CREATE INDEX conflict_tbl_at ON meridian.conflict (tbl, at);
-
-COMMENT ON TABLE meridian.conflict IS
-    'Conflicts decided by the rule engine in this region: both versions, the rule that decided, and the outcome.';
 
 --------------------------------------------------------------------------------
 -- Rows from before a column existed
@@ -265,7 +185,7 @@ COMMENT ON TABLE meridian.conflict IS
 -- The defaults of rel's columns that some row in rows lacks, as one object
 -- (NULL if none). Defaults drawing from a sequence are left out (key columns
 -- are always in the image).
-CREATE FUNCTION meridian.missing_defaults(rel regclass, rows jsonb) RETURNS jsonb
+CREATE OR REPLACE FUNCTION meridian.missing_defaults(rel regclass, rows jsonb) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -289,8 +209,9 @@ BEGIN
 END
 $$;
 
+
 -- changes with each insert's and update's row completed by missing_defaults.
-CREATE FUNCTION meridian.fill_defaults(changes jsonb) RETURNS jsonb
+CREATE OR REPLACE FUNCTION meridian.fill_defaults(changes jsonb) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -318,7 +239,6 @@ BEGIN
 END
 $$;
 
--- (The receiver calls apply_batch(origin, fill_defaults(changes)).)
 
 --------------------------------------------------------------------------------
 -- Unique keys other than the primary key
@@ -326,16 +246,20 @@ $$;
 -- Two regions insert different keys with the same value of another unique
 -- column (an e-mail address). Each applies its own; the other's change fails
 -- with unique_violation and is held. When the held change is retried,
--- resolve_unique finds the local row holding the value and keeps the newer
--- of the two by last-writer-wins ((hlc, region) of the change against the
--- local row's version), in every region alike: the loser is deleted (if it
--- is the local row, without capture: every region deletes it the same way)
--- or dropped (if it is the change), and logged in meridian.conflict with
--- rule 'unique <index>'. For last-writer-wins tables; engine tables keep
--- such changes held.
-
--- Returns 'won' (the way is clear: apply the change) or 'lost' (drop it).
-CREATE FUNCTION meridian.resolve_unique(origin int, c jsonb) RETURNS text
+-- resolve_unique finds the local row holding the value and keeps one of the
+-- two in every region alike: the loser is deleted (if it is the local row,
+-- without capture: every region deletes it the same way) or dropped (if it
+-- is the change), and logged in meridian.conflict with rule 'unique <index>'.
+--
+-- The held change (c, from origin) and the local row are two incarnations of
+-- different keys, compared as rules::merge compares incarnations: the later
+-- generation, then by policy (first-writer-wins: the earlier insert;
+-- region-priority: the insert from the region listed first in priority, then
+-- the later; otherwise the later insert). policy NULL: last-writer-wins
+-- tables, whose row versions are compared ((hlc, region) of the change
+-- against the local row's version). Returns 'won' (the local row was
+-- deleted, not captured) or 'lost' (drop the change).
+CREATE OR REPLACE FUNCTION meridian.resolve_unique(origin int, c jsonb, policy text, priority int[]) RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -350,6 +274,8 @@ DECLARE
     other jsonb;
     other_pk jsonb;
     ver meridian.row_version;
+    r_tag record;
+    l_tag record;
     remote_wins bool;
 BEGIN
     SELECT array_agg(a.attname::text ORDER BY k.ord) INTO pk_cols
@@ -358,6 +284,10 @@ BEGIN
       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
      WHERE i.indrelid = rel AND i.indisprimary;
     SELECT x.key_cols, x.t_keys INTO key_cols, t_keys FROM meridian.apply_columns(rel) x;
+    SELECT coalesce((c ->> 'gen')::int, 0) AS gen,
+           coalesce((c ->> 'tag_hlc')::bigint, hlc) AS hlc,
+           coalesce((c ->> 'tag_origin')::int, origin) AS origin
+      INTO r_tag;
     FOR idx IN
         SELECT i.indexrelid::regclass::text AS name,
                string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord) AS cols,
@@ -381,7 +311,22 @@ BEGIN
         SELECT jsonb_object_agg(k, other -> k) INTO other_pk FROM unnest(pk_cols) AS k;
         SELECT * INTO ver FROM meridian.row_version v
          WHERE v.tbl = tbl_name AND v.pk = other_pk FOR UPDATE;
-        remote_wins := ver.hlc IS NULL OR (hlc, origin) > (ver.hlc, ver.origin);
+        IF policy IS NULL THEN
+            remote_wins := ver.hlc IS NULL OR (hlc, origin) > (ver.hlc, ver.origin);
+        ELSE
+            SELECT coalesce(ver.gen, 0) AS gen,
+                   coalesce(ver.tag_hlc, ver.winner_hlc, ver.hlc, 0) AS hlc,
+                   coalesce(ver.tag_origin, ver.winner_origin, ver.origin, 0) AS origin
+              INTO l_tag;
+            remote_wins := CASE
+                WHEN r_tag.gen <> l_tag.gen THEN r_tag.gen > l_tag.gen
+                WHEN policy = 'first-writer-wins' THEN (r_tag.hlc, r_tag.origin) < (l_tag.hlc, l_tag.origin)
+                WHEN policy = 'region-priority' THEN
+                    (coalesce(cardinality(priority) + 1 - array_position(priority, r_tag.origin), 0), r_tag.hlc, r_tag.origin)
+                  > (coalesce(cardinality(priority) + 1 - array_position(priority, l_tag.origin), 0), l_tag.hlc, l_tag.origin)
+                ELSE (r_tag.hlc, r_tag.origin) > (l_tag.hlc, l_tag.origin)
+            END;
+        END IF;
         INSERT INTO meridian.conflict (tbl, pk, rule, kept, local_row, local_hlc, local_origin,
                                        remote_row, remote_hlc, remote_origin, result_row)
         VALUES (tbl_name, CASE WHEN remote_wins THEN other_pk ELSE c -> 'pk' END, 'unique ' || idx.name,
@@ -394,32 +339,15 @@ BEGIN
         EXECUTE format('DELETE FROM %1$s t WHERE (%2$s) = (SELECT %3$s FROM jsonb_populate_record(NULL::%1$s, $1))',
                        rel, t_keys, key_cols)
         USING other_pk;
-        UPDATE meridian.row_version v SET deleted = true
+        UPDATE meridian.row_version v SET deleted = true, cols = NULL
          WHERE v.tbl = tbl_name AND v.pk = other_pk;
     END LOOP;
     RETURN 'won';
 END
 $$;
 
---------------------------------------------------------------------------------
--- Foreign-key orphans
---------------------------------------------------------------------------------
--- Apply runs in replica mode, so foreign keys are neither checked nor acted
--- on for applied rows. A child written in one region while its parent is
--- deleted in another is left without its parent in both. After each batch,
--- handle_orphans looks at both ends: the children here of each parent the
--- batch deleted (if the parent is gone), and the parent of each child the
--- batch wrote (if it is gone *and* tombstoned here, i.e. deleted, not just
--- late). Each orphan is logged; the child table's rule (orphans = "keep" or
--- "delete", in meridian.orphan_rule) says whether it stays. Both regions
--- meet the same orphan at one of the two ends and decide it alike.
 
-CREATE TABLE meridian.orphan_rule (
-    tbl    text PRIMARY KEY,
-    action text NOT NULL CHECK (action IN ('keep', 'delete'))
-);
-
-CREATE FUNCTION meridian.set_orphans(tbl regclass, action text) RETURNS void
+CREATE OR REPLACE FUNCTION meridian.set_orphans(tbl regclass, action text) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -428,9 +356,10 @@ AS $$
     ON CONFLICT (tbl) DO UPDATE SET action = excluded.action
 $$;
 
+
 -- Logs child (a row of fk's child table) as an orphan found while applying
 -- change c from origin, and deletes it if its table's rule says so.
-CREATE FUNCTION meridian.note_orphan(child_tbl regclass, child_name text, conname text,
+CREATE OR REPLACE FUNCTION meridian.note_orphan(child_tbl regclass, child_name text, conname text,
                                      child jsonb, c jsonb, origin int) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -465,9 +394,10 @@ BEGIN
 END
 $$;
 
+
 -- After a batch from origin is applied: finds the orphans it made (see
 -- above); returns how many.
-CREATE FUNCTION meridian.handle_orphans(origin int, changes jsonb) RETURNS int
+CREATE OR REPLACE FUNCTION meridian.handle_orphans(origin int, changes jsonb) RETURNS int
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -547,78 +477,3 @@ BEGIN
     RETURN n;
 END
 $$;
-
--- Held changes of engine tables are retried by the engine, not here; and
--- engine tables keep their tombstones (a policy other than last-writer-wins
--- can prefer a tombstone to a newer change, so a forgotten one would decide
--- differently).
-CREATE OR REPLACE FUNCTION meridian.retry_held() RETURNS int
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    h meridian.held;
-    n int := 0;
-BEGIN
-    PERFORM set_config('session_replication_role', 'replica', true);
-    PERFORM set_config('meridian.applying', 'on', true);
-    PERFORM set_config('deadlock_timeout', '20ms', true);
-    FOR h IN SELECT * FROM meridian.held x
-              WHERE NOT (x.change ->> 'op' IN ('I', 'U', 'D') AND meridian.is_engine_table(x.tbl))
-              ORDER BY x.origin, x.xid, x.seq LIMIT 1000 LOOP
-        BEGIN
-            IF h.sqlstate = '23505' AND h.change ->> 'op' IN ('I', 'U')
-               AND meridian.resolve_unique(h.origin, h.change) = 'lost' THEN
-                DELETE FROM meridian.held x WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
-                n := n + 1;
-                CONTINUE;
-            END IF;
-            PERFORM meridian.apply_one(meridian.fill_defaults(jsonb_build_array(h.change)) -> 0, h.origin);
-            DELETE FROM meridian.held x WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
-            n := n + 1;
-        EXCEPTION
-            WHEN deadlock_detected OR serialization_failure THEN
-                RAISE;
-            WHEN OTHERS THEN
-                UPDATE meridian.held x SET error = SQLERRM, sqlstate = SQLSTATE
-                 WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
-        END;
-    END LOOP;
-    RETURN n;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION meridian.forget_tombstones(peers int[], grace_ms bigint) RETURNS bigint
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    horizon bigint;
-    n bigint;
-BEGIN
-    IF (SELECT count(*) FROM meridian.floor f WHERE f.origin = ANY (peers))
-       < cardinality(peers) THEN
-        RETURN 0;
-    END IF;
-    horizon := least((SELECT min(f.hlc) FROM meridian.floor f WHERE f.origin = ANY (peers)),
-                     meridian.local_floor(grace_ms),
-                     (SELECT min((h.change ->> 'hlc')::int8) FROM meridian.held h));
-    DELETE FROM meridian.row_version v
-     WHERE v.deleted AND v.hlc < horizon
-       AND v.tbl NOT IN (SELECT e.tbl FROM meridian.engine_table e);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
-$$;
-
-REVOKE ALL ON FUNCTION meridian.set_table_engine(regclass, bool) FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.advance_applied(int, bigint, bigint, bigint) FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.engine_read(text, jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.engine_write(text, jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.missing_defaults(regclass, jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.fill_defaults(jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.resolve_unique(int, jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.set_orphans(regclass, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.note_orphan(regclass, text, text, jsonb, jsonb, int) FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.handle_orphans(int, jsonb) FROM PUBLIC;

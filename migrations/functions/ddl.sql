@@ -1,13 +1,12 @@
---------------------------------------------------------------------------------
--- Schema changes, decided by what Postgres ran, not by how the text looks
---------------------------------------------------------------------------------
--- Until now a schema change was replicated only if the query's first word was
--- the command tag's first word (to leave out DDL run inside functions), and
--- only if the query held one statement. ORMs send DDL that starts with a
--- newline or a comment (SQLAlchemy, Alembic), and schema loaders send many
--- statements in one query: both stayed in one region, silently.
+-- Replicating schema changes, decided by what Postgres ran, not by how the
+-- text looks. The statement text of a schema change of replicated objects
+-- is written to meridian.ddl_out in the writing transaction, so it reaches
+-- capture in commit order among the row changes, and receivers run it
+-- (apply_ddl) before the changes that follow.
 --
--- Now:
+-- ORMs send DDL that starts with a newline or a comment (SQLAlchemy,
+-- Alembic), and schema loaders send many statements in one query, so the
+-- text alone cannot say what to replicate:
 --  * Postgres' own parser decides what ran: the event trigger's tag, the
 --    objects it touched (pg_event_trigger_ddl_commands, or for drops what
 --    sql_drop saw), and whether it was sent by the client or run by a function
@@ -23,11 +22,103 @@
 --    that also rolls back.
 --  * More object kinds follow the tables: views, materialized views, types,
 --    domains, functions, procedures, triggers, comments.
+--
+-- Re-applied by every `meridian migrate` (CREATE OR REPLACE, with
+-- check_function_bodies off, after the versioned migrations): each of
+-- meridian's functions is defined here and nowhere else. See
+-- migrations/README.md.
+
+-- Schema changes of replicated tables go to meridian.ddl_out, in the writing
+-- transaction, so they reach capture in commit order among the row changes.
+-- No SET search_path: it must see the search_path the DDL ran under, to
+-- ship it along; being SECURITY DEFINER, every name in it is qualified.
+CREATE OR REPLACE FUNCTION meridian.on_ddl_replicate() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+AS $$
+DECLARE
+    nd meridian.node;
+    ctx pg_catalog.text;
+    callers pg_catalog.text;
+    stmt pg_catalog.text;
+    relevant pg_catalog.bool;
+    dropped pg_catalog.bool := pg_catalog.current_setting('meridian.dropped_replicated', true) OPERATOR(pg_catalog.=) 'on';
+BEGIN
+    IF dropped THEN
+        PERFORM pg_catalog.set_config('meridian.dropped_replicated', '', true);
+    END IF;
+    SELECT * INTO nd FROM meridian.node;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF pg_catalog.starts_with(tg_tag, 'DROP') THEN
+        relevant := dropped;
+    ELSE
+        SELECT pg_catalog.bool_or(d.schema_name OPERATOR(pg_catalog.=) ANY (nd.schemas) AND NOT d.in_extension)
+          INTO relevant
+          FROM pg_catalog.pg_event_trigger_ddl_commands() d;
+    END IF;
+    -- The first line of the call stack is this function; anything below it
+    -- means the DDL ran inside a function or DO block.
+    GET DIAGNOSTICS ctx = PG_CONTEXT;
+    IF pg_catalog.strpos(ctx, pg_catalog.chr(10)) OPERATOR(pg_catalog.>) 0 THEN
+        callers := pg_catalog.substr(ctx, pg_catalog.strpos(ctx, pg_catalog.chr(10)) OPERATOR(pg_catalog.+) 1);
+        IF relevant AND pg_catalog.strpos(callers, 'function meridian.') OPERATOR(pg_catalog.=) 0 THEN
+            RAISE EXCEPTION 'meridian cannot replicate this %: it runs inside a function or DO block, and only schema changes sent as statements are replicated to other regions', tg_tag
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Send the schema change as a statement of its own.';
+        END IF;
+        RETURN;   -- meridian's own (enable_capture), or not on replicated objects
+    END IF;
+    stmt := meridian.current_statement(pg_catalog.current_query(), tg_tag, relevant IS TRUE);
+    IF relevant IS NOT TRUE THEN
+        RETURN;
+    END IF;
+    IF tg_tag OPERATOR(pg_catalog.=) ANY (ARRAY['CREATE TABLE AS', 'SELECT INTO']) THEN
+        RAISE EXCEPTION 'meridian cannot replicate %: the rows it writes are not captured', tg_tag
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Create the table with CREATE TABLE, then fill it with INSERT ... SELECT.';
+    END IF;
+    INSERT INTO meridian.ddl_out ("row")
+    VALUES (pg_catalog.jsonb_build_object('sql', stmt, 'search_path', pg_catalog.current_setting('search_path'),
+                                          'tag', tg_tag));
+END
+$$;
+
+
+-- sql_drop runs before ddl_command_end and is the only place that still
+-- sees what a DROP removed: it notes whether a replicated object went.
+CREATE OR REPLACE FUNCTION meridian.on_drop_note() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() d, meridian.node nd
+                WHERE d.schema_name = ANY (nd.schemas) AND NOT d.is_temporary) THEN
+        PERFORM set_config('meridian.dropped_replicated', 'on', true);
+    END IF;
+END
+$$;
+
+
+-- Runs a replicated schema change, with the search_path it was made under.
+CREATE OR REPLACE FUNCTION meridian.apply_ddl(ddl jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    saved text := current_setting('search_path');
+BEGIN
+    PERFORM set_config('search_path', ddl ->> 'search_path', true);
+    EXECUTE ddl ->> 'sql';
+    PERFORM set_config('search_path', saved, true);
+END
+$$;
+
 
 -- The command tags replicated as statements (plus CREATE TABLE AS and SELECT
 -- INTO, which are refused). One list, used for the event trigger and for
 -- finding the statements of a query that fire it.
-CREATE FUNCTION meridian.ddl_tags() RETURNS text[]
+CREATE OR REPLACE FUNCTION meridian.ddl_tags() RETURNS text[]
 LANGUAGE sql IMMUTABLE
 AS $$
     SELECT ARRAY[
@@ -45,6 +136,7 @@ AS $$
         'CREATE TABLE AS', 'SELECT INTO']::text[]
 $$;
 
+
 -- Splits a query string into its statements as Postgres' lexer does: string
 -- literals (standard, E'' with backslash escapes), quoted identifiers,
 -- dollar quotes, -- and nested /* */ comments, parentheses, and BEGIN
@@ -55,7 +147,7 @@ $$;
 -- SQL-callable lexer exists in core; it runs only for a query that holds a
 -- semicolon before its end, and once per such query (current_statement
 -- caches it).
-CREATE FUNCTION meridian.split_statements(q text, OUT starts int4[], OUT ends int4[],
+CREATE OR REPLACE FUNCTION meridian.split_statements(q text, OUT starts int4[], OUT ends int4[],
                                           OUT rolls_back bool)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -204,9 +296,10 @@ BEGIN
 END
 $$;
 
+
 -- The command tag Postgres gives a statement, from its leading keywords,
 -- for the tags in ddl_tags(); other statements get their first keyword.
-CREATE FUNCTION meridian.statement_tag(stmt text) RETURNS text
+CREATE OR REPLACE FUNCTION meridian.statement_tag(stmt text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -246,6 +339,7 @@ BEGIN
 END
 $$;
 
+
 -- The text of the statement whose DDL fired the trigger (tag), in the
 -- running query q. A query of one statement is that statement. In a query of
 -- several, each firing takes the next statement whose tag is one the trigger
@@ -258,7 +352,7 @@ $$;
 -- statement's text would be worse than stopping; one that need not be (DDL
 -- outside the replicated schemas, such as meridian's own migrations) marks
 -- the position lost and returns NULL.
-CREATE FUNCTION meridian.current_statement(q text, tag text, needed bool) RETURNS text
+CREATE OR REPLACE FUNCTION meridian.current_statement(q text, tag text, needed bool) RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -318,101 +412,3 @@ BEGIN
     RETURN part;
 END
 $$;
-
--- sql_drop runs before ddl_command_end and is the only place that still
--- sees what a DROP removed: it notes whether a replicated object went.
-CREATE FUNCTION meridian.on_drop_note() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() d, meridian.node nd
-                WHERE d.schema_name = ANY (nd.schemas) AND NOT d.is_temporary) THEN
-        PERFORM set_config('meridian.dropped_replicated', 'on', true);
-    END IF;
-END
-$$;
-
-
--- No SET search_path: it must see the search_path the DDL ran under, to
--- ship it along; being SECURITY DEFINER, every name in it is qualified.
-CREATE OR REPLACE FUNCTION meridian.on_ddl_replicate() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER
-AS $$
-DECLARE
-    nd meridian.node;
-    ctx pg_catalog.text;
-    callers pg_catalog.text;
-    stmt pg_catalog.text;
-    pin pg_catalog.text;
-    stamp pg_catalog.int8;
-    relevant pg_catalog.bool;
-    dropped pg_catalog.bool := pg_catalog.current_setting('meridian.dropped_replicated', true) OPERATOR(pg_catalog.=) 'on';
-BEGIN
-    IF dropped THEN
-        PERFORM pg_catalog.set_config('meridian.dropped_replicated', '', true);
-    END IF;
-    IF pg_catalog.current_setting('meridian.applying', true) OPERATOR(pg_catalog.=) 'on' THEN
-        RETURN;   -- applying a peer's DDL: it is already in the peer's stream
-    END IF;
-    SELECT * INTO nd FROM meridian.node;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    IF pg_catalog.starts_with(tg_tag, 'DROP') THEN
-        relevant := dropped;
-    ELSE
-        SELECT pg_catalog.bool_or(d.schema_name OPERATOR(pg_catalog.=) ANY (nd.schemas) AND NOT d.in_extension)
-          INTO relevant
-          FROM pg_catalog.pg_event_trigger_ddl_commands() d;
-    END IF;
-    -- The first line of the call stack is this function; anything below it
-    -- means the DDL ran inside a function or DO block.
-    GET DIAGNOSTICS ctx = PG_CONTEXT;
-    IF pg_catalog.strpos(ctx, pg_catalog.chr(10)) OPERATOR(pg_catalog.>) 0 THEN
-        callers := pg_catalog.substr(ctx, pg_catalog.strpos(ctx, pg_catalog.chr(10)) OPERATOR(pg_catalog.+) 1);
-        IF relevant AND pg_catalog.strpos(callers, 'function meridian.') OPERATOR(pg_catalog.=) 0 THEN
-            RAISE EXCEPTION 'meridian cannot replicate this %: it runs inside a function or DO block, and only schema changes sent as statements are replicated to other regions', tg_tag
-                USING ERRCODE = 'feature_not_supported',
-                      HINT = 'Send the schema change as a statement of its own.';
-        END IF;
-        RETURN;   -- meridian's own (enable_capture), or not on replicated objects
-    END IF;
-    stmt := meridian.current_statement(pg_catalog.current_query(), tg_tag, relevant IS TRUE);
-    IF relevant IS NOT TRUE THEN
-        RETURN;
-    END IF;
-    IF tg_tag OPERATOR(pg_catalog.=) ANY (ARRAY['CREATE TABLE AS', 'SELECT INTO']) THEN
-        RAISE EXCEPTION 'meridian cannot replicate %: the rows it writes are not captured', tg_tag
-            USING ERRCODE = 'feature_not_supported',
-                  HINT = 'Create the table with CREATE TABLE, then fill it with INSERT ... SELECT.';
-    END IF;
-    pin := pg_catalog.current_setting('meridian.tx_stamp', true);
-    IF pin IS NULL OR pin OPERATOR(pg_catalog.=) '' THEN
-        pin := meridian.pin_stamp();
-    END IF;
-    stamp := pg_catalog.substr(pin, 2)::pg_catalog.int8;
-    INSERT INTO meridian.change (origin, hlc, tx_hlc, via_proxy, tbl, op, pk, "row")
-    VALUES (nd.region_id, stamp, stamp, pg_catalog.starts_with(pin, 'P'), '', 'S', NULL,
-            pg_catalog.jsonb_build_object('sql', stmt, 'search_path', pg_catalog.current_setting('search_path'),
-                                          'tag', tg_tag));
-END
-$$;
-
-DROP EVENT TRIGGER meridian_replicate_ddl;
-DO $$
-BEGIN
-    EXECUTE format('CREATE EVENT TRIGGER meridian_replicate_ddl ON ddl_command_end WHEN TAG IN (%s) '
-                   'EXECUTE FUNCTION meridian.on_ddl_replicate()',
-                   (SELECT string_agg(quote_literal(t), ', ') FROM unnest(meridian.ddl_tags()) t));
-    EXECUTE format('CREATE EVENT TRIGGER meridian_note_drop ON sql_drop WHEN TAG IN (%s) '
-                   'EXECUTE FUNCTION meridian.on_drop_note()',
-                   (SELECT string_agg(quote_literal(t), ', ') FROM unnest(meridian.ddl_tags()) t
-                     WHERE starts_with(t, 'DROP')));
-END
-$$;
-
-REVOKE ALL ON FUNCTION meridian.ddl_tags() FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.split_statements(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.statement_tag(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION meridian.current_statement(text, text, bool) FROM PUBLIC;

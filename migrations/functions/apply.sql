@@ -1,0 +1,573 @@
+-- Applying other regions' changes. A receiving region applies many batches
+-- of an origin's changes in one transaction, together with the position it
+-- has applied up to for that origin (meridian.applied, advance_applied), so a
+-- restart resumes exactly there: nothing lost, nothing applied twice.
+--
+-- Conflicts are decided row by row by version, last writer wins: a change
+-- whose (hlc, origin) is not above the row's current version in
+-- meridian.row_version is skipped. Deletes leave their version behind as a
+-- tombstone (row_version.deleted), so a late, older insert or update cannot
+-- bring a deleted row back. An update of a row this region does not have yet
+-- (its insert comes from a third region, later) inserts the full row image it
+-- carries; a delete of a missing row only records the tombstone. Whatever the
+-- arrival order, every region ends with the row of the highest version.
+-- Tables with other rules are decided by the rule engine (engine.sql).
+--
+-- Applied changes are not captured again: apply sessions carry a replication
+-- origin (apply_session_setup) and capture drops transactions that have one.
+-- Applies run with session_replication_role = replica, so ordinary triggers
+-- and foreign-key checks do not fire for applied rows, on purpose: a child
+-- can come before its parent within a batch, and requiring order there would
+-- stall replication. Orphans left by a concurrent delete of a parent in
+-- another region are a matter for the conflict rules (handle_orphans).
+--
+-- A change that cannot be applied (its table does not exist here yet, a type
+-- or constraint error) is not dropped and does not block anything else: it is
+-- kept in meridian.held with the error, and the batch goes on (a deadlock or
+-- serialization failure aborts the whole batch instead; the receiver retries
+-- it). retry_held tries them again.
+--
+-- Re-applied by every `meridian migrate` (CREATE OR REPLACE, with
+-- check_function_bodies off, after the versioned migrations): each of
+-- meridian's functions is defined here and nowhere else. See
+-- migrations/README.md.
+
+-- Marks this session's transactions as applied by meridian, so capture
+-- does not ship them again: the session takes a replication origin of this
+-- database (meridian_<database oid>_<n>, n = 1..16; names and their state
+-- are cluster-wide, and Postgres 15 lets one session at a time use an
+-- origin, so each concurrent apply session needs its own).
+CREATE OR REPLACE FUNCTION meridian.apply_session_setup() RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    base text := (SELECT 'meridian_' || d.oid || '_' FROM pg_database d WHERE d.datname = current_database());
+    name text;
+BEGIN
+    IF pg_replication_origin_session_is_setup() THEN
+        RETURN;
+    END IF;
+    FOR i IN 1..16 LOOP
+        name := base || i;
+        BEGIN
+            IF pg_replication_origin_oid(name) IS NULL THEN
+                PERFORM pg_replication_origin_create(name);
+            END IF;
+            PERFORM pg_replication_origin_session_setup(name);
+            RETURN;
+        EXCEPTION WHEN object_in_use OR unique_violation THEN
+            NULL;   -- another apply session has this one: try the next
+        END;
+    END LOOP;
+    RAISE EXCEPTION 'all 16 replication origins for meridian''s apply sessions in this database are in use'
+        USING ERRCODE = '53400';
+END
+$$;
+
+
+-- Makes the local state an apply decides on exact. Capture records a local
+-- transaction a moment after it commits, so before comparing a peer's
+-- changes with the local rows' versions, the apply session (1) locks the
+-- rows it will decide on (FOR UPDATE; from then on no local transaction can
+-- change them until it commits), or, when some of a table's keys have no
+-- row here (inserts, tombstones), the whole table against local writes
+-- (SHARE ROW EXCLUSIVE, for the rest of its transaction), and then (2)
+-- waits until capture has recorded every transaction committed before
+-- (src/capture/wal.rs, Barrier). Insert-only tables need neither: their
+-- keys are made per region and never meet.
+CREATE OR REPLACE FUNCTION meridian.lock_keys(changes jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t      text;
+    pks    jsonb;
+    rel    regclass;
+    cols   text;
+    t_cols text;
+    locked bigint;
+BEGIN
+    -- As apply_batch does: an apply that deadlocks with a local transaction
+    -- is the one to give way (and is retried), and quickly.
+    PERFORM set_config('deadlock_timeout', '20ms', true);
+    FOR t, pks IN
+        SELECT c ->> 'tbl', jsonb_agg(DISTINCT c -> 'pk')
+          FROM jsonb_array_elements(changes) AS c
+         WHERE c ->> 'op' IN ('I', 'U', 'D') AND jsonb_typeof(c -> 'pk') = 'object'
+         GROUP BY 1 ORDER BY 1
+    LOOP
+        rel := to_regclass(t);
+        CONTINUE WHEN rel IS NULL
+                   OR EXISTS (SELECT 1 FROM meridian.replicated_table r WHERE r.tbl = t AND r.insert_only);
+        SELECT string_agg(format('%I', a.attname), ', ' ORDER BY k.ord),
+               string_agg(format('t.%I', a.attname), ', ' ORDER BY k.ord)
+          INTO cols, t_cols
+          FROM pg_index i
+          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = rel AND i.indisprimary;
+        CONTINUE WHEN cols IS NULL;
+        EXECUTE format('WITH l AS (SELECT 1 FROM %1$s t WHERE (%2$s) IN (SELECT %3$s FROM jsonb_populate_recordset(NULL::%1$s, $1))
+                                   ORDER BY %2$s FOR UPDATE OF t)
+                        SELECT count(*) FROM l', rel, t_cols, cols)
+          INTO locked USING pks;
+        IF locked < jsonb_array_length(pks) THEN
+            EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
+        END IF;
+    END LOOP;
+END
+$$;
+
+
+-- The column lists the apply statements are built from, for table rel:
+-- its primary key (plain, and prefixed t. and d.; NULL without a key), and
+-- every stored column (plain, and as EXCLUDED.col).
+CREATE OR REPLACE FUNCTION meridian.apply_columns(rel regclass,
+                                       OUT key_cols text, OUT t_keys text, OUT d_keys text,
+                                       OUT all_cols text, OUT on_conflict text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH pk AS (
+        SELECT a.attname, k.ord
+          FROM pg_index i
+          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = rel AND i.indisprimary),
+    cols AS (
+        SELECT attname, attnum, attidentity
+          FROM pg_attribute
+         WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attgenerated = '')
+    SELECT (SELECT string_agg(quote_ident(attname), ', ' ORDER BY ord) FROM pk),
+           (SELECT string_agg('t.' || quote_ident(attname), ', ' ORDER BY ord) FROM pk),
+           (SELECT string_agg('d.' || quote_ident(attname), ', ' ORDER BY ord) FROM pk),
+           (SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM cols),
+           (SELECT CASE WHEN count(*) = 0 THEN 'DO NOTHING'
+                        ELSE format('DO UPDATE SET (%s) = ROW(%s)',
+                                    string_agg(quote_ident(attname), ', ' ORDER BY attnum),
+                                    string_agg('EXCLUDED.' || quote_ident(attname), ', ' ORDER BY attnum))
+                   END
+              FROM cols WHERE attidentity <> 'a')
+$$;
+
+
+-- rel's name as meridian's tables record it: format('%I.%I', schema, table).
+CREATE OR REPLACE FUNCTION meridian.table_name(rel regclass) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('%I.%I', n.nspname, c.relname)
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = rel
+$$;
+
+
+-- Applies a batch of one origin's changes (a JSON array of objects with xid,
+-- seq, tbl, op, pk, row, hlc) and records the position of its last change,
+-- all in the caller's transaction. A batch at or below the recorded position
+-- (a resend after a lost acknowledgement) changes nothing. Returns
+-- {"applied": n, "older": n, "held": n, "duplicate": bool}.
+CREATE OR REPLACE FUNCTION meridian.apply_batch(origin int, changes jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    c jsonb;
+    t record;
+    outcome_json jsonb;
+    pos meridian.applied;
+    last_xid bigint;
+    last_seq bigint;
+    outcome text;
+    n_applied int := 0;
+    n_older int := 0;
+    n_held int := 0;
+    has_pos bool;
+    n int := jsonb_array_length(changes);
+BEGIN
+    IF n = 0 THEN
+        RETURN jsonb_build_object('applied', 0, 'older', 0, 'held', 0, 'duplicate', false);
+    END IF;
+    PERFORM set_config('session_replication_role', 'replica', true);
+    -- If applying and a local transaction still deadlock (a remote insert
+    -- racing a local insert of the same key), let Postgres pick this
+    -- transaction, not the application's: the receiver retries the batch.
+    PERFORM set_config('deadlock_timeout', '20ms', true);
+    SELECT * INTO pos FROM meridian.applied a WHERE a.origin = apply_batch.origin FOR UPDATE;
+    has_pos := FOUND;
+    last_xid := (changes -> (n - 1) ->> 'xid')::bigint;
+    last_seq := (changes -> (n - 1) ->> 'seq')::bigint;
+    IF has_pos AND (last_xid, last_seq) <= (pos.xid, pos.seq) THEN
+        RETURN jsonb_build_object('applied', 0, 'older', 0, 'held', 0, 'duplicate', true);
+    END IF;
+    -- Fast path: the whole batch in one subtransaction. Only if something in
+    -- it fails is it redone change by change, each in its own subtransaction,
+    -- holding back just the changes that fail.
+    BEGIN
+        IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(changes) c WHERE c ->> 'op' IN ('T', 'S')) THEN
+            -- Set-wise, one table at a time (in name order, so two appliers
+            -- lock tables in the same order).
+            FOR t IN SELECT DISTINCT c ->> 'tbl' AS tbl FROM jsonb_array_elements(changes) c ORDER BY 1 LOOP
+                outcome_json := meridian.apply_table(
+                    t.tbl,
+                    (SELECT jsonb_agg(c ORDER BY (c ->> 'xid')::bigint, (c ->> 'seq')::bigint)
+                       FROM jsonb_array_elements(changes) c
+                      WHERE c ->> 'tbl' = t.tbl
+                        AND NOT (has_pos AND ((c ->> 'xid')::bigint, (c ->> 'seq')::bigint) <= (pos.xid, pos.seq))),
+                    apply_batch.origin);
+                n_applied := n_applied + (outcome_json ->> 'applied')::int;
+                n_older := n_older + (outcome_json ->> 'older')::int;
+            END LOOP;
+        ELSE
+        FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
+            IF has_pos AND ((c ->> 'xid')::bigint, (c ->> 'seq')::bigint) <= (pos.xid, pos.seq) THEN
+                CONTINUE;   -- part of an earlier batch
+            END IF;
+            outcome := meridian.apply_one(c, apply_batch.origin);
+            IF outcome = 'applied' THEN
+                n_applied := n_applied + 1;
+            ELSE
+                n_older := n_older + 1;
+            END IF;
+        END LOOP;
+        END IF;
+    EXCEPTION
+        WHEN deadlock_detected OR serialization_failure THEN
+            RAISE;   -- the receiver retries the whole batch
+        WHEN OTHERS THEN
+            -- Correct but much slower: say so (the receiver logs it).
+            RAISE WARNING 'meridian: applying a batch of % changes from region % change by change: %',
+                n, apply_batch.origin, SQLERRM;
+            n_applied := 0;
+            n_older := 0;
+            FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
+                IF has_pos AND ((c ->> 'xid')::bigint, (c ->> 'seq')::bigint) <= (pos.xid, pos.seq) THEN
+                    CONTINUE;
+                END IF;
+                BEGIN
+                    outcome := meridian.apply_one(c, apply_batch.origin);
+                    IF outcome = 'applied' THEN
+                        n_applied := n_applied + 1;
+                    ELSE
+                        n_older := n_older + 1;
+                    END IF;
+                EXCEPTION
+                    WHEN deadlock_detected OR serialization_failure THEN
+                        RAISE;
+                    WHEN OTHERS THEN
+                        INSERT INTO meridian.held (origin, xid, seq, tbl, change, error, sqlstate)
+                        VALUES (apply_batch.origin, (c ->> 'xid')::bigint, (c ->> 'seq')::bigint,
+                                c ->> 'tbl', c, SQLERRM, SQLSTATE)
+                        ON CONFLICT DO NOTHING;
+                        n_held := n_held + 1;
+                END;
+            END LOOP;
+    END;
+    INSERT INTO meridian.applied AS a (origin, xid, seq, changes, applied_at)
+    VALUES (apply_batch.origin, last_xid, last_seq, n, now())
+    ON CONFLICT (origin) DO UPDATE
+       SET xid = excluded.xid, seq = excluded.seq, changes = a.changes + excluded.changes,
+           applied_at = excluded.applied_at;
+    RETURN jsonb_build_object('applied', n_applied, 'older', n_older, 'held', n_held, 'duplicate', false);
+END
+$$;
+
+
+-- Applies the changes of one batch for one table set-wise (no TRUNCATE
+-- among them): a few statements per table instead of several per change,
+-- with the same rules as apply_change: the newest change per key in the
+-- batch, applied only if its version is above the row's current one;
+-- counters add the batch's deltas. Rows and their versions are locked in key
+-- order, each version looked up by index (as `pk IN (...)`, a table whose
+-- statistics predate its growth was scanned whole per batch). Returns
+-- {"applied", "older"}.
+CREATE OR REPLACE FUNCTION meridian.apply_table(tbl text, changes jsonb, origin int) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    rel regclass := apply_table.tbl::regclass;
+    key_cols text;
+    t_keys text;
+    d_keys text;
+    all_cols text;
+    on_conflict text;
+    newest jsonb;
+    winners jsonb;
+    n_in int;
+    n_win int;
+    finals jsonb;
+BEGIN
+    IF changes IS NULL OR jsonb_array_length(changes) = 0 THEN
+        RETURN jsonb_build_object('applied', 0, 'older', 0);
+    END IF;
+    SELECT c.key_cols, c.t_keys, c.d_keys, c.all_cols, c.on_conflict
+      INTO key_cols, t_keys, d_keys, all_cols, on_conflict
+      FROM meridian.apply_columns(rel) c;
+
+    IF key_cols IS NULL THEN
+        -- Insert-only table: every row arrives once.
+        EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_recordset(NULL::%s, $1)',
+                       rel, all_cols, all_cols, rel)
+        USING (SELECT jsonb_agg(c -> 'row') FROM jsonb_array_elements(changes) c WHERE c ->> 'op' = 'I');
+        RETURN jsonb_build_object('applied', jsonb_array_length(changes), 'older', 0);
+    END IF;
+
+    -- The newest change per key in this batch (all from one origin, whose
+    -- versions of a row only grow).
+    SELECT jsonb_agg(x ORDER BY x.pk), count(*) INTO newest, n_in
+      FROM (SELECT DISTINCT ON (c -> 'pk') c -> 'pk' AS pk, c ->> 'op' AS op, c -> 'row' AS "row",
+                   (c ->> 'hlc')::bigint AS hlc
+              FROM jsonb_array_elements(changes) c
+             ORDER BY c -> 'pk', (c ->> 'hlc')::bigint DESC) x;
+
+    -- Lock the table's rows first, in key order (as local writes do).
+    EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM %1$s t WHERE (%2$s) IN (SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)) ORDER BY %2$s FOR UPDATE OF t) x',
+                   rel, key_cols)
+    USING (SELECT jsonb_agg(e -> 'pk') FROM jsonb_array_elements(newest) e);
+
+    -- Counter columns: every update's delta adds up, whichever version wins
+    -- the rest of the row (taken from the locked rows, before they change).
+    finals := meridian.counter_finals(rel, meridian.counter_deltas(apply_table.tbl, changes));
+
+    -- Then the row versions; keep the changes above them.
+    SELECT jsonb_agg(w), count(*) INTO winners, n_win
+      FROM (SELECT i.pk, i.op, i."row", i.hlc
+              FROM jsonb_to_recordset(newest) AS i(pk jsonb, op text, "row" jsonb, hlc bigint)
+              -- Each key's version by index, locked in key order.
+              LEFT JOIN (SELECT v.pk, v.hlc, v.origin
+                           FROM (SELECT DISTINCT e -> 'pk' AS pk FROM jsonb_array_elements(newest) e ORDER BY 1) k
+                           CROSS JOIN LATERAL (SELECT v.pk, v.hlc, v.origin FROM meridian.row_version v
+                                                WHERE v.tbl = apply_table.tbl AND v.pk = k.pk
+                                                LIMIT 1 FOR UPDATE) v) cur ON cur.pk = i.pk
+             WHERE cur.pk IS NULL OR (i.hlc, apply_table.origin) > (cur.hlc, cur.origin)) w;
+    IF n_win = 0 THEN
+        PERFORM meridian.set_counters(rel, finals);
+        RETURN jsonb_build_object('applied', 0, 'older', n_in);
+    END IF;
+
+    EXECUTE format('DELETE FROM %1$s t USING jsonb_populate_recordset(NULL::%1$s, $1) d WHERE (%2$s) = (%3$s)',
+                   rel, t_keys, d_keys)
+    USING (SELECT jsonb_agg(w -> 'pk') FROM jsonb_array_elements(winners) w WHERE w ->> 'op' = 'D');
+    EXECUTE format('INSERT INTO %1$s (%2$s) OVERRIDING SYSTEM VALUE SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)
+                    ON CONFLICT (%3$s) %4$s',
+                   rel, all_cols, key_cols, on_conflict)
+    USING (SELECT jsonb_agg(w -> 'row') FROM jsonb_array_elements(winners) w WHERE w ->> 'op' <> 'D');
+
+    INSERT INTO meridian.row_version AS v (tbl, pk, hlc, origin, deleted)
+    SELECT apply_table.tbl, w.pk, w.hlc, apply_table.origin, w.op = 'D'
+      FROM jsonb_to_recordset(winners) AS w(pk jsonb, op text, hlc bigint)
+    ON CONFLICT (tbl, pk) DO UPDATE
+       SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted;
+    PERFORM meridian.set_counters(rel, finals);
+    RETURN jsonb_build_object('applied', n_win, 'older', n_in - n_win);
+END
+$$;
+
+
+-- Applies one change under last-writer-wins. Returns 'applied' or 'older'.
+CREATE OR REPLACE FUNCTION meridian.apply_change(tbl text, op "char", pk jsonb, new_row jsonb,
+                                      hlc bigint, origin int) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    rel regclass := CASE WHEN op = 'S' THEN NULL ELSE apply_change.tbl::regclass END;
+    cur meridian.row_version;
+    key_cols text;
+    all_cols text;
+    on_conflict text;
+BEGIN
+    IF op = 'S' THEN
+        PERFORM meridian.apply_ddl(new_row);
+        RETURN 'applied';
+    END IF;
+    IF op = 'T' THEN
+        -- TRUNCATE: every row whose version is older than the truncate goes;
+        -- rows written later (in any region) stay.
+        SELECT string_agg(format('t.%I', a.attname), ', ' ORDER BY k.ord)
+          INTO key_cols
+          FROM pg_index i
+          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indrelid = rel AND i.indisprimary;
+        IF key_cols IS NULL THEN
+            EXECUTE format('DELETE FROM %s', rel);
+        ELSE
+            EXECUTE format(
+                'DELETE FROM %s t WHERE NOT EXISTS (SELECT 1 FROM meridian.row_version v
+                   WHERE v.tbl = $1 AND v.pk = to_jsonb(t) - (SELECT array_agg(c) FROM jsonb_object_keys(to_jsonb(t)) c
+                                                              WHERE c <> ALL (string_to_array($4, '','')))
+                     AND (v.hlc, v.origin) > ($2, $3))',
+                rel)
+            USING apply_change.tbl, hlc, origin,
+                  (SELECT string_agg(a.attname, ',') FROM pg_index i
+                     CROSS JOIN LATERAL unnest(i.indkey) AS k(attnum)
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                    WHERE i.indrelid = rel AND i.indisprimary);
+            UPDATE meridian.row_version v SET hlc = apply_change.hlc, origin = apply_change.origin, deleted = true
+             WHERE v.tbl = apply_change.tbl AND (v.hlc, v.origin) < (apply_change.hlc, apply_change.origin);
+        END IF;
+        RETURN 'applied';
+    END IF;
+
+    SELECT c.key_cols, c.all_cols, c.on_conflict INTO key_cols, all_cols, on_conflict
+      FROM meridian.apply_columns(rel) c;
+
+    -- Locks in the order local writes take them: the table's row first (a
+    -- local UPDATE/DELETE holds it when its capture trigger upserts the row
+    -- version), then the row version. The other order deadlocks.
+    IF key_cols IS NOT NULL THEN
+        EXECUTE format('SELECT 1 FROM %s WHERE (%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $1)) FOR UPDATE',
+                       rel, key_cols, key_cols, rel)
+        USING pk;
+    END IF;
+    SELECT * INTO cur FROM meridian.row_version v
+     WHERE v.tbl = apply_change.tbl AND v.pk = apply_change.pk
+       FOR UPDATE;
+    IF FOUND AND (cur.hlc, cur.origin) >= (apply_change.hlc, apply_change.origin) THEN
+        RETURN 'older';
+    END IF;
+
+    IF op = 'D' THEN
+        IF key_cols IS NOT NULL THEN
+            EXECUTE format('DELETE FROM %s WHERE (%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $1))',
+                           rel, key_cols, key_cols, rel)
+            USING pk;
+        END IF;
+    ELSE
+        IF key_cols IS NULL THEN
+            -- Insert-only table: each row arrives once.
+            EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1)',
+                           rel, all_cols, all_cols, rel)
+            USING new_row;
+        ELSE
+            EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1)
+                            ON CONFLICT (%s) %s',
+                           rel, all_cols, all_cols, rel, key_cols, on_conflict)
+            USING new_row;
+        END IF;
+    END IF;
+
+    INSERT INTO meridian.row_version AS v (tbl, pk, hlc, origin, deleted)
+    VALUES (apply_change.tbl, apply_change.pk, apply_change.hlc, apply_change.origin, op = 'D')
+    ON CONFLICT (tbl, pk) DO UPDATE
+       SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted;
+    RETURN 'applied';
+END
+$$;
+
+
+-- One change (an element of a batch) under last-writer-wins, with its
+-- counter deltas added. Returns 'applied' or 'older' (for the row; a delta
+-- counts either way).
+CREATE OR REPLACE FUNCTION meridian.apply_one(c jsonb, origin int) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel regclass;
+    finals jsonb;
+    outcome text;
+BEGIN
+    IF c ->> 'op' = 'U' AND jsonb_typeof(c -> 'old') = 'object' THEN
+        rel := (c ->> 'tbl')::regclass;
+        finals := meridian.counter_finals(rel, meridian.counter_deltas(c ->> 'tbl', jsonb_build_array(c)));
+    END IF;
+    outcome := meridian.apply_change(c ->> 'tbl', (c ->> 'op')::"char", c -> 'pk', c -> 'row',
+                                     (c ->> 'hlc')::bigint, origin);
+    PERFORM meridian.set_counters(rel, finals);
+    RETURN outcome;
+END
+$$;
+
+
+-- The receiver hands apply_batch only the changes of last-writer-wins tables
+-- and gives the others to the engine; the batch's position is then recorded
+-- here (apply_batch records the position of the last change it was given).
+-- Moves origin's position forward to (xid, seq) (never back) and counts n
+-- more changes.
+CREATE OR REPLACE FUNCTION meridian.advance_applied(origin int, xid bigint, seq bigint, n bigint) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO meridian.applied AS a (origin, xid, seq, changes, applied_at)
+    VALUES (origin, xid, seq, n, now())
+    ON CONFLICT (origin) DO UPDATE
+       SET xid = excluded.xid, seq = excluded.seq, changes = a.changes + excluded.changes,
+           applied_at = excluded.applied_at
+     WHERE (a.xid, a.seq) < (excluded.xid, excluded.seq)
+$$;
+
+
+-- Retries held changes, oldest first, under the same rules as apply_batch
+-- (a change whose table now exists applies if its version is still the
+-- newest). Applied or outdated ones leave meridian.held; the others keep
+-- their latest error. Returns how many left. Held changes of engine tables
+-- are retried by the engine, not here.
+CREATE OR REPLACE FUNCTION meridian.retry_held() RETURNS int
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    h meridian.held;
+    n int := 0;
+BEGIN
+    PERFORM set_config('session_replication_role', 'replica', true);
+    PERFORM set_config('deadlock_timeout', '20ms', true);
+    FOR h IN SELECT * FROM meridian.held x
+              WHERE NOT (x.change ->> 'op' IN ('I', 'U', 'D') AND meridian.is_engine_table(x.tbl))
+              ORDER BY x.origin, x.xid, x.seq LIMIT 1000 LOOP
+        BEGIN
+            IF h.sqlstate = '23505' AND h.change ->> 'op' IN ('I', 'U')
+               AND meridian.resolve_unique(h.origin, h.change, NULL, NULL) = 'lost' THEN
+                DELETE FROM meridian.held x WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
+                n := n + 1;
+                CONTINUE;
+            END IF;
+            PERFORM meridian.apply_one(meridian.fill_defaults(jsonb_build_array(h.change)) -> 0, h.origin);
+            DELETE FROM meridian.held x WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
+            n := n + 1;
+        EXCEPTION
+            WHEN deadlock_detected OR serialization_failure THEN
+                RAISE;
+            WHEN OTHERS THEN
+                UPDATE meridian.held x SET error = SQLERRM, sqlstate = SQLSTATE
+                 WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
+        END;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+
+-- Deletes the changes every one of peers has applied; returns how many. Does
+-- nothing while any of them has not acknowledged anything yet.
+CREATE OR REPLACE FUNCTION meridian.prune(peers int[]) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    lo meridian.shipped;
+    n bigint;
+BEGIN
+    IF cardinality(peers) = 0 THEN
+        RETURN 0;
+    END IF;
+    SELECT count(*) INTO n FROM meridian.shipped s WHERE s.peer = ANY (peers);
+    IF n < cardinality(peers) THEN
+        RETURN 0;
+    END IF;
+    SELECT * INTO lo FROM meridian.shipped s WHERE s.peer = ANY (peers) ORDER BY s.xid, s.seq LIMIT 1;
+    DELETE FROM meridian.change c
+     WHERE (c.xid, c.seq) <= (lo.xid::text::xid8, lo.seq);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
