@@ -1,6 +1,6 @@
-//! Capture survives PostgreSQL crashing under it. A test binary of its own:
-//! the crashes end every session of its server, which other tests would
-//! feel.
+//! Capture survives PostgreSQL crashing under it: a backend or the
+//! postmaster itself killed with SIGKILL. A test binary of its own: the
+//! crashes end every session of its server, which other tests would feel.
 
 mod support;
 
@@ -25,18 +25,27 @@ async fn connect(url: &str) -> tokio_postgres::Client {
     }
 }
 
-/// SIGKILL of one Postgres process: the postmaster then ends every session
-/// and recovers from the WAL, as after a crash of the whole server.
+/// SIGKILL of one Postgres process. Of a backend: the postmaster then ends
+/// every session and recovers from the WAL, as after a crash of the whole
+/// server. Of the postmaster itself: its sessions end, and the harness
+/// starts it again on the same data, which recovers from the WAL.
 /// Returns whether a process was killed.
 async fn kill_one(url: &str, round: usize) -> bool {
-    let client = connect(url).await;
     // In turn: the capture stream's walsender, a session of meridian (the
-    // capture writer among them), and a client's backend.
-    let filter = match round % 3 {
+    // capture writer among them), a client's backend, and the postmaster.
+    let filter = match round % 4 {
         0 => "application_name = 'meridian capture'",
         1 => "application_name = 'meridian' AND backend_type = 'client backend'",
-        _ => "application_name = 'crash writer'",
+        2 => "application_name = 'crash writer'",
+        _ => {
+            let restarted = tokio::task::spawn_blocking(|| pg().crash_and_restart()).await;
+            if let Err(e) = restarted.unwrap() {
+                panic!("PostgreSQL did not come back after its postmaster was killed: {e}");
+            }
+            return true;
+        }
     };
+    let client = connect(url).await;
     let rows = client
         .query(
             &format!("SELECT pid FROM pg_stat_activity WHERE {filter} ORDER BY random() LIMIT 1"),
@@ -86,13 +95,13 @@ fn postgres_crashing_at_any_point_loses_no_committed_change_and_records_none_twi
             failed
         });
         let mut killed = 0;
-        for round in 0..6 {
+        for round in 0..8 {
             tokio::time::sleep(Duration::from_millis(300 + (round as u64 * 211) % 500)).await;
             killed += usize::from(kill_one(&admin_url, round).await);
         }
         let failed = writer.await.unwrap();
         assert!(
-            killed >= 4 && failed >= 2,
+            killed >= 6 && failed >= 2,
             "{killed} kills, {failed} failed writes"
         );
         connect(&admin_url).await;

@@ -5,6 +5,8 @@
 //! When the owner drops the [`PgServer`], exits, panics or is killed, the pipe
 //! closes, and the guardian stops Postgres (fast shutdown) and removes its
 //! directory. So no test run, however it ends, leaves a server behind.
+//! The same pipe carries one command, `restart`, for a test that kills the
+//! postmaster: the guardian starts it again on the same data.
 //! As root, Postgres (which refuses to run as root) runs as `postgres`.
 
 use std::io::Write;
@@ -213,11 +215,26 @@ impl PgServer {
         for (k, v) in &settings {
             args.push_str(&format!(" -c '{k}={v}'"));
         }
+        // After a killed postmaster, its sessions may hold its shared memory
+        // for a moment, and a new postmaster refuses to start until they
+        // are gone: it is started again until it stays up.
         let script = format!(
             r#"set -u
-"{bin}/postgres" -D "{data}" {args} </dev/null >>"{log}" 2>&1 &
-pg=$!
-read -r _ || true
+start() {{
+    "{bin}/postgres" -D "{data}" {args} </dev/null >>"{log}" 2>&1 &
+    pg=$!
+}}
+start
+while read -r cmd && [ "$cmd" = restart ]; do
+    wait "$pg"
+    start
+    sleep 0.5
+    while ! kill -0 "$pg" 2>/dev/null; do
+        sleep 0.2
+        start
+        sleep 0.5
+    done
+done
 kill -INT "$pg" 2>/dev/null
 wait "$pg"
 if [ "{remove}" = 1 ]; then rm -rf "{dir}"; fi
@@ -253,31 +270,61 @@ if [ "{remove}" = 1 ]; then rm -rf "{dir}"; fi
     }
 
     fn wait_ready(&mut self, limit: Duration) -> Result<(), PgError> {
-        let pidfile = self.dir.join("data").join("postmaster.pid");
         let deadline = Instant::now() + limit;
         loop {
-            let status = std::fs::read_to_string(&pidfile).unwrap_or_default();
-            if status.lines().nth(7).map(str::trim) == Some("ready") {
+            if self.ready_postmaster().is_some() {
                 return Ok(());
             }
             if self.guardian.try_wait()?.is_some() || Instant::now() > deadline {
-                let log =
-                    std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
-                let tail: Vec<&str> = log
-                    .lines()
-                    .rev()
-                    .take(10)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                return Err(PgError::Command {
-                    what: "postgres start".into(),
-                    detail: tail.join("\n"),
-                });
+                return Err(self.start_failed());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The postmaster's pid, once its lock file says it accepts connections.
+    fn ready_postmaster(&self) -> Option<String> {
+        let pidfile = self.dir.join("data").join("postmaster.pid");
+        let status = std::fs::read_to_string(pidfile).unwrap_or_default();
+        let mut lines = status.lines();
+        let pid = lines.next()?.trim().to_string();
+        (lines.nth(6).map(str::trim) == Some("ready")).then_some(pid)
+    }
+
+    fn start_failed(&self) -> PgError {
+        let log = std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        PgError::Command {
+            what: "postgres start".into(),
+            detail: lines[lines.len().saturating_sub(10)..].join("\n"),
+        }
+    }
+
+    /// Kills the postmaster with SIGKILL, as a crash of the machine would
+    /// end it (its sessions go too), and starts it again on the same data:
+    /// Postgres recovers from the WAL. Returns once it accepts connections.
+    pub fn crash_and_restart(&self) -> Result<(), PgError> {
+        let old = self.ready_postmaster().ok_or_else(|| self.start_failed())?;
+        let killed = Command::new("kill").args(["-KILL", &old]).status()?;
+        if !killed.success() {
+            return Err(PgError::Command {
+                what: format!("kill -KILL {old}"),
+                detail: "the postmaster could not be killed".into(),
+            });
+        }
+        let mut stdin = self
+            .guardian_stdin
+            .as_ref()
+            .ok_or_else(|| self.start_failed())?;
+        stdin.write_all(b"restart\n")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.ready_postmaster().is_none_or(|pid| pid == old) {
+            if Instant::now() > deadline {
+                return Err(self.start_failed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// Socket directory, usable as `host` by libpq clients and by meridian's backend config.
