@@ -318,7 +318,7 @@ if [ "{remove}" = 1 ]; then rm -rf "{dir}"; fi
             .ok_or_else(|| self.start_failed())?;
         stdin.write_all(b"restart\n")?;
         let deadline = Instant::now() + Duration::from_secs(60);
-        while self.ready_postmaster().is_none_or(|pid| pid == old) {
+        while self.ready_postmaster().map_or(true, |pid| pid == old) {
             if Instant::now() > deadline {
                 return Err(self.start_failed());
             }
