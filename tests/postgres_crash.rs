@@ -65,7 +65,12 @@ async fn kill_one(url: &str, round: usize) -> bool {
 #[test]
 fn postgres_crashing_at_any_point_loses_no_committed_change_and_records_none_twice() {
     let r = Region::start("crash_pg", ITEMS, &[]);
-    let url = format!("{} application_name='crash writer'", r.direct());
+    // Commits acknowledged must survive a crash (the shared test server
+    // runs with synchronous_commit off).
+    let url = format!(
+        "{} application_name='crash writer' options='-c synchronous_commit=on'",
+        r.direct()
+    );
     let admin_url = r.direct();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

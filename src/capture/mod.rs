@@ -131,6 +131,12 @@ pub async fn connect_raw(config: &Config) -> Result<Client, tokio_postgres::Erro
         .user(&b.user)
         .dbname(&b.database)
         .application_name("meridian")
+        // What meridian commits (captured changes with the slot position
+        // they reach, applied changes with the position a peer is then told
+        // of, the clock's lease) is acted on at once: the slot releases that
+        // WAL, the peer prunes, stamps are issued. So it must be durable when
+        // the commit returns, also where the server's default is off.
+        .options("-c synchronous_commit=on")
         .connect_timeout(b.connect_timeout);
     if let Some(p) = b.resolve_password() {
         pg.password(p);
