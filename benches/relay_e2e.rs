@@ -1,13 +1,15 @@
-//! End-to-end relay benchmark: pgbench straight at PostgreSQL and through a
-//! `meridian run` process, against the same server, in one run, alternating
-//! so both see the same machine noise. Not a test: it asserts nothing.
+//! End-to-end relay benchmark: pgbench straight at PostgreSQL, through
+//! PgBouncer in session mode (what a user would put there instead) and
+//! through `meridian run` processes, against the same server, in one run,
+//! alternating so all see the same machine noise. Not a test: it asserts
+//! nothing.
 //!
 //! cargo bench --bench relay_e2e            (defaults: -T 20, 3 rounds)
 //! RELAY_BENCH_SECONDS=5 RELAY_BENCH_ROUNDS=1 cargo bench --bench relay_e2e
 
 mod common;
 
-use common::{env_or, paired_ratios, pgbench, start_proxy, Result};
+use common::{env_or, paired_ratios, pgbench, start_pgbouncer, start_proxy, Result};
 use meridian::cluster::postgres::{PgOptions, PgServer};
 
 fn main() {
@@ -27,19 +29,18 @@ fn main() {
         pg.socket_dir().display(),
         pg.port
     );
-    let tcp = format!("[backend]\nhost = \"127.0.0.1\"\nport = {}", pg.port);
     let proxies = [
         (
-            "meridian, backend via Unix socket, 1 worker thread",
-            start_proxy(&work, &unix, "worker_threads = 1"),
+            "PgBouncer 1.18, session mode",
+            start_pgbouncer(&pg, "postgres"),
         ),
         (
-            "meridian, backend via Unix socket, default threads (2)",
+            "meridian, default threads (2)",
             start_proxy(&work, &unix, ""),
         ),
         (
-            "meridian, backend via TCP, 1 worker thread",
-            start_proxy(&work, &tcp, "worker_threads = 1"),
+            "meridian, 1 worker thread",
+            start_proxy(&work, &unix, "worker_threads = 1"),
         ),
     ];
     pgbench(&direct, &["-i", "-q", "-s", "10"]);
@@ -52,7 +53,7 @@ fn main() {
         }))
         .collect();
     let targets: Vec<(&str, &String)> = urls.iter().map(|(n, u)| (*n, u)).collect();
-    let workloads: [(&str, Vec<&str>); 2] = [
+    let workloads: [(&str, Vec<&str>); 4] = [
         (
             "-S -M prepared -c 8 -j 2",
             vec![
@@ -62,6 +63,16 @@ fn main() {
         (
             "-S -M prepared -c 1",
             vec!["-S", "-M", "prepared", "-c", "1", "-n", "-T", &seconds],
+        ),
+        (
+            "-S -M simple -c 8 -j 2",
+            vec![
+                "-S", "-M", "simple", "-c", "8", "-j", "2", "-n", "-T", &seconds,
+            ],
+        ),
+        (
+            "TPC-B-like -M prepared -c 8 -j 2",
+            vec!["-M", "prepared", "-c", "8", "-j", "2", "-n", "-T", &seconds],
         ),
     ];
     println!("| workload | target | round | tps | avg latency (ms) |");

@@ -1,10 +1,10 @@
-//! Micro-benchmarks for the write path's per-statement work: stamping a
-//! transaction with the HLC, and classifying statement text (a cache miss
-//! parses with sqlparser; a hit is a hash lookup).
+//! Micro-benchmarks for the per-statement work around a write: stamping a
+//! transaction with the HLC, and classing statement text (what the relay
+//! does to every simple Query it forwards).
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use meridian::clock::{Clock, DEFAULT_MAX_DRIFT};
-use meridian::sql::{classify, ClassifierCache};
+use meridian::sql::statements;
 
 /// Typical statements: pgbench's TPC-B-like script and a few common shapes.
 const STATEMENTS: &[(&str, &str)] = &[
@@ -30,18 +30,13 @@ fn stamping(c: &mut Criterion) {
 }
 
 fn classification(c: &mut Criterion) {
-    let mut miss = c.benchmark_group("classify_miss");
+    let mut group = c.benchmark_group("classify");
     for (name, sql) in STATEMENTS {
-        miss.bench_function(*name, |b| b.iter(|| classify(black_box(sql))));
+        group.bench_function(*name, |b| {
+            b.iter(|| statements(black_box(sql.as_bytes())).count())
+        });
     }
-    miss.finish();
-    let cache = ClassifierCache::new(1024);
-    let mut hit = c.benchmark_group("classify_hit");
-    for (name, sql) in STATEMENTS {
-        cache.classify(sql);
-        hit.bench_function(*name, |b| b.iter(|| cache.classify(black_box(sql))));
-    }
-    hit.finish();
+    group.finish();
 }
 
 criterion_group!(benches, stamping, classification);

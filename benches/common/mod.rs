@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meridian::cluster::postgres::{free_port, PgServer};
+use meridian::cluster::postgres::{as_server_user, free_port, PgServer};
 
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -85,6 +85,50 @@ pub fn start_proxy(dir: &std::path::Path, backend: &str, proxy_extra: &str) -> (
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "proxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
+}
+
+/// PgBouncer (Debian's package) in session mode in front of `pg`'s
+/// database `db`, over its Unix socket, as a user would set it up for one
+/// application: trust auth, no pooling beyond one server session per client.
+pub fn start_pgbouncer(pg: &PgServer, db: &str) -> (ProxyProcess, u16) {
+    let port = free_port().unwrap();
+    // The server's directory is one the postgres user can write.
+    let dir = pg.socket_dir().join(format!("pgbouncer-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let users = dir.join("users.txt");
+    std::fs::write(&users, format!("\"{}\" \"\"\n", pg.superuser())).unwrap();
+    let ini = dir.join("pgbouncer.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\n{db} = host={} port={} dbname={db}\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+             auth_type = trust\nauth_file = {}\npool_mode = session\n\
+             max_client_conn = 200\ndefault_pool_size = 100\nlogfile = {}\n",
+            pg.socket_dir().display(),
+            pg.port,
+            users.display(),
+            dir.join("pgbouncer.log").display(),
+        ),
+    )
+    .unwrap();
+    let status = Command::new("chown")
+        .args(["-R", "--reference"])
+        .arg(pg.socket_dir())
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "chown of PgBouncer's directory");
+    let mut cmd = Command::new("pgbouncer");
+    cmd.arg(&ini).stdout(Stdio::null()).stderr(Stdio::null());
+    as_server_user(&mut cmd).unwrap();
+    let child = ProxyProcess(cmd.spawn().expect("pgbouncer (apt-get install pgbouncer)"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "PgBouncer did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
     (child, port)

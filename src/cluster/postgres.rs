@@ -123,6 +123,18 @@ fn postgres_ids() -> Result<(u32, u32), PgError> {
     }
 }
 
+/// Prepares a command to run as the user servers run as (postgres when we
+/// are root), for tools that refuse root too (PgBouncer in the benchmarks).
+pub fn as_server_user(cmd: &mut Command) -> Result<(), PgError> {
+    let owner = if is_root() {
+        Some(postgres_ids()?)
+    } else {
+        None
+    };
+    as_owner(cmd, owner);
+    Ok(())
+}
+
 /// Prepares a command to run as the server's owner (postgres when we are root).
 fn as_owner(cmd: &mut Command, owner: Option<(u32, u32)>) {
     if let Some((uid, gid)) = owner {

@@ -2,14 +2,13 @@
 //! sends will do, fed by the relay from the bodies its scanner captures.
 //!
 //! Prepared statements are classified once, at Parse, and looked up by name at
-//! each Bind, so a prepared write costs a hash lookup per execution, not a
-//! parse. The counts are shown by `/status` and `/metrics`.
+//! each Bind, so an execution costs a hash lookup. The counts are shown by `/status` and `/metrics`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::{Classification, ClassifierCache, StatementKind};
+use super::{statements, StatementKind};
 
 /// Named statements remembered per session. Beyond this, statements are not
 /// remembered and their executions count as `MayWrite` (conservative).
@@ -32,7 +31,7 @@ impl StatementCounts {
             StatementKind::Read => &self.read,
             StatementKind::Write => &self.write,
             StatementKind::Ddl => &self.ddl,
-            StatementKind::Transaction(_) => &self.transaction,
+            StatementKind::Transaction => &self.transaction,
             StatementKind::Session => &self.session,
             StatementKind::MayWrite => &self.may_write,
         };
@@ -58,53 +57,29 @@ fn cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&body[..nul], &body[nul + 1..]))
 }
 
-fn unknown() -> Arc<Classification> {
-    Arc::new(Classification {
-        kinds: vec![StatementKind::MayWrite],
-        unparsed: true,
-        drops_prepared: false,
-    })
-}
-
 pub struct StatementTracker {
-    cache: Arc<ClassifierCache>,
     counts: Arc<StatementCounts>,
     /// Prepared statements by name ("" is the unnamed statement).
-    prepared: HashMap<Box<[u8]>, Arc<Classification>>,
+    prepared: HashMap<Box<[u8]>, StatementKind>,
 }
 
 impl StatementTracker {
-    pub fn new(cache: Arc<ClassifierCache>, counts: Arc<StatementCounts>) -> StatementTracker {
+    pub fn new(counts: Arc<StatementCounts>) -> StatementTracker {
         StatementTracker {
-            cache,
             counts,
             prepared: HashMap::new(),
         }
     }
 
-    fn classify_text(&self, text: &[u8]) -> Arc<Classification> {
-        match std::str::from_utf8(text) {
-            Ok(t) => self.cache.classify(t),
-            // Not UTF-8 (another client_encoding): cannot tell, so assume it writes.
-            Err(_) => unknown(),
-        }
-    }
-
-    fn count(&self, c: &Classification) {
-        for kind in &c.kinds {
-            self.counts.count(*kind);
-        }
-    }
-
-    /// A simple Query: classified and counted now.
-    pub fn on_query(&mut self, body: &[u8]) -> Arc<Classification> {
+    /// A simple Query: each of its statements classified and counted now.
+    pub fn on_query(&mut self, body: &[u8]) {
         let text = cstr(body).map_or(body, |(t, _)| t);
-        let c = self.classify_text(text);
-        self.count(&c);
-        if c.drops_prepared {
-            self.prepared.clear();
+        for s in statements(text) {
+            self.counts.count(s.kind);
+            if s.drops_prepared {
+                self.prepared.clear();
+            }
         }
-        c
     }
 
     /// Parse: classified once and remembered under the statement's name.
@@ -113,26 +88,27 @@ impl StatementTracker {
             return;
         };
         let text = cstr(rest).map_or(rest, |(t, _)| t);
-        let c = self.classify_text(text);
+        let kind = statements(text)
+            .next()
+            .map_or(StatementKind::MayWrite, |s| s.kind);
         if self.prepared.len() < MAX_NAMED_STATEMENTS
             || name.is_empty()
             || self.prepared.contains_key(name)
         {
-            self.prepared.insert(name.into(), c);
+            self.prepared.insert(name.into(), kind);
         }
     }
 
-    /// Bind: the classification of the statement about to run, counted as one execution.
-    pub fn on_bind(&mut self, body_prefix: &[u8]) -> Arc<Classification> {
+    /// Bind: the statement about to run, counted as one execution.
+    pub fn on_bind(&mut self, body_prefix: &[u8]) {
         let statement = cstr(body_prefix)
             .and_then(|(_portal, rest)| cstr(rest))
             .map(|(s, _)| s);
-        let c = statement
+        let kind = statement
             .and_then(|s| self.prepared.get(s))
-            .cloned()
-            .unwrap_or_else(unknown);
-        self.count(&c);
-        c
+            .copied()
+            .unwrap_or(StatementKind::MayWrite);
+        self.counts.count(kind);
     }
 
     /// Close of a statement ('S') forgets it; closing a portal changes nothing.
@@ -155,10 +131,7 @@ mod tests {
 
     fn tracker() -> (StatementTracker, Arc<StatementCounts>) {
         let counts = Arc::new(StatementCounts::default());
-        (
-            StatementTracker::new(Arc::new(ClassifierCache::new(64)), counts.clone()),
-            counts,
-        )
+        (StatementTracker::new(counts.clone()), counts)
     }
 
     fn parse_body(name: &str, sql: &str) -> Vec<u8> {
@@ -187,13 +160,13 @@ mod tests {
         t.on_parse(&parse_body("upd", "UPDATE t SET v = $1 WHERE id = $2"));
         t.on_parse(&parse_body("", "SELECT v FROM t WHERE id = $1"));
         for _ in 0..3 {
-            assert!(t.on_bind(&bind_prefix("", "upd")).writes_rows());
+            t.on_bind(&bind_prefix("", "upd"));
         }
-        assert!(!t.on_bind(&bind_prefix("", "")).writes_rows());
+        t.on_bind(&bind_prefix("", ""));
         assert_eq!(counts.write.load(Ordering::Relaxed), 3);
         assert_eq!(counts.read.load(Ordering::Relaxed), 1);
-        // An unknown statement name is assumed to write.
-        assert!(t.on_bind(&bind_prefix("", "never_parsed")).writes_rows());
+        // An unknown statement name counts as may-write.
+        t.on_bind(&bind_prefix("", "never_parsed"));
         assert_eq!(counts.may_write.load(Ordering::Relaxed), 1);
     }
 
@@ -211,12 +184,12 @@ mod tests {
     }
 
     #[test]
-    fn simple_queries_count_each_statement_and_bad_encoding_is_may_write() {
+    fn simple_queries_count_each_statement_whatever_their_encoding() {
         let (mut t, counts) = tracker();
-        let c = t.on_query(b"BEGIN; INSERT INTO t VALUES (1); COMMIT;\0");
-        assert!(c.writes_rows());
+        t.on_query(b"BEGIN; INSERT INTO t VALUES (1); COMMIT;\0");
         assert_eq!(counts.transaction.load(Ordering::Relaxed), 2);
         assert_eq!(counts.write.load(Ordering::Relaxed), 1);
-        assert!(t.on_query(b"SELECT '\xe9t\xe9'\0").writes_rows());
+        t.on_query(b"SELECT '\xe9t\xe9' FROM t\0");
+        assert_eq!(counts.read.load(Ordering::Relaxed), 1);
     }
 }

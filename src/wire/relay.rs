@@ -255,13 +255,10 @@ mod tests {
     use std::sync::Arc;
     use tokio::io::{duplex, DuplexStream};
 
-    use crate::sql::{ClassifierCache, StatementCounts};
+    use crate::sql::StatementCounts;
 
     fn tracker() -> StatementTracker {
-        StatementTracker::new(
-            Arc::new(ClassifierCache::new(16)),
-            Arc::new(StatementCounts::default()),
-        )
+        StatementTracker::new(Arc::new(StatementCounts::default()))
     }
 
     /// The relay under test with a fresh statement tracker and a 1 MiB message limit.

@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::config::{AuthMethod, BackendConfig, Config};
-use crate::sql::{ClassifierCache, StatementCounts, StatementTracker};
+use crate::sql::{StatementCounts, StatementTracker};
 use crate::wire::backend::{self, BackendAddr, BackendError};
 use crate::wire::cancel::CancelRegistry;
 use crate::wire::frame::{self, Severity};
@@ -47,15 +47,10 @@ pub struct SessionContext {
     pub max_message_bytes: u32,
     pub handshake_timeout: Duration,
     pub stats: SessionStats,
-    /// Shared by all sessions: classification by statement text.
-    pub classifier: Arc<ClassifierCache>,
     pub statements: Arc<StatementCounts>,
     /// Replication counters (shipping and applying), shown by the admin endpoint.
     pub replication: Arc<crate::replication::ReplicationStats>,
 }
-
-/// Statement texts remembered by the shared classification cache.
-pub const CLASSIFIER_CACHE_ENTRIES: usize = 4096;
 
 impl SessionContext {
     pub fn from_config(config: &Config) -> Result<SessionContext, crate::wire::tls::TlsError> {
@@ -83,7 +78,6 @@ impl SessionContext {
             max_message_bytes: config.proxy.max_message_bytes,
             handshake_timeout: config.proxy.handshake_timeout,
             stats: SessionStats::default(),
-            classifier: Arc::new(ClassifierCache::new(CLASSIFIER_CACHE_ENTRIES)),
             statements: Arc::new(StatementCounts::default()),
             replication: Arc::default(),
         })
@@ -396,7 +390,7 @@ async fn run_relay<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let state = SessionState::new(session.backend.ready.get(5).copied().unwrap_or(b'I'));
-    let mut statements = StatementTracker::new(ctx.classifier.clone(), ctx.statements.clone());
+    let mut statements = StatementTracker::new(ctx.statements.clone());
     let end = relay::relay(
         client,
         session.backend.stream,
