@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::watch;
+use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use super::assemble::{Assembler, Tx};
@@ -200,16 +201,51 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(100);
+    // The same failure again (a database not migrated yet, a server down)
+    // is logged once a minute, not at every retry.
+    let mut told: Option<(String, std::time::Instant)> = None;
     loop {
         match session(&config, &clock, &barrier, &stop).await {
             Ok(()) => return,
-            Err(e) => tracing::warn!(error = %e, "capture interrupted; retrying"),
+            Err(e) => {
+                let message = e.to_string();
+                let repeat = told
+                    .as_ref()
+                    .is_some_and(|(m, at)| *m == message && at.elapsed() < Duration::from_secs(60));
+                if repeat {
+                    tracing::debug!(error = %message, "capture interrupted; retrying");
+                } else {
+                    tracing::warn!(error = %message, "capture interrupted; retrying");
+                    told = Some((message, std::time::Instant::now()));
+                }
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A database without meridian's schema says so by name.
+fn not_installed(config: &Config, e: tokio_postgres::Error) -> CaptureError {
+    let missing = e.code().is_some_and(|c| {
+        [
+            SqlState::UNDEFINED_TABLE,
+            SqlState::UNDEFINED_FUNCTION,
+            SqlState::INVALID_SCHEMA_NAME,
+        ]
+        .contains(c)
+    });
+    if missing {
+        CaptureError::Settings(format!(
+            "meridian's schema is not installed in database {}: run `meridian migrate --config FILE` \
+             (capture starts once it is)",
+            config.backend.database
+        ))
+    } else {
+        super::pg("reading capture progress")(e)
     }
 }
 
@@ -251,7 +287,7 @@ async fn session(
             &[],
         )
         .await
-        .map_err(super::pg("reading capture progress"))?;
+        .map_err(|e| not_installed(config, e))?;
     let (slot, lsn, done): (String, String, i64) = (row.get(0), row.get(1), row.get(2));
     let resume = Resume {
         lsn: Lsn::parse(&lsn).map_err(|e| CaptureError::Slot(e.to_string()))?,
