@@ -20,8 +20,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 
+use crate::replication::ReplicationStats;
+use crate::shutdown::Shutdown;
 use crate::wire::backend::BackendAddr;
-use crate::wire::relay::Shutdown;
 use crate::wire::session::SessionContext;
 
 #[derive(Clone)]
@@ -29,6 +30,7 @@ struct AdminState {
     region: String,
     backend: BackendAddr,
     sessions: Arc<SessionContext>,
+    replication: Arc<ReplicationStats>,
     shutdown: Shutdown,
 }
 
@@ -37,12 +39,14 @@ pub async fn serve(
     listener: TcpListener,
     region: String,
     sessions: Arc<SessionContext>,
+    replication: Arc<ReplicationStats>,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let state = AdminState {
         region,
         backend: BackendAddr::from_config(&sessions.backend),
         sessions,
+        replication,
         shutdown,
     };
     let stop = state.shutdown.clone();
@@ -101,7 +105,7 @@ async fn metrics(
 /// The Prometheus text exposition of this region's counters.
 fn render_metrics(s: &AdminState, postgres_up: bool) -> String {
     let st = &s.sessions.stats;
-    let rep = &s.sessions.replication;
+    let rep = &s.replication;
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
     let region = [("region", s.region.as_str())];
     let mut m = Exposition::default();
@@ -376,7 +380,7 @@ async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
             "handshake_timeouts": n(&st.handshake_timeouts),
         },
         "statements": statements,
-        "replication": s.sessions.replication.snapshot(),
+        "replication": s.replication.snapshot(),
     }))
 }
 

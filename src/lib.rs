@@ -14,6 +14,7 @@
 //! - [`link`]: the WAN emulator between regions.
 //! - [`cluster`]: local PostgreSQL servers and the multi-region `demo`.
 //! - [`ops`]: `meridian status` and `meridian verify`, for operators.
+//! - [`shutdown`]: the drain and abort signals every part stops on.
 
 pub mod admin;
 pub mod capture;
@@ -26,5 +27,6 @@ pub mod ops;
 pub mod proxy;
 pub mod replication;
 pub mod rules;
+pub mod shutdown;
 pub mod sql;
 pub mod wire;

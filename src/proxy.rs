@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::Config;
+pub use crate::shutdown::Shutdown;
 use crate::wire::frame::{self, Severity};
-pub use crate::wire::relay::Shutdown;
 use crate::wire::session::{serve_client, SessionContext};
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +147,8 @@ pub struct Region {
     engines: crate::replication::resolve::EngineHandle,
     /// Shared by capture and the apply sessions (see `capture::wal`).
     barrier: Arc<crate::capture::wal::Barrier>,
+    /// Replication counters (shipping and applying), shown by the admin endpoint.
+    replication_stats: Arc<crate::replication::ReplicationStats>,
 }
 
 impl Region {
@@ -195,6 +197,7 @@ impl Region {
             peer_tls,
             engines: crate::replication::resolve::EngineHandle::new(engines),
             barrier: Arc::new(crate::capture::wal::Barrier::new(config)),
+            replication_stats: Arc::default(),
             name: config.region.name.clone(),
             config: config.clone(),
             clock,
@@ -239,7 +242,7 @@ impl Region {
         if tokio::time::timeout(wait, ready.cancelled()).await.is_err() {
             tracing::warn!("clock high-water mark not read yet; serving anyway");
         }
-        let stats = self.proxy.context().replication.clone();
+        let stats = self.replication_stats.clone();
         let capture = tokio::spawn(crate::capture::wal::run(
             self.config.clone(),
             self.clock.clone(),
@@ -282,8 +285,9 @@ impl Region {
         }
         let admin = self.admin.map(|listener| {
             let (name, ctx, shutdown) = (self.name.clone(), self.proxy.context(), shutdown.clone());
+            let stats = stats.clone();
             tokio::spawn(async move {
-                if let Err(e) = crate::admin::serve(listener, name, ctx, shutdown).await {
+                if let Err(e) = crate::admin::serve(listener, name, ctx, stats, shutdown).await {
                     tracing::warn!(error = %e, "admin endpoint failed");
                 }
             })

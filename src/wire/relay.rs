@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
+use crate::shutdown::Shutdown;
 use crate::sql::StatementTracker;
 use crate::wire::frame::{self, Direction, FrameError, FrameScanner, Severity};
 
@@ -38,15 +38,6 @@ impl TxStatus {
             _ => None,
         }
     }
-}
-
-/// Shutdown signals shared by a proxy and its sessions.
-#[derive(Debug, Clone, Default)]
-pub struct Shutdown {
-    /// Stop accepting; close each session once it is idle between transactions.
-    pub drain: CancellationToken,
-    /// Close every session now.
-    pub abort: CancellationToken,
 }
 
 /// What both directions of one session share.

@@ -17,11 +17,12 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::config::{AuthMethod, BackendConfig, Config};
+use crate::shutdown::Shutdown;
 use crate::sql::{StatementCounts, StatementTracker};
 use crate::wire::backend::{self, BackendAddr, BackendError};
 use crate::wire::cancel::CancelRegistry;
 use crate::wire::frame::{self, Severity};
-use crate::wire::relay::{self, RelayEnd, SessionState, Shutdown};
+use crate::wire::relay::{self, RelayEnd, SessionState};
 use crate::wire::scram::{self, ScramError, ServerFirst, Verifier};
 use crate::wire::startup::{read_first_packet, FirstPacket, StartupError, StartupMessage};
 use crate::wire::stream::ClientStream;
@@ -48,8 +49,6 @@ pub struct SessionContext {
     pub handshake_timeout: Duration,
     pub stats: SessionStats,
     pub statements: Arc<StatementCounts>,
-    /// Replication counters (shipping and applying), shown by the admin endpoint.
-    pub replication: Arc<crate::replication::ReplicationStats>,
 }
 
 impl SessionContext {
@@ -79,7 +78,6 @@ impl SessionContext {
             handshake_timeout: config.proxy.handshake_timeout,
             stats: SessionStats::default(),
             statements: Arc::new(StatementCounts::default()),
-            replication: Arc::default(),
         })
     }
 }
