@@ -10,50 +10,15 @@ W=${W:-/tmp/meridian-perf}; mkdir -p $W
 N=${N:-1000}
 set -e
 . "$(dirname "$0")/start_pg.sh"
+. "$(dirname "$0")/relay_targets.sh"
 D=$W/idle; start_pg $D 55435
 cat >> $D/data/postgresql.conf <<CONF
 max_connections = $((N + 100))
 fsync = off
 CONF
 su postgres -c "$PGBIN/pg_ctl -D $D/data -w restart -l $D/log" >/dev/null
-cat > $D/m.toml <<CONF
-[region]
-name = "idle"
-id = 1
-[proxy]
-listen = "127.0.0.1:56003"
-max_connections = $((N + 10))
-[backend]
-host = "$D"
-port = 55435
-user = "postgres"
-database = "postgres"
-[auth]
-method = "trust"
-CONF
-mkdir -p $D/bouncer; echo '"postgres" ""' > $D/bouncer/users.txt
-cat > $D/bouncer/pgbouncer.ini <<CONF
-[databases]
-postgres = host=$D port=55435 dbname=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = 56004
-unix_socket_dir =
-auth_type = trust
-auth_file = $D/bouncer/users.txt
-pool_mode = session
-max_client_conn = $((N + 10))
-default_pool_size = $((N + 10))
-logfile = $D/bouncer/pgbouncer.log
-pidfile = $D/bouncer/pgbouncer.pid
-CONF
-chown -R postgres $D/bouncer
 printf 'SELECT 1;\n\\sleep 20 s\n' > $D/idle.sql
-ulimit -n $(ulimit -Hn)
-MERIDIAN_LOG=error ${MERIDIAN:-target/release/meridian} run --config $D/m.toml >/dev/null 2>&1 &
-MP=$!
-su postgres -c "ulimit -n \$(ulimit -Hn); pgbouncer -d $D/bouncer/pgbouncer.ini"
-sleep 2; BP=$(pgrep -u postgres -x pgbouncer)
+start_relays 55435 56003 56004 $((N + 10))
 rss() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
 for target in meridian:56003:$MP pgbouncer:56004:$BP; do
     IFS=: read name port pid <<<"$target"

@@ -12,45 +12,11 @@ W=${W:-/tmp/meridian-perf}; mkdir -p $W
 ARGS=${ARGS:-"-S -M simple -c 8 -j 2"}
 set -e
 . "$(dirname "$0")/start_pg.sh"
+. "$(dirname "$0")/relay_targets.sh"
 D=$W/relay; start_pg $D 55434
 echo "fsync = off" >> $D/data/postgresql.conf; su postgres -c "$PGBIN/pg_ctl -D $D/data -w restart -l $D/log" >/dev/null
 pgbench -i -q -s 10 postgres 2>/dev/null
-cat > $D/m.toml <<CONF
-[region]
-name = "relay"
-id = 1
-[proxy]
-listen = "127.0.0.1:56001"
-${PROXY_EXTRA:-}
-[backend]
-host = "$D"
-port = 55434
-user = "postgres"
-database = "postgres"
-[auth]
-method = "trust"
-CONF
-mkdir -p $D/bouncer; echo '"postgres" ""' > $D/bouncer/users.txt
-cat > $D/bouncer/pgbouncer.ini <<CONF
-[databases]
-postgres = host=$D port=55434 dbname=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = 56002
-unix_socket_dir =
-auth_type = trust
-auth_file = $D/bouncer/users.txt
-pool_mode = session
-max_client_conn = 200
-default_pool_size = 100
-logfile = $D/bouncer/pgbouncer.log
-pidfile = $D/bouncer/pgbouncer.pid
-CONF
-chown -R postgres $D/bouncer
-MERIDIAN_LOG=error ${MERIDIAN:-target/release/meridian} run --config $D/m.toml >/dev/null 2>&1 &
-MP=$!
-su postgres -c "pgbouncer -d $D/bouncer/pgbouncer.ini"
-sleep 2; BP=$(pgrep -u postgres -x pgbouncer)
+start_relays 55434 56001 56002 200
 for target in meridian:56001:$MP pgbouncer:56002:$BP; do
     IFS=: read name port pid <<<"$target"
     url="postgres://postgres@127.0.0.1:$port/postgres"
