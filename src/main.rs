@@ -20,7 +20,7 @@ use meridian::capture;
 use meridian::cluster::demo::{self, DemoOptions};
 use meridian::config::Config;
 use meridian::link;
-use meridian::proxy::{Region, Shutdown};
+use meridian::proxy::{load_config, Region, Shutdown};
 use meridian::rules::RuleSet;
 use meridian::wire::scram::Verifier;
 
@@ -189,7 +189,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             clock_offset_ms,
         } => {
-            let config = Config::load(&config)?;
+            let config = load_config(&config)?;
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = config.proxy.worker_threads {
                 rt.worker_threads(n);
@@ -205,7 +205,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             since,
             limit,
         } => {
-            let config = Config::load(&config)?;
+            let config = load_config(&config)?;
             let conflicts = runtime()?.block_on(async {
                 let client = capture::connect(&config).await?;
                 meridian::replication::resolve::recent_conflicts(
@@ -232,7 +232,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { config } => {
-            let config = Config::load(&config)?;
+            let config = load_config(&config)?;
             match runtime()?.block_on(meridian::ops::status::report(&config)) {
                 Ok(text) => {
                     print!("{text}");
@@ -245,7 +245,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Verify { config, settle } => {
-            let config = Config::load(&config)?;
+            let config = load_config(&config)?;
             let report =
                 runtime()?.block_on(meridian::ops::verify::verify(&config, settle, |line| {
                     eprintln!("{line}")
@@ -258,7 +258,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Migrate { config } => {
-            let config = Config::load(&config)?;
+            let config = load_config(&config)?;
             let rules = RuleSet::load(&config.replication.rules)?;
             let report = runtime()?.block_on(async {
                 let mut client = capture::connect(&config).await?;
@@ -347,7 +347,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
+    match load_config(path) {
         Ok(c) => {
             let rules = match RuleSet::load(&c.replication.rules).and_then(|r| {
                 // Region names in rules must be this region or a peer.

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, ConfigError, ConfigProblem};
 pub use crate::shutdown::Shutdown;
 use crate::wire::frame::{self, Severity};
 use crate::wire::session::{serve_client, SessionContext};
@@ -32,6 +32,46 @@ pub enum ProxyError {
     Tls(#[from] crate::wire::tls::TlsError),
     #[error(transparent)]
     Rules(#[from] crate::rules::RulesError),
+}
+
+/// The problems of the files a config names (client TLS, peer TLS), each
+/// under its key path: read here, above both TLS modules, so `config`
+/// stays data plus structural checks and imports neither.
+pub fn check_files(config: &Config) -> Vec<ConfigProblem> {
+    let mut problems = Vec::new();
+    if let Some(tls) = &config.tls {
+        if let Err(e) = crate::wire::tls::load_acceptor(tls) {
+            problems.push(ConfigProblem {
+                key: format!("tls.{}", e.key()),
+                message: e.to_string(),
+            });
+        }
+    }
+    if let Some(tls) = &config.replication.tls {
+        if let Err(e) = crate::replication::tls::PeerTls::load(tls) {
+            problems.push(ConfigProblem {
+                key: format!("replication.tls.{}", e.key()),
+                message: e.to_string(),
+            });
+        }
+    }
+    problems
+}
+
+/// [`Config::load`] and then [`check_files`]: what every command of the
+/// binary reads its config with, so a missing certificate is named by key
+/// before anything starts.
+pub fn load_config(path: &std::path::Path) -> Result<Config, ConfigError> {
+    let config = Config::load(path)?;
+    let problems = check_files(&config);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid {
+            path: path.into(),
+            problems,
+        })
+    }
 }
 
 /// A bound, not yet running proxy.
@@ -302,5 +342,45 @@ impl Region {
         if let Some(a) = admin {
             let _ = a.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[region]\nname = \"us-east\"\nid = 1\n[backend]\nhost = \"127.0.0.1\"\n[auth]\nmethod = \"trust\"\n";
+
+    #[test]
+    fn peer_tls_mistakes_name_the_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let issued = crate::cluster::certs::issue(dir.path(), &["b"]).unwrap();
+        let text = format!(
+            "{MINIMAL}\n[replication]\nsecret = \"0123456789abcdef\"\n\
+             [replication.tls]\ncert = {:?}\nkey = {:?}\nca = \"/nonexistent/ca.pem\"\n\
+             [[replication.peers]]\nname = \"b\"\nid = 2\naddress = \"127.0.0.1:1\"\nserver_name = \"b\"\n",
+            issued[0].cert, issued[0].key
+        );
+        let problems = check_files(&Config::from_toml(&text).unwrap());
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["replication.tls.ca"]);
+        assert!(
+            problems[0].message.contains("/nonexistent/ca.pem"),
+            "{}",
+            problems[0].message
+        );
+
+        let good = text.replace("/nonexistent/ca.pem", &issued[0].ca.display().to_string());
+        assert!(check_files(&Config::from_toml(&good).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn a_missing_client_certificate_is_named_by_key() {
+        let text = format!(
+            "{MINIMAL}\n[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n"
+        );
+        let problems = check_files(&Config::from_toml(&text).unwrap());
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["tls.cert"]);
     }
 }
