@@ -52,11 +52,6 @@ impl StatementCounts {
     }
 }
 
-fn cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = body.iter().position(|&b| b == 0)?;
-    Some((&body[..nul], &body[nul + 1..]))
-}
-
 pub struct StatementTracker {
     counts: Arc<StatementCounts>,
     /// Prepared statements by name ("" is the unnamed statement).
@@ -71,9 +66,8 @@ impl StatementTracker {
         }
     }
 
-    /// A simple Query: each of its statements classified and counted now.
-    pub fn on_query(&mut self, body: &[u8]) {
-        let text = cstr(body).map_or(body, |(t, _)| t);
+    /// A simple Query's text: each of its statements classified and counted now.
+    pub fn on_query(&mut self, text: &[u8]) {
         for s in statements(text) {
             self.counts.count(s.kind);
             if s.drops_prepared {
@@ -83,11 +77,7 @@ impl StatementTracker {
     }
 
     /// Parse: classified once and remembered under the statement's name.
-    pub fn on_parse(&mut self, body: &[u8]) {
-        let Some((name, rest)) = cstr(body) else {
-            return;
-        };
-        let text = cstr(rest).map_or(rest, |(t, _)| t);
+    pub fn on_parse(&mut self, name: &[u8], text: &[u8]) {
         let kind = statements(text)
             .next()
             .map_or(StatementKind::MayWrite, |s| s.kind);
@@ -99,11 +89,9 @@ impl StatementTracker {
         }
     }
 
-    /// Bind: the statement about to run, counted as one execution.
-    pub fn on_bind(&mut self, body_prefix: &[u8]) {
-        let statement = cstr(body_prefix)
-            .and_then(|(_portal, rest)| cstr(rest))
-            .map(|(s, _)| s);
+    /// Bind of a statement (by name; `None`: its body was cut short):
+    /// counted as one execution.
+    pub fn on_bind(&mut self, statement: Option<&[u8]>) {
         let kind = statement
             .and_then(|s| self.prepared.get(s))
             .copied()
@@ -111,13 +99,9 @@ impl StatementTracker {
         self.counts.count(kind);
     }
 
-    /// Close of a statement ('S') forgets it; closing a portal changes nothing.
-    pub fn on_close(&mut self, body_prefix: &[u8]) {
-        if let Some((&b'S', rest)) = body_prefix.split_first() {
-            if let Some((name, _)) = cstr(rest) {
-                self.prepared.remove(name);
-            }
-        }
+    /// Close of a statement forgets it.
+    pub fn on_close_statement(&mut self, name: &[u8]) {
+        self.prepared.remove(name);
     }
 
     pub fn prepared_len(&self) -> usize {
@@ -134,62 +118,41 @@ mod tests {
         (StatementTracker::new(counts.clone()), counts)
     }
 
-    fn parse_body(name: &str, sql: &str) -> Vec<u8> {
-        let mut b = Vec::new();
-        for s in [name, sql] {
-            b.extend_from_slice(s.as_bytes());
-            b.push(0);
-        }
-        b.extend_from_slice(&0u16.to_be_bytes());
-        b
-    }
-
-    fn bind_prefix(portal: &str, statement: &str) -> Vec<u8> {
-        let mut b = Vec::new();
-        for s in [portal, statement] {
-            b.extend_from_slice(s.as_bytes());
-            b.push(0);
-        }
-        b.extend_from_slice(&[0, 1, 0, 1]);
-        b
-    }
-
     #[test]
     fn prepared_statements_are_classified_at_parse_and_counted_at_bind() {
         let (mut t, counts) = tracker();
-        t.on_parse(&parse_body("upd", "UPDATE t SET v = $1 WHERE id = $2"));
-        t.on_parse(&parse_body("", "SELECT v FROM t WHERE id = $1"));
+        t.on_parse(b"upd", b"UPDATE t SET v = $1 WHERE id = $2");
+        t.on_parse(b"", b"SELECT v FROM t WHERE id = $1");
         for _ in 0..3 {
-            t.on_bind(&bind_prefix("", "upd"));
+            t.on_bind(Some(b"upd"));
         }
-        t.on_bind(&bind_prefix("", ""));
+        t.on_bind(Some(b""));
         assert_eq!(counts.write.load(Ordering::Relaxed), 3);
         assert_eq!(counts.read.load(Ordering::Relaxed), 1);
-        // An unknown statement name counts as may-write.
-        t.on_bind(&bind_prefix("", "never_parsed"));
-        assert_eq!(counts.may_write.load(Ordering::Relaxed), 1);
+        // An unknown statement name, or a Bind cut short, counts as may-write.
+        t.on_bind(Some(b"never_parsed"));
+        t.on_bind(None);
+        assert_eq!(counts.may_write.load(Ordering::Relaxed), 2);
     }
 
     #[test]
     fn close_and_discard_forget_statements() {
         let (mut t, _) = tracker();
-        t.on_parse(&parse_body("a", "SELECT 1"));
-        t.on_parse(&parse_body("b", "SELECT 2"));
-        t.on_close(b"Sa\0");
+        t.on_parse(b"a", b"SELECT 1");
+        t.on_parse(b"b", b"SELECT 2");
+        t.on_close_statement(b"a");
         assert_eq!(t.prepared_len(), 1);
-        t.on_close(b"Pb\0");
-        assert_eq!(t.prepared_len(), 1, "closing a portal keeps the statement");
-        t.on_query(b"DISCARD ALL\0");
+        t.on_query(b"DISCARD ALL");
         assert_eq!(t.prepared_len(), 0);
     }
 
     #[test]
     fn simple_queries_count_each_statement_whatever_their_encoding() {
         let (mut t, counts) = tracker();
-        t.on_query(b"BEGIN; INSERT INTO t VALUES (1); COMMIT;\0");
+        t.on_query(b"BEGIN; INSERT INTO t VALUES (1); COMMIT;");
         assert_eq!(counts.transaction.load(Ordering::Relaxed), 2);
         assert_eq!(counts.write.load(Ordering::Relaxed), 1);
-        t.on_query(b"SELECT '\xe9t\xe9' FROM t\0");
+        t.on_query(b"SELECT '\xe9t\xe9' FROM t");
         assert_eq!(counts.read.load(Ordering::Relaxed), 1);
     }
 }

@@ -318,7 +318,45 @@ pub fn negotiate_protocol_version(minor: u32, unrecognised: &[String]) -> Bytes 
     })
 }
 
-/// Any message from a tag and a body (tests, benchmarks, and the write path's injections).
+/// Splits a NUL-terminated string off the front of a body: (string, rest).
+pub fn cstr(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let nul = body.iter().position(|&b| b == 0)?;
+    Some((&body[..nul], &body[nul + 1..]))
+}
+
+/// Typed views of the frontend bodies the relay looks into, as the scanner
+/// captures them (Query and Parse whole, Bind and Close as a name prefix).
+/// Each is `None` for a body too short to hold what it must.
+pub mod views {
+    use super::cstr;
+
+    /// Query: the statement text.
+    pub fn query(body: &[u8]) -> &[u8] {
+        cstr(body).map_or(body, |(text, _)| text)
+    }
+
+    /// Parse: (statement name, statement text).
+    pub fn parse(body: &[u8]) -> Option<(&[u8], &[u8])> {
+        let (name, rest) = cstr(body)?;
+        Some((name, cstr(rest).map_or(rest, |(text, _)| text)))
+    }
+
+    /// Bind: the statement name (after the portal's).
+    pub fn bind_statement(prefix: &[u8]) -> Option<&[u8]> {
+        let (_portal, rest) = cstr(prefix)?;
+        Some(cstr(rest)?.0)
+    }
+
+    /// Close: the name of the statement it closes; `None` for a portal.
+    pub fn closed_statement(prefix: &[u8]) -> Option<&[u8]> {
+        match prefix.split_first() {
+            Some((&b'S', rest)) => Some(cstr(rest)?.0),
+            _ => None,
+        }
+    }
+}
+
+/// Any message from a tag and a body (tests and benchmarks).
 pub fn encode(tag: u8, body: &[u8]) -> Bytes {
     message(tag, |b| b.put_slice(body))
 }
@@ -329,6 +367,25 @@ pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn views_of_query_parse_bind_and_close_bodies() {
+        assert_eq!(views::query(b"SELECT 1\0"), b"SELECT 1");
+        assert_eq!(views::query(b"cut short"), b"cut short");
+        assert_eq!(
+            views::parse(b"s1\0SELECT $1\0\0\x01\0\0\0\x17"),
+            Some((&b"s1"[..], &b"SELECT $1"[..]))
+        );
+        assert_eq!(views::parse(b"no terminator"), None);
+        assert_eq!(
+            views::bind_statement(b"portal\0s1\0\0\x01"),
+            Some(&b"s1"[..])
+        );
+        assert_eq!(views::bind_statement(b"portal\0s1"), None);
+        assert_eq!(views::closed_statement(b"Ss1\0"), Some(&b"s1"[..]));
+        assert_eq!(views::closed_statement(b"Pp1\0"), None);
+        assert_eq!(cstr(b"a\0b"), Some((&b"a"[..], &b"b"[..])));
+    }
     use proptest::prelude::*;
 
     fn frame(tag: u8, body: &[u8]) -> Vec<u8> {

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::shutdown::Shutdown;
 use crate::sql::StatementTracker;
-use crate::wire::frame::{self, Direction, FrameError, FrameScanner, Severity};
+use crate::wire::frame::{self, views, Direction, FrameError, FrameScanner, Severity};
 
 /// The read buffer of each direction starts at FIRST_READ and doubles up to
 /// READ_CHUNK while reads fill it (large results, COPY), back to FIRST_READ
@@ -208,15 +208,21 @@ where
             let body = m.body.unwrap_or_default();
             match m.tag {
                 b'Q' => {
-                    statements.on_query(body);
+                    statements.on_query(views::query(body));
                     requests += 1;
                 }
                 b'S' | b'F' => requests += 1,
-                b'P' => statements.on_parse(body),
-                b'B' => {
-                    statements.on_bind(body);
+                b'P' => {
+                    if let Some((name, text)) = views::parse(body) {
+                        statements.on_parse(name, text);
+                    }
                 }
-                b'C' => statements.on_close(body),
+                b'B' => statements.on_bind(views::bind_statement(body)),
+                b'C' => {
+                    if let Some(name) = views::closed_statement(body) {
+                        statements.on_close_statement(name);
+                    }
+                }
                 b'X' => terminate = true,
                 _ => {}
             }

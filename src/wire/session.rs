@@ -369,14 +369,13 @@ where
 
 /// SASLInitialResponse body: mechanism\0, i32 length (-1 for none), data.
 fn parse_sasl_initial(body: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = body.iter().position(|&b| b == 0)?;
-    let rest = body.get(nul + 1..)?;
+    let (mechanism, rest) = frame::cstr(body)?;
     let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
     let data = rest.get(4..)?;
     if len < 0 || len as usize != data.len() {
         return None;
     }
-    Some((&body[..nul], data))
+    Some((mechanism, data))
 }
 
 async fn run_relay<S>(

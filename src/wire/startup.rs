@@ -134,14 +134,12 @@ fn parse_params(mut rest: &[u8], minor_version: u16) -> Result<StartupMessage, S
 }
 
 fn take_cstr(rest: &mut &[u8]) -> Result<String, StartupError> {
-    let nul = rest
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or(StartupError::Malformed("missing terminator"))?;
-    let s = std::str::from_utf8(&rest[..nul])
-        .map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
-    let s = s.to_owned();
-    *rest = &rest[nul + 1..];
+    let (s, after) =
+        crate::wire::frame::cstr(rest).ok_or(StartupError::Malformed("missing terminator"))?;
+    let s = std::str::from_utf8(s)
+        .map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?
+        .to_owned();
+    *rest = after;
     Ok(s)
 }
 
