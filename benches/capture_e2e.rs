@@ -5,7 +5,9 @@
 //! 2. through meridian, no capture: the relay alone;
 //! 3. direct, with capture: meridian's capture task reading the WAL of the
 //!    captured database while pgbench writes to Postgres directly;
-//! 4. through meridian, with capture: what an application sees.
+//! 4. through meridian, with capture: what an application sees;
+//! 5. and 6. through PgBouncer in session mode (what a user would put in
+//!    meridian's place as a relay), without and with meridian's capture.
 //!
 //! Two databases of the same scale: `plain` without meridian's schema,
 //! `captured` after `meridian migrate` (pgbench_history is insert-only by
@@ -23,7 +25,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{env_or, migrate, paired_ratios, pgbench, psql, start_proxy, Result};
+use common::{env_or, migrate, paired_ratios, pgbench, psql, start_pgbouncer, start_proxy, Result};
 use meridian::cluster::postgres::{PgOptions, PgServer};
 
 /// A name, a URL, and whether its database is captured.
@@ -91,11 +93,28 @@ fn main() {
         .unwrap();
     migrate(&config);
     let via = |db: &str| format!("postgres://{}@127.0.0.1:{port}/{db}", pg.superuser());
-    let targets: [Target; 4] = [
+    let (_bouncer, bouncer_port) = start_pgbouncer(&pg, &["plain", "captured"]);
+    let bouncer = |db: &str| {
+        format!(
+            "postgres://{}@127.0.0.1:{bouncer_port}/{db}",
+            pg.superuser()
+        )
+    };
+    let targets: [Target; 6] = [
         ("direct, no capture", pg.url("plain"), false),
         ("meridian, no capture", via("plain"), false),
+        (
+            "PgBouncer 1.18 (session), no capture",
+            bouncer("plain"),
+            false,
+        ),
         ("direct, capture", pg.url("captured"), true),
         ("meridian, capture", via("captured"), true),
+        (
+            "PgBouncer 1.18 (session), capture by meridian",
+            bouncer("captured"),
+            true,
+        ),
     ];
     let args = ["-M", "prepared", "-c", "8", "-j", "2", "-n", "-T", &seconds];
     // Warm both databases' caches so the first round is not the odd one out.

@@ -32,7 +32,7 @@ fn main() {
     let proxies = [
         (
             "PgBouncer 1.18, session mode",
-            start_pgbouncer(&pg, "postgres"),
+            start_pgbouncer(&pg, &["postgres"]),
         ),
         (
             "meridian, default threads (2)",

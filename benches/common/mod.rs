@@ -91,9 +91,9 @@ pub fn start_proxy(dir: &std::path::Path, backend: &str, proxy_extra: &str) -> (
 }
 
 /// PgBouncer (Debian's package) in session mode in front of `pg`'s
-/// database `db`, over its Unix socket, as a user would set it up for one
+/// databases `dbs`, over its Unix socket, as a user would set it up for one
 /// application: trust auth, no pooling beyond one server session per client.
-pub fn start_pgbouncer(pg: &PgServer, db: &str) -> (ProxyProcess, u16) {
+pub fn start_pgbouncer(pg: &PgServer, dbs: &[&str]) -> (ProxyProcess, u16) {
     let port = free_port().unwrap();
     // The server's directory is one the postgres user can write.
     let dir = pg.socket_dir().join(format!("pgbouncer-{port}"));
@@ -104,12 +104,17 @@ pub fn start_pgbouncer(pg: &PgServer, db: &str) -> (ProxyProcess, u16) {
     std::fs::write(
         &ini,
         format!(
-            "[databases]\n{db} = host={} port={} dbname={db}\n\
+            "[databases]\n{}\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
              auth_type = trust\nauth_file = {}\npool_mode = session\n\
              max_client_conn = 200\ndefault_pool_size = 100\nlogfile = {}\n",
-            pg.socket_dir().display(),
-            pg.port,
+            dbs.iter()
+                .map(|db| format!(
+                    "{db} = host={} port={} dbname={db}\n",
+                    pg.socket_dir().display(),
+                    pg.port
+                ))
+                .collect::<String>(),
             users.display(),
             dir.join("pgbouncer.log").display(),
         ),
