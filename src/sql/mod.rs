@@ -76,10 +76,22 @@ fn is_any(word: &[u8], keywords: &[&str]) -> bool {
     keywords.iter().any(|k| is(word, k))
 }
 
+/// Which of a statement's later words its first word makes worth looking
+/// at: for most statements none (the relay runs this on every Query).
+#[derive(Default, Clone, Copy)]
+enum Lead {
+    Select,
+    Copy,
+    WithOrExplain,
+    #[default]
+    Other,
+}
+
 /// What the classification needs from one statement's words.
 #[derive(Default)]
 struct Seen<'a> {
     first: Option<&'a [u8]>,
+    lead: Lead,
     second: Option<&'a [u8]>,
     /// COPY: whether FROM (true) or TO (false) came first at the top level.
     copy_from: Option<bool>,
@@ -113,26 +125,38 @@ impl<'a> Seen<'a> {
     fn word(&mut self, w: &'a [u8], top: bool, previous: Option<&[u8]>) {
         if self.first.is_none() {
             self.first = Some(w);
+            self.lead = match w {
+                w if is(w, "SELECT") => Lead::Select,
+                w if is(w, "COPY") => Lead::Copy,
+                w if is_any(w, &["WITH", "EXPLAIN"]) => Lead::WithOrExplain,
+                _ => Lead::Other,
+            };
             return;
         }
         if self.second.is_none() {
             self.second = Some(w);
         }
-        if top && self.copy_from.is_none() && (is(w, "FROM") || is(w, "TO")) {
-            self.copy_from = Some(is(w, "FROM"));
-        }
-        if top && is(w, "FROM") {
-            self.top_level_from = true;
-        }
-        if top && is(w, "INTO") && !self.top_level_from {
-            self.select_into = true;
-        }
-        let locking = previous.is_some_and(|p| is_any(p, &["FOR", "KEY"]));
-        if is_any(w, &["INSERT", "UPDATE", "DELETE", "MERGE"]) && !locking {
-            self.modifies = true;
-        }
-        if is(w, "ANALYZE") {
-            self.analyze = true;
+        match self.lead {
+            Lead::Select if top => {
+                if is(w, "FROM") {
+                    self.top_level_from = true;
+                } else if is(w, "INTO") && !self.top_level_from {
+                    self.select_into = true;
+                }
+            }
+            Lead::Copy if top && self.copy_from.is_none() && (is(w, "FROM") || is(w, "TO")) => {
+                self.copy_from = Some(is(w, "FROM"));
+            }
+            Lead::WithOrExplain => {
+                let locking = previous.is_some_and(|p| is_any(p, &["FOR", "KEY"]));
+                if is_any(w, &["INSERT", "UPDATE", "DELETE", "MERGE"]) && !locking {
+                    self.modifies = true;
+                }
+                if is(w, "ANALYZE") {
+                    self.analyze = true;
+                }
+            }
+            _ => {}
         }
     }
 

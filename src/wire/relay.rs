@@ -27,29 +27,28 @@ use crate::wire::frame::{self, views, Direction, FrameError, FrameScanner, Sever
 const FIRST_READ: usize = 4 * 1024;
 const READ_CHUNK: usize = 32 * 1024;
 
+/// Holds the last read: its length is how much that read got.
 struct ReadBuf {
     buf: Vec<u8>,
-    last: usize,
 }
 
 impl ReadBuf {
     fn new() -> ReadBuf {
         ReadBuf {
             buf: Vec::with_capacity(FIRST_READ),
-            last: 0,
         }
     }
 
-    /// Reads what the socket has, up to the buffer's size; 0 at the end.
+    /// Reads what the socket has, up to the buffer's size; empty at the end.
     async fn fill<R: AsyncRead + Unpin>(&mut self, rx: &mut R) -> std::io::Result<&[u8]> {
-        let size = self.buf.capacity();
-        if self.last == size && size < READ_CHUNK {
+        let (last, size) = (self.buf.len(), self.buf.capacity());
+        if last == size && size < READ_CHUNK {
             self.buf = Vec::with_capacity(size * 2);
-        } else if self.last <= FIRST_READ / 2 && size > FIRST_READ {
+        } else if last <= FIRST_READ / 2 && size > FIRST_READ {
             self.buf = Vec::with_capacity(FIRST_READ);
         }
         self.buf.clear();
-        self.last = rx.read_buf(&mut self.buf).await?;
+        rx.read_buf(&mut self.buf).await?;
         Ok(&self.buf)
     }
 }
