@@ -155,6 +155,17 @@ fn render_metrics(s: &AdminState, postgres_up: bool) -> String {
     )
     .sample(&region, n(&st.protocol_errors));
     let f = m.family(
+        "meridian_client_sessions_relayed_total",
+        "counter",
+        "Client sessions relayed, by I/O: io_uring for plain sessions where the kernel allows it, epoll for TLS ones and otherwise.",
+    );
+    for (io, count) in [
+        ("io_uring", &st.relayed_io_uring),
+        ("epoll", &st.relayed_epoll),
+    ] {
+        f.sample(&[("region", &s.region), ("io", io)], n(count));
+    }
+    let f = m.family(
         "meridian_statements_total",
         "counter",
         "Statements relayed, by class.",
@@ -378,6 +389,7 @@ async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
             "auth_failures": n(&st.auth_failures),
             "protocol_errors": n(&st.protocol_errors),
             "handshake_timeouts": n(&st.handshake_timeouts),
+            "relayed": {"io_uring": n(&st.relayed_io_uring), "epoll": n(&st.relayed_epoll)},
         },
         "statements": statements,
         "replication": s.replication.snapshot(),

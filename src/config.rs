@@ -174,6 +174,21 @@ pub struct ProxyConfig {
     /// why 1 can be faster when the proxy shares a small machine with Postgres.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<usize>,
+    /// How plain (non-TLS) sessions are relayed once established.
+    pub relay: RelayIo,
+}
+
+/// The relay's I/O for plain sessions; TLS sessions always use tokio's.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayIo {
+    /// io_uring where the kernel allows it, else epoll (logged at start).
+    #[default]
+    Auto,
+    /// io_uring, or refuse to start.
+    IoUring,
+    /// tokio's tasks on epoll.
+    Epoll,
 }
 
 impl Default for ProxyConfig {
@@ -185,6 +200,7 @@ impl Default for ProxyConfig {
             handshake_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             worker_threads: None,
+            relay: RelayIo::Auto,
         }
     }
 }

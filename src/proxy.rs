@@ -31,6 +31,8 @@ pub enum ProxyError {
     #[error(transparent)]
     Tls(#[from] crate::wire::tls::TlsError),
     #[error(transparent)]
+    Context(#[from] crate::wire::session::ContextError),
+    #[error(transparent)]
     Rules(#[from] crate::rules::RulesError),
 }
 

@@ -45,8 +45,11 @@ async fn connect(proxy: &Proxy) -> (tokio_postgres::Client, tokio::task::JoinHan
 }
 
 #[test]
-fn psql_simple_queries_copy_notices_notify_and_errors() {
-    let proxy = Proxy::start(ProxySpec::default());
+fn psql_simple_queries_copy_notices_notify_and_errors_over_tls_on_epoll_and_plain_on_io_uring() {
+    over_tls_on_epoll_and_plain_on_io_uring(psql_session);
+}
+
+fn psql_session(proxy: &Proxy) {
     let url = proxy.url(APP_USER, "postgres");
     let (out, _) = psql(
         &url,
@@ -57,9 +60,10 @@ fn psql_simple_queries_copy_notices_notify_and_errors() {
         out.starts_with("app\n"),
         "the session runs as the startup user: {out}"
     );
-    assert!(
+    assert_eq!(
         out.contains("SSL connection (protocol: TLSv1.3"),
-        "the client leg is TLS: {out}"
+        proxy.tls,
+        "the client leg is TLS exactly when the proxy has it: {out}"
     );
     let script = r"
 DROP TABLE IF EXISTS psql_items;
@@ -398,24 +402,57 @@ fn pgbench_through(proxy: &Proxy) {
     }
 }
 
-#[test]
-fn pgbench_select_only_and_tpcb_in_all_query_modes() {
-    let proxy = Proxy::start(ProxySpec::default());
-    pgbench_through(&proxy);
+/// Sessions the proxy relayed (io_uring, epoll), from its /status.
+fn relayed(proxy: &Proxy) -> (u64, u64) {
+    let status = http_get(&proxy.admin.to_string(), "/status");
+    let json: serde_json::Value =
+        serde_json::from_str(status.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let r = &json["sessions"]["relayed"];
+    (
+        r["io_uring"].as_u64().unwrap(),
+        r["epoll"].as_u64().unwrap(),
+    )
+}
+
+/// Runs `client` against a proxy over TLS and one without: TLS sessions
+/// are relayed by tokio on epoll, plain ones by the io_uring thread (the
+/// default `proxy.relay = "auto"` on a kernel that has it), and each
+/// proxy's counters say so.
+fn over_tls_on_epoll_and_plain_on_io_uring(client: impl Fn(&Proxy)) {
+    for tls in [true, false] {
+        let proxy = Proxy::start(ProxySpec {
+            tls,
+            ..ProxySpec::default()
+        });
+        client(&proxy);
+        let (io_uring, epoll) = relayed(&proxy);
+        if tls {
+            assert!(epoll > 0 && io_uring == 0, "TLS: {io_uring} / {epoll}");
+        } else {
+            assert!(io_uring > 0 && epoll == 0, "plain: {io_uring} / {epoll}");
+        }
+    }
 }
 
 #[test]
-fn psycopg3_including_pipeline_mode() {
-    let proxy = Proxy::start(ProxySpec::default());
-    let out = run_python("psycopg_client.py", &proxy.url(APP_USER, "postgres"));
-    assert!(out.contains("psycopg ok"), "{out}");
+fn pgbench_select_only_and_tpcb_in_all_query_modes_over_tls_on_epoll_and_plain_on_io_uring() {
+    over_tls_on_epoll_and_plain_on_io_uring(pgbench_through);
 }
 
 #[test]
-fn asyncpg_prepared_copy_and_transactions() {
-    let proxy = Proxy::start(ProxySpec::default());
-    let out = run_python("asyncpg_client.py", &proxy.url(APP_USER, "postgres"));
-    assert!(out.contains("asyncpg ok"), "{out}");
+fn psycopg3_including_pipeline_mode_over_tls_on_epoll_and_plain_on_io_uring() {
+    over_tls_on_epoll_and_plain_on_io_uring(|proxy| {
+        let out = run_python("psycopg_client.py", &proxy.url(APP_USER, "postgres"));
+        assert!(out.contains("psycopg ok"), "{out}");
+    });
+}
+
+#[test]
+fn asyncpg_prepared_copy_and_transactions_over_tls_on_epoll_and_plain_on_io_uring() {
+    over_tls_on_epoll_and_plain_on_io_uring(|proxy| {
+        let out = run_python("asyncpg_client.py", &proxy.url(APP_USER, "postgres"));
+        assert!(out.contains("asyncpg ok"), "{out}");
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,17 +5,16 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::BackendConfig;
 use crate::wire::startup::encode_startup;
+use crate::wire::stream::Socket;
 
 /// Where the backend listens; also where cancel requests are sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,14 +35,14 @@ impl BackendAddr {
         }
     }
 
-    pub async fn connect(&self) -> io::Result<BackendStream> {
+    pub async fn connect(&self) -> io::Result<Socket> {
         match self {
             BackendAddr::Tcp { host, port } => {
                 let s = TcpStream::connect((host.as_str(), *port)).await?;
                 s.set_nodelay(true)?;
-                Ok(BackendStream::Tcp(s))
+                Ok(Socket::Tcp(s))
             }
-            BackendAddr::Unix(path) => Ok(BackendStream::Unix(UnixStream::connect(path).await?)),
+            BackendAddr::Unix(path) => Ok(Socket::Unix(UnixStream::connect(path).await?)),
         }
     }
 }
@@ -54,48 +53,6 @@ impl std::fmt::Display for BackendAddr {
             BackendAddr::Tcp { host, port } => write!(f, "{host}:{port}"),
             BackendAddr::Unix(p) => write!(f, "{}", p.display()),
         }
-    }
-}
-
-/// A connection to the backend, over TCP or a Unix socket.
-#[derive(Debug)]
-pub enum BackendStream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-macro_rules! delegate {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            BackendStream::Tcp($s) => $e,
-            BackendStream::Unix($s) => $e,
-        }
-    };
-}
-
-impl AsyncRead for BackendStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for BackendStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        delegate!(self, s => Pin::new(s).poll_write(cx, buf))
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_flush(cx))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_shutdown(cx))
     }
 }
 
@@ -134,7 +91,7 @@ impl BackendError {
 
 /// A backend session that has finished startup and is ready for queries.
 pub struct BackendSession {
-    pub stream: BackendStream,
+    pub stream: Socket,
     /// ParameterStatus and NoticeResponse messages, raw, in arrival order.
     pub startup_messages: Vec<Bytes>,
     pub pid: i32,
@@ -192,7 +149,7 @@ pub async fn connect(
 }
 
 async fn startup(
-    mut stream: BackendStream,
+    mut stream: Socket,
     user: &str,
     params: &[(String, String)],
     password: Option<String>,

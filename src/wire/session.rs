@@ -16,16 +16,16 @@ use tokio::time::{timeout_at, Instant};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use crate::config::{AuthMethod, BackendConfig, Config};
+use crate::config::{AuthMethod, BackendConfig, Config, RelayIo};
 use crate::shutdown::Shutdown;
 use crate::sql::{StatementCounts, StatementTracker};
 use crate::wire::backend::{self, BackendAddr, BackendError};
 use crate::wire::cancel::CancelRegistry;
 use crate::wire::frame::{self, Severity};
-use crate::wire::relay::{self, RelayEnd, SessionState};
+use crate::wire::relay::{self, RelayEnd, RelayParts, Ring, RingError, SessionState};
 use crate::wire::scram::{self, ScramError, ServerFirst, Verifier};
 use crate::wire::startup::{read_first_packet, FirstPacket, StartupError, StartupMessage};
-use crate::wire::stream::ClientStream;
+use crate::wire::stream::{ClientStream, IntoSocket};
 
 /// Counters shared by all sessions of one proxy.
 #[derive(Debug, Default)]
@@ -36,6 +36,9 @@ pub struct SessionStats {
     pub auth_failures: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub handshake_timeouts: AtomicU64,
+    /// Sessions relayed by the io_uring thread, and by tokio's tasks on epoll.
+    pub relayed_io_uring: AtomicU64,
+    pub relayed_epoll: AtomicU64,
 }
 
 /// Everything a session needs from its proxy; built once per proxy.
@@ -49,10 +52,21 @@ pub struct SessionContext {
     pub handshake_timeout: Duration,
     pub stats: SessionStats,
     pub statements: Arc<StatementCounts>,
+    /// The io_uring relay thread for plain sessions, if there is one.
+    pub ring: Option<Ring>,
+}
+
+/// Why a proxy's session context could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error(transparent)]
+    Tls(#[from] crate::wire::tls::TlsError),
+    #[error("proxy.relay = \"io_uring\": {0}")]
+    Ring(RingError),
 }
 
 impl SessionContext {
-    pub fn from_config(config: &Config) -> Result<SessionContext, crate::wire::tls::TlsError> {
+    pub fn from_config(config: &Config) -> Result<SessionContext, ContextError> {
         let tls = config
             .tls
             .as_ref()
@@ -78,7 +92,22 @@ impl SessionContext {
             handshake_timeout: config.proxy.handshake_timeout,
             stats: SessionStats::default(),
             statements: Arc::new(StatementCounts::default()),
+            ring: start_ring(config.proxy.relay)?,
         })
+    }
+}
+
+fn start_ring(choice: RelayIo) -> Result<Option<Ring>, ContextError> {
+    match choice {
+        RelayIo::Epoll => Ok(None),
+        RelayIo::IoUring => Ring::start().map(Some).map_err(ContextError::Ring),
+        RelayIo::Auto => match Ring::start() {
+            Ok(ring) => Ok(Some(ring)),
+            Err(e) => {
+                tracing::info!(reason = %e, "relaying plain sessions with epoll");
+                Ok(None)
+            }
+        },
     }
 }
 
@@ -115,7 +144,7 @@ static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 /// Serves one client connection to completion.
 pub async fn serve_client<S>(stream: S, peer: String, ctx: Arc<SessionContext>, shutdown: Shutdown)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + IntoSocket + Unpin + Send + 'static,
 {
     let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("session", id, %peer, user = tracing::field::Empty, db = tracing::field::Empty);
@@ -384,17 +413,25 @@ async fn run_relay<S>(
     ctx: &SessionContext,
     shutdown: Shutdown,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + IntoSocket + Unpin + Send,
 {
-    let state = SessionState::new(session.backend.ready.get(5).copied().unwrap_or(b'I'));
-    let mut statements = StatementTracker::new(ctx.statements.clone());
+    let status = session.backend.ready.get(5).copied().unwrap_or(b'I');
+    let parts = RelayParts {
+        state: Arc::new(SessionState::new(status)),
+        statements: StatementTracker::new(ctx.statements.clone()),
+        max_message: ctx.max_message_bytes,
+    };
+    let by = match relay::ring_for(ctx.ring.as_ref(), &client, &session.backend.stream) {
+        Some(_) => &ctx.stats.relayed_io_uring,
+        None => &ctx.stats.relayed_epoll,
+    };
+    by.fetch_add(1, Ordering::Relaxed);
     let end = relay::relay(
         client,
         session.backend.stream,
-        &state,
-        &mut statements,
-        ctx.max_message_bytes,
+        parts,
         &shutdown,
+        ctx.ring.as_ref(),
     )
     .await;
     match &end {

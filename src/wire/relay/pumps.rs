@@ -1,31 +1,14 @@
-//! The relay: bytes flow both ways as soon as they are read, never decoded,
-//! re-encoded or held back. A [`FrameScanner`] per direction follows message
-//! boundaries so the proxy knows what the session is doing: how many
-//! requests (Query, Sync, FunctionCall) await their ReadyForQuery, the
-//! transaction status the last ReadyForQuery reported (drain closes a
-//! session only between transactions), and which statements the client
-//! runs (counted by class).
-//!
-//! The two directions run concurrently and independently: a client that
-//! pipelines without reading must not deadlock against a backend that is
-//! writing results, which is what a single read-then-write loop would do.
-
-use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+//! The relay's tokio transport: one task per session drives both
+//! directions as futures over any `AsyncRead + AsyncWrite` (TLS clients,
+//! in-memory test streams, and plain sockets where io_uring is not used).
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
 
+use super::FIRST_READ;
+use super::{farewell, resize_read, BackendSide, ClientSide, RelayEnd, RelayParts, SessionState};
 use crate::shutdown::Shutdown;
 use crate::sql::StatementTracker;
-use crate::wire::frame::{self, views, Direction, FrameError, FrameScanner, Severity};
-
-/// The read buffer of each direction starts at FIRST_READ and doubles up to
-/// READ_CHUNK while reads fill it (large results, COPY), back to FIRST_READ
-/// once they are small again: a fixed 32 KiB per direction was resident in
-/// every session, 72 kB per idle session against PgBouncer's 8 kB
-/// (benches/scripts/idle_sessions.sh).
-const FIRST_READ: usize = 4 * 1024;
-const READ_CHUNK: usize = 32 * 1024;
+use crate::wire::frame::FrameError;
 
 /// Holds the last read: its length is how much that read got.
 struct ReadBuf {
@@ -41,91 +24,13 @@ impl ReadBuf {
 
     /// Reads what the socket has, up to the buffer's size; empty at the end.
     async fn fill<R: AsyncRead + Unpin>(&mut self, rx: &mut R) -> std::io::Result<&[u8]> {
-        let (last, size) = (self.buf.len(), self.buf.capacity());
-        if last == size && size < READ_CHUNK {
-            self.buf = Vec::with_capacity(size * 2);
-        } else if last <= FIRST_READ / 2 && size > FIRST_READ {
-            self.buf = Vec::with_capacity(FIRST_READ);
+        if let Some(size) = resize_read(self.buf.len(), self.buf.capacity()) {
+            self.buf = Vec::with_capacity(size);
         }
         self.buf.clear();
         rx.read_buf(&mut self.buf).await?;
         Ok(&self.buf)
     }
-}
-
-/// Transaction status from ReadyForQuery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TxStatus {
-    Idle,
-    InTransaction,
-    Failed,
-}
-
-impl TxStatus {
-    pub fn from_byte(b: u8) -> Option<TxStatus> {
-        match b {
-            b'I' => Some(TxStatus::Idle),
-            b'T' => Some(TxStatus::InTransaction),
-            b'E' => Some(TxStatus::Failed),
-            _ => None,
-        }
-    }
-}
-
-/// What both directions of one session share.
-#[derive(Debug)]
-pub struct SessionState {
-    tx_status: AtomicU8,
-    /// Requests sent to the backend whose ReadyForQuery has not reached the client.
-    outstanding: AtomicI64,
-    /// Signalled after every ReadyForQuery reaches the client.
-    ready: Notify,
-}
-
-impl SessionState {
-    pub fn new(initial_status: u8) -> SessionState {
-        SessionState {
-            tx_status: AtomicU8::new(initial_status),
-            outstanding: AtomicI64::new(0),
-            ready: Notify::new(),
-        }
-    }
-
-    pub fn tx_status(&self) -> Option<TxStatus> {
-        TxStatus::from_byte(self.tx_status.load(Ordering::Acquire))
-    }
-
-    /// No transaction open and nothing in flight: safe to close on drain.
-    pub fn is_idle(&self) -> bool {
-        self.outstanding.load(Ordering::Acquire) == 0 && self.tx_status() == Some(TxStatus::Idle)
-    }
-
-    async fn wait_idle(&self) {
-        loop {
-            let notified = self.ready.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_idle() {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// How a relayed session ended.
-#[derive(Debug)]
-pub enum RelayEnd {
-    /// The client sent Terminate (forwarded) or closed its connection.
-    ClientClosed,
-    /// The backend closed; whatever it said last was forwarded.
-    BackendClosed,
-    /// The client broke the protocol; it was sent a FATAL 08P01.
-    ClientProtocolError(FrameError),
-    /// Drain reached this session while idle; it was told to reconnect.
-    Drained,
-    /// Shutdown without waiting.
-    Aborted,
 }
 
 enum Pumped {
@@ -135,51 +40,28 @@ enum Pumped {
 }
 
 /// Relays until either side closes, the client errs, or shutdown says stop.
-pub async fn relay<C, B>(
-    client: C,
-    backend: B,
-    state: &SessionState,
-    statements: &mut StatementTracker,
-    max_message: u32,
-    shutdown: &Shutdown,
-) -> RelayEnd
+pub async fn relay<C, B>(client: C, backend: B, parts: RelayParts, shutdown: &Shutdown) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let RelayParts {
+        state,
+        mut statements,
+        max_message,
+    } = parts;
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut backend_rx, mut backend_tx) = tokio::io::split(backend);
     let end = tokio::select! {
-        up = client_to_backend(&mut client_rx, &mut backend_tx, state, statements, max_message) => match up {
+        up = client_to_backend(&mut client_rx, &mut backend_tx, &state, &mut statements, max_message) => match up {
             Pumped::Protocol(e) => RelayEnd::ClientProtocolError(e),
             Pumped::Closed | Pumped::Io => RelayEnd::ClientClosed,
         },
-        _ = backend_to_client(&mut backend_rx, &mut client_tx, state) => RelayEnd::BackendClosed,
+        _ = backend_to_client(&mut backend_rx, &mut client_tx, &state) => RelayEnd::BackendClosed,
         _ = async { shutdown.drain.cancelled().await; state.wait_idle().await } => RelayEnd::Drained,
         _ = shutdown.abort.cancelled() => RelayEnd::Aborted,
     };
-    let farewell = match &end {
-        RelayEnd::ClientProtocolError(e) => Some(frame::error_response(
-            Severity::Fatal,
-            "08P01",
-            &e.to_string(),
-        )),
-        RelayEnd::Drained | RelayEnd::Aborted => Some(frame::error_response(
-            Severity::Fatal,
-            "57P01",
-            "terminating connection because meridian is shutting down; reconnect",
-        )),
-        RelayEnd::ClientClosed | RelayEnd::BackendClosed => None,
-    };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        if let Some(msg) = farewell {
-            let _ = client_tx.write_all(&msg).await;
-        }
-        let _ = client_tx.shutdown().await;
-        let _ = backend_tx.write_all(&frame::TERMINATE).await;
-        let _ = backend_tx.shutdown().await;
-    })
-    .await;
+    farewell(&end, &mut client_tx, &mut backend_tx).await;
     end
 }
 
@@ -194,45 +76,17 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut scanner =
-        FrameScanner::new(Direction::Frontend, max_message, frame::capture_statements);
+    let mut side = ClientSide::new(max_message);
     let mut buf = ReadBuf::new();
     loop {
         let chunk = match buf.fill(rx).await {
             Ok([]) | Err(_) => return Pumped::Closed,
             Ok(chunk) => chunk,
         };
-        let (mut requests, mut terminate) = (0, false);
-        let scanned = scanner.scan(chunk, |m| {
-            let body = m.body.unwrap_or_default();
-            match m.tag {
-                b'Q' => {
-                    statements.on_query(views::query(body));
-                    requests += 1;
-                }
-                b'S' | b'F' => requests += 1,
-                b'P' => {
-                    if let Some((name, text)) = views::parse(body) {
-                        statements.on_parse(name, text);
-                    }
-                }
-                b'B' => statements.on_bind(views::bind_statement(body)),
-                b'C' => {
-                    if let Some(name) = views::closed_statement(body) {
-                        statements.on_close_statement(name);
-                    }
-                }
-                b'X' => terminate = true,
-                _ => {}
-            }
-        });
-        if let Err(e) = scanned {
-            return Pumped::Protocol(e);
-        }
-        if requests > 0 {
-            // Counted before forwarding, so the reply cannot overtake the count.
-            state.outstanding.fetch_add(requests, Ordering::AcqRel);
-        }
+        let terminate = match side.scan(chunk, state, statements) {
+            Ok(t) => t,
+            Err(e) => return Pumped::Protocol(e),
+        };
         if tx.write_all(chunk).await.is_err() {
             return Pumped::Io;
         }
@@ -247,34 +101,21 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // The backend is trusted; the limit only guards against a corrupt stream.
-    let mut scanner = FrameScanner::new(Direction::Backend, u32::MAX, frame::capture_ready);
+    let mut side = BackendSide::new();
     let mut buf = ReadBuf::new();
     loop {
         let chunk = match buf.fill(rx).await {
             Ok([]) | Err(_) => return Pumped::Closed,
             Ok(chunk) => chunk,
         };
-        let (mut ready, mut status) = (0, None);
-        let scanned = scanner.scan(chunk, |m| {
-            if m.tag == b'Z' {
-                ready += 1;
-                status = m.body.and_then(|b| b.first().copied());
-            }
-        });
-        if let Err(e) = scanned {
-            return Pumped::Protocol(e);
-        }
+        let replies = match side.scan(chunk) {
+            Ok(r) => r,
+            Err(e) => return Pumped::Protocol(e),
+        };
         if tx.write_all(chunk).await.is_err() {
             return Pumped::Io;
         }
-        if ready > 0 {
-            if let Some(s) = status {
-                state.tx_status.store(s, Ordering::Release);
-            }
-            state.outstanding.fetch_sub(ready, Ordering::AcqRel);
-            state.ready.notify_waiters();
-        }
+        state.delivered(replies);
     }
 }
 
@@ -285,19 +126,22 @@ mod tests {
     use tokio::io::{duplex, DuplexStream};
 
     use crate::sql::StatementCounts;
-
-    fn tracker() -> StatementTracker {
-        StatementTracker::new(Arc::new(StatementCounts::default()))
-    }
+    use crate::wire::frame::{self, Direction, FrameScanner};
+    use crate::wire::relay::TxStatus;
 
     /// The relay under test with a fresh statement tracker and a 1 MiB message limit.
     async fn run(
         client: DuplexStream,
         backend: DuplexStream,
-        state: &SessionState,
+        state: &Arc<SessionState>,
         shutdown: &Shutdown,
     ) -> RelayEnd {
-        relay(client, backend, state, &mut tracker(), 1 << 20, shutdown).await
+        let parts = RelayParts {
+            state: state.clone(),
+            statements: StatementTracker::new(Arc::new(StatementCounts::default())),
+            max_message: 1 << 20,
+        };
+        relay(client, backend, parts, shutdown).await
     }
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -329,7 +173,7 @@ mod tests {
     async fn relays_unchanged_and_tracks_transaction_status() {
         let (client_end, proxy_client) = duplex(1024);
         let (proxy_backend, backend_end) = duplex(1024);
-        let state = SessionState::new(b'I');
+        let state = Arc::new(SessionState::new(b'I'));
         let shutdown = Shutdown::default();
         let (mut client_end, mut backend_end) = (client_end, backend_end);
         let script = async {
@@ -363,7 +207,7 @@ mod tests {
     async fn garbage_from_client_gets_fatal_08p01() {
         let (mut client_end, proxy_client) = duplex(1024);
         let (proxy_backend, _backend_end) = duplex(1024);
-        let state = SessionState::new(b'I');
+        let state = Arc::new(SessionState::new(b'I'));
         client_end
             .write_all(b"\xde\xad\xbe\xef garbage")
             .await
@@ -383,7 +227,7 @@ mod tests {
     async fn drain_waits_for_the_open_transaction() {
         let (mut client_end, proxy_client) = duplex(1024);
         let (proxy_backend, mut backend_end) = duplex(1024);
-        let state = SessionState::new(b'T');
+        let state = Arc::new(SessionState::new(b'T'));
         let shutdown = Shutdown::default();
         shutdown.drain.cancel();
         let script = async {
@@ -437,7 +281,7 @@ mod tests {
     async fn bytes_pass_unchanged(capacity: usize) {
         let (mut client_end, proxy_client) = duplex(capacity);
         let (proxy_backend, mut backend_end) = duplex(capacity);
-        let state = SessionState::new(b'I');
+        let state = Arc::new(SessionState::new(b'I'));
         let shutdown = Shutdown::default();
         let script = async {
             let mut request = msg(b'P', b"s1\0INSERT INTO t VALUES (1)\0\0\0");
