@@ -35,12 +35,12 @@ fn main() {
             start_pgbouncer(&pg, &["postgres"]),
         ),
         (
-            "meridian, default threads (2)",
+            "meridian, default (io_uring relay)",
             start_proxy(&work, &unix, ""),
         ),
         (
-            "meridian, 1 worker thread",
-            start_proxy(&work, &unix, "worker_threads = 1"),
+            "meridian, relay = \"epoll\"",
+            start_proxy(&work, &unix, "relay = \"epoll\""),
         ),
     ];
     pgbench(&direct, &["-i", "-q", "-s", "10"]);
@@ -75,20 +75,31 @@ fn main() {
             vec!["-M", "prepared", "-c", "8", "-j", "2", "-n", "-T", &seconds],
         ),
     ];
-    println!("| workload | target | round | tps | avg latency (ms) |");
-    println!("|---|---|---|---|---|");
+    // The proxy's own CPU time per transaction (all its threads, user and
+    // kernel): steadier than tps on a noisy machine, and what a proxy costs
+    // the Postgres it shares a host with.
+    let proxy_cpu = |target: usize| match target {
+        0 => 0.0,
+        t => proxies[t - 1].1 .0.cpu_seconds(),
+    };
+    println!("| workload | target | round | tps | avg latency (ms) | proxy CPU per tx (us) |");
+    println!("|---|---|---|---|---|---|");
     let mut summary = Vec::new();
     for (name, args) in &workloads {
-        // results[round][target]
+        // results[round][target], cpu[target][round]
         let mut results: Vec<Vec<Result>> = Vec::new();
+        let mut cpu = vec![Vec::new(); targets.len()];
         for round in 1..=rounds {
             let mut this_round = Vec::new();
-            for (target, url) in &targets {
+            for (t, (target, url)) in targets.iter().enumerate() {
+                let before = proxy_cpu(t);
                 let r = pgbench(url, args);
+                let us = (proxy_cpu(t) - before) * 1e6 / r.transactions;
                 println!(
-                    "| `{name}` | {target} | {round} | {:.0} | {:.3} |",
+                    "| `{name}` | {target} | {round} | {:.0} | {:.3} | {us:.1} |",
                     r.tps, r.latency_ms
                 );
+                cpu[t].push(us);
                 this_round.push(r);
             }
             results.push(this_round);
@@ -102,14 +113,18 @@ fn main() {
                 .map(|r| (r[i].latency_ms - r[0].latency_ms) * 1000.0)
                 .collect();
             added.sort_by(f64::total_cmp);
+            cpu[i].sort_by(f64::total_cmp);
             summary.push(format!(
-                "| `{name}` | {target} | **{median:.2}** | {low:.2}-{high:.2} | {:+.1} us |",
-                added[added.len() / 2]
+                "| `{name}` | {target} | **{median:.2}** | {low:.2}-{high:.2} | {:+.1} us | {:.1} us ({:.1}-{:.1}) |",
+                added[added.len() / 2],
+                cpu[i][cpu[i].len() / 2],
+                cpu[i][0],
+                cpu[i][cpu[i].len() - 1]
             ));
         }
     }
-    println!("\n| workload | target | median ratio to direct | range over rounds | median added avg latency |");
-    println!("|---|---|---|---|---|");
+    println!("\n| workload | target | median ratio to direct | range over rounds | median added avg latency | proxy CPU per tx, median (range) |");
+    println!("|---|---|---|---|---|---|");
     for line in summary {
         println!("{line}");
     }

@@ -176,6 +176,19 @@ pub struct ProxyConfig {
     pub worker_threads: Option<usize>,
     /// How plain (non-TLS) sessions are relayed once established.
     pub relay: RelayIo,
+    /// io_uring relay threads; one per four CPUs (at least one) when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_threads: Option<usize>,
+}
+
+impl ProxyConfig {
+    /// `relay_threads`, or its default for this machine.
+    pub fn relay_threads(&self) -> usize {
+        self.relay_threads.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cpus / 4).max(1)
+        })
+    }
 }
 
 /// The relay's I/O for plain sessions; TLS sessions always use tokio's.
@@ -201,6 +214,7 @@ impl Default for ProxyConfig {
             shutdown_timeout: Duration::from_secs(30),
             worker_threads: None,
             relay: RelayIo::Auto,
+            relay_threads: None,
         }
     }
 }
@@ -406,6 +420,12 @@ impl Config {
         }
         if self.proxy.max_connections == 0 {
             problem("proxy.max_connections".into(), "must be at least 1".into());
+        }
+        if self.proxy.relay_threads == Some(0) {
+            problem(
+                "proxy.relay_threads".into(),
+                "must be at least 1 (leave it out for one per four CPUs)".into(),
+            );
         }
         if self.proxy.worker_threads == Some(0) {
             problem(

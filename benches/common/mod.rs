@@ -18,6 +18,7 @@ pub fn env_or(name: &str, default: u64) -> u64 {
 pub struct Result {
     pub tps: f64,
     pub latency_ms: f64,
+    pub transactions: f64,
 }
 
 pub fn pgbench(url: &str, args: &[&str]) -> Result {
@@ -42,6 +43,7 @@ pub fn pgbench_env(url: &str, args: &[&str], env: &[(&str, &str)]) -> Result {
         return Result {
             tps: 0.0,
             latency_ms: 0.0,
+            transactions: 0.0,
         };
     }
     assert!(text.contains("number of failed transactions: 0"), "{text}");
@@ -54,11 +56,30 @@ pub fn pgbench_env(url: &str, args: &[&str], env: &[(&str, &str)]) -> Result {
     Result {
         tps: find("tps = "),
         latency_ms: find("latency average = "),
+        transactions: text
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|v| v.split('/').next()?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no transaction count in {text}")),
     }
 }
 
 /// Kills the proxy when dropped, also when the bench panics.
 pub struct ProxyProcess(Child);
+
+impl ProxyProcess {
+    /// CPU time the process has used so far, all its threads, user and
+    /// kernel (from /proc; the unit is the kernel's clock tick).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap();
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+}
 
 impl Drop for ProxyProcess {
     fn drop(&mut self) {

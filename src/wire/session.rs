@@ -22,7 +22,7 @@ use crate::sql::{StatementCounts, StatementTracker};
 use crate::wire::backend::{self, BackendAddr, BackendError};
 use crate::wire::cancel::CancelRegistry;
 use crate::wire::frame::{self, Severity};
-use crate::wire::relay::{self, RelayEnd, RelayParts, Ring, RingError, SessionState};
+use crate::wire::relay::{self, RelayEnd, RelayParts, RingError, Rings, SessionState};
 use crate::wire::scram::{self, ScramError, ServerFirst, Verifier};
 use crate::wire::startup::{read_first_packet, FirstPacket, StartupError, StartupMessage};
 use crate::wire::stream::{ClientStream, IntoSocket};
@@ -52,8 +52,8 @@ pub struct SessionContext {
     pub handshake_timeout: Duration,
     pub stats: SessionStats,
     pub statements: Arc<StatementCounts>,
-    /// The io_uring relay thread for plain sessions, if there is one.
-    pub ring: Option<Ring>,
+    /// The io_uring relay threads for plain sessions, if there are any.
+    pub rings: Option<Rings>,
 }
 
 /// Why a proxy's session context could not be built.
@@ -92,17 +92,17 @@ impl SessionContext {
             handshake_timeout: config.proxy.handshake_timeout,
             stats: SessionStats::default(),
             statements: Arc::new(StatementCounts::default()),
-            ring: start_ring(config.proxy.relay)?,
+            rings: start_rings(config.proxy.relay, config.proxy.relay_threads())?,
         })
     }
 }
 
-fn start_ring(choice: RelayIo) -> Result<Option<Ring>, ContextError> {
+fn start_rings(choice: RelayIo, threads: usize) -> Result<Option<Rings>, ContextError> {
     match choice {
         RelayIo::Epoll => Ok(None),
-        RelayIo::IoUring => Ring::start().map(Some).map_err(ContextError::Ring),
-        RelayIo::Auto => match Ring::start() {
-            Ok(ring) => Ok(Some(ring)),
+        RelayIo::IoUring => Rings::start(threads).map(Some).map_err(ContextError::Ring),
+        RelayIo::Auto => match Rings::start(threads) {
+            Ok(rings) => Ok(Some(rings)),
             Err(e) => {
                 tracing::info!(reason = %e, "relaying plain sessions with epoll");
                 Ok(None)
@@ -421,19 +421,17 @@ async fn run_relay<S>(
         statements: StatementTracker::new(ctx.statements.clone()),
         max_message: ctx.max_message_bytes,
     };
-    let by = match relay::ring_for(ctx.ring.as_ref(), &client, &session.backend.stream) {
+    let ring = relay::ring_for(
+        ctx.rings.as_ref().map(Rings::pick),
+        &client,
+        &session.backend.stream,
+    );
+    let by = match ring {
         Some(_) => &ctx.stats.relayed_io_uring,
         None => &ctx.stats.relayed_epoll,
     };
     by.fetch_add(1, Ordering::Relaxed);
-    let end = relay::relay(
-        client,
-        session.backend.stream,
-        parts,
-        &shutdown,
-        ctx.ring.as_ref(),
-    )
-    .await;
+    let end = relay::relay(client, session.backend.stream, parts, &shutdown, ring).await;
     match &end {
         RelayEnd::ClientProtocolError(e) => {
             ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);

@@ -34,7 +34,7 @@ use crate::sql::StatementTracker;
 use crate::wire::frame::{self, views, Direction, FrameError, FrameScanner, Severity};
 use crate::wire::stream::IntoSocket;
 
-pub use ring::{Ring, RingError};
+pub use ring::{Ring, RingError, Rings};
 
 /// A direction's read buffer starts at FIRST_READ and doubles up to
 /// READ_CHUNK while reads fill it (large results, COPY), back to FIRST_READ

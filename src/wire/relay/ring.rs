@@ -170,6 +170,31 @@ fn new_ring() -> Result<IoUring, RingError> {
     Ok(ring)
 }
 
+/// The proxy's relay threads; sessions are dealt to them in turn.
+pub struct Rings {
+    rings: Vec<Ring>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Rings {
+    /// `threads` relay threads (at least one).
+    pub fn start(threads: usize) -> Result<Rings, RingError> {
+        let rings = (0..threads.max(1))
+            .map(|_| Ring::start())
+            .collect::<Result<_, _>>()?;
+        Ok(Rings {
+            rings,
+            next: Default::default(),
+        })
+    }
+
+    /// The ring the next session goes to.
+    pub fn pick(&self) -> &Ring {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.rings[i % self.rings.len()]
+    }
+}
+
 impl Drop for Ring {
     fn drop(&mut self) {
         let _ = self.command(Command::Quit);
