@@ -98,9 +98,14 @@ impl SessionState {
         TxStatus::from_byte(self.tx_status.load(Ordering::Acquire))
     }
 
+    /// Requests whose ReadyForQuery has not reached the client yet.
+    pub fn outstanding(&self) -> i64 {
+        self.outstanding.load(Ordering::Acquire)
+    }
+
     /// No transaction open and nothing in flight: safe to close on drain.
     pub fn is_idle(&self) -> bool {
-        self.outstanding.load(Ordering::Acquire) == 0 && self.tx_status() == Some(TxStatus::Idle)
+        self.outstanding() == 0 && self.tx_status() == Some(TxStatus::Idle)
     }
 
     async fn wait_idle(&self) {
@@ -143,12 +148,12 @@ pub enum RelayEnd {
 }
 
 /// What the proxy follows in the client's stream.
-pub(crate) struct ClientSide {
+pub struct ClientSide {
     scanner: FrameScanner,
 }
 
 impl ClientSide {
-    pub(crate) fn new(max_message: u32) -> ClientSide {
+    pub fn new(max_message: u32) -> ClientSide {
         ClientSide {
             scanner: FrameScanner::new(Direction::Frontend, max_message, frame::capture_statements),
         }
@@ -157,7 +162,7 @@ impl ClientSide {
     /// Scans a chunk the client sent, before it is forwarded: the requests
     /// in it are counted in `state` first, so their replies cannot overtake
     /// the count. True when the chunk holds Terminate.
-    pub(crate) fn scan(
+    pub fn scan(
         &mut self,
         chunk: &[u8],
         state: &SessionState,
@@ -195,19 +200,32 @@ impl ClientSide {
 }
 
 /// ReadyForQuery messages in one chunk from the backend.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Replies {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replies {
     ready: i64,
     status: Option<u8>,
 }
 
 /// What the proxy follows in the backend's stream.
-pub(crate) struct BackendSide {
+pub struct BackendSide {
     scanner: FrameScanner,
 }
 
+impl Replies {
+    /// ReadyForQuery messages, and the status the last of them reported.
+    pub fn parts(self) -> (i64, Option<u8>) {
+        (self.ready, self.status)
+    }
+}
+
+impl Default for BackendSide {
+    fn default() -> Self {
+        BackendSide::new()
+    }
+}
+
 impl BackendSide {
-    pub(crate) fn new() -> BackendSide {
+    pub fn new() -> BackendSide {
         // The backend is trusted; the limit only guards against a corrupt stream.
         BackendSide {
             scanner: FrameScanner::new(Direction::Backend, u32::MAX, frame::capture_ready),
@@ -216,7 +234,7 @@ impl BackendSide {
 
     /// Scans a chunk the backend sent; hand the result to the session's
     /// state once the chunk has reached the client.
-    pub(crate) fn scan(&mut self, chunk: &[u8]) -> Result<Replies, FrameError> {
+    pub fn scan(&mut self, chunk: &[u8]) -> Result<Replies, FrameError> {
         let mut replies = Replies::default();
         self.scanner.scan(chunk, |m| {
             if m.tag == b'Z' {

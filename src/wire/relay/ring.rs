@@ -1,7 +1,8 @@
 //! The relay's io_uring transport: one thread owns one io_uring and relays
-//! every plain-socket session handed to it, with one receive or send in
-//! flight per direction, all submitted and reaped in one system call per
-//! turn of its loop.
+//! every plain-socket session handed to it. Per direction a receive is in
+//! flight, or the send of what it got with the next receive linked behind
+//! it; all are submitted and reaped in one system call per turn of the
+//! thread's loop.
 //!
 //! Written by hand because the io_uring runtimes for tokio (tokio-uring,
 //! monoio, glommio) each bring a runtime of their own, and tokio-uring

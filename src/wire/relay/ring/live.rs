@@ -9,53 +9,92 @@ use io_uring::{opcode, squeue, types};
 use super::{Finished, Handover, Op};
 use crate::wire::relay::{resize_read, BackendSide, ClientSide, RelayEnd, Replies, FIRST_READ};
 
-/// One direction: its buffer holds what the last receive got until the
-/// send of it completes. At most one operation in flight.
+/// One direction. Its buffer holds what the last receive got until the
+/// send of it completes; the send and the next receive go to the kernel
+/// together, linked, so one `io_uring_enter` per chunk moves it on and
+/// waits for the next. At most those two operations are in flight.
 struct Pipe {
     buf: Vec<u8>,
     len: usize,
-    sent: usize,
-    in_flight: Option<Op>,
+    in_flight: u8,
+    /// The operations in flight, for cancelling them.
+    ops: [Option<Op>; 2],
 }
+
+/// IORING_RECVSEND_POLL_FIRST: wait for data before trying the receive.
+/// Relayed traffic is request and reply, so the next chunk is almost never
+/// there yet when its receive is queued; trying first would fail every time.
+const POLL_FIRST: u16 = 1;
 
 impl Pipe {
     fn new() -> Pipe {
         Pipe {
             buf: vec![0; FIRST_READ],
             len: 0,
-            sent: 0,
-            in_flight: None,
+            in_flight: 0,
+            ops: [None, None],
         }
     }
 
     fn recv(&mut self, op: Op, id: u64, fd: RawFd) -> squeue::Entry {
-        if let Some(size) = resize_read(self.len, self.buf.len()) {
-            self.buf = vec![0; size];
-        }
-        self.in_flight = Some(op);
+        self.in_flight += 1;
+        self.ops[1] = Some(op);
         opcode::Recv::new(types::Fd(fd), self.buf.as_mut_ptr(), self.buf.len() as u32)
+            .ioprio(POLL_FIRST)
             .build()
             .user_data(op.data(id))
     }
 
-    /// Took `n` bytes from a receive; they are sent next.
+    /// A receive got `n` bytes. The buffer's next size is chosen now, while
+    /// nothing is in flight on it (growing or shrinking copies the chunk).
     fn received(&mut self, n: usize) {
         self.len = n;
-        self.sent = 0;
+        if let Some(size) = resize_read(n, self.buf.len()) {
+            let mut next = vec![0; size];
+            next[..n].copy_from_slice(&self.buf[..n]);
+            self.buf = next;
+        }
     }
 
-    fn send_rest(&mut self, op: Op, id: u64, fd: RawFd) -> squeue::Entry {
-        self.in_flight = Some(op);
-        let rest = &self.buf[self.sent..self.len];
-        opcode::Send::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32)
+    /// Queues the send of the chunk received, whole (MSG_WAITALL: the
+    /// kernel retries short sends), linked to the next receive if `then`.
+    fn send(
+        &mut self,
+        op: Op,
+        (id, fd): (u64, RawFd),
+        then: Option<(Op, RawFd)>,
+        q: &mut Vec<squeue::Entry>,
+    ) {
+        self.in_flight += 1;
+        self.ops = [Some(op), None];
+        let chunk = &self.buf[..self.len];
+        let send = opcode::Send::new(types::Fd(fd), chunk.as_ptr(), chunk.len() as u32)
+            .flags(libc::MSG_WAITALL)
             .build()
-            .user_data(op.data(id))
+            .user_data(op.data(id));
+        match then {
+            None => q.push(send),
+            Some((recv, from)) => {
+                q.push(send.flags(squeue::Flags::IO_LINK));
+                q.push(self.recv(recv, id, from));
+            }
+        }
     }
 
-    /// A send moved `n` bytes; true when the whole chunk has gone.
-    fn sent(&mut self, n: usize) -> bool {
-        self.sent += n;
-        self.sent >= self.len
+    /// `op` completed; true if a send moved the whole chunk.
+    fn completed(&mut self, op: Op, res: i32) -> bool {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        for slot in &mut self.ops {
+            if *slot == Some(op) {
+                *slot = None;
+            }
+        }
+        usize::try_from(res).is_ok_and(|n| n == self.len)
+    }
+
+    /// Only the receive is in flight: nothing of this direction is on its way.
+    fn receiving_only(&self) -> bool {
+        self.in_flight == 1 && self.ops[0].is_none()
     }
 }
 
@@ -105,26 +144,28 @@ impl Live {
     /// An operation of this session completed with `res`; true when the
     /// session has ended and nothing of it is in flight any more.
     pub(super) fn complete(&mut self, op: Op, res: i32, q: &mut Vec<squeue::Entry>) -> bool {
-        let pipe = match op {
-            Op::FromClient | Op::ToBackend => &mut self.up,
-            _ => &mut self.down,
+        let whole = match op {
+            Op::FromClient | Op::ToBackend => self.up.completed(op, res),
+            _ => self.down.completed(op, res),
         };
-        if pipe.in_flight == Some(op) {
-            pipe.in_flight = None;
-            if self.end.is_none() {
-                self.advance(op, res, q);
-            }
+        if self.end.is_none() {
+            self.advance(op, res, whole, q);
+        } else if whole && matches!(op, Op::ToBackend | Op::ToClient) {
+            // The send completed after the session ended, so its linked
+            // receive has started since it was cancelled: cancel it again.
+            self.cancel_in_flight(q);
         }
-        self.end.is_some() && self.up.in_flight.is_none() && self.down.in_flight.is_none()
+        self.end.is_some() && self.up.in_flight == 0 && self.down.in_flight == 0
     }
 
-    fn advance(&mut self, op: Op, res: i32, q: &mut Vec<squeue::Entry>) {
+    fn advance(&mut self, op: Op, res: i32, whole: bool, q: &mut Vec<squeue::Entry>) {
         let (id, client, backend) = self.ids();
+        // A receive's count; 0 at the end of the stream or on an error
+        // (a receive cancelled because its linked send failed included).
         let n = usize::try_from(res).unwrap_or(0);
         match op {
             Op::FromClient if n == 0 => self.finish(RelayEnd::ClientClosed, q),
             Op::FromClient => {
-                self.up.received(n);
                 let parts = &mut self.h.parts;
                 let chunk = &self.up.buf[..n];
                 match self
@@ -134,27 +175,24 @@ impl Live {
                     Err(e) => self.finish(RelayEnd::ClientProtocolError(e), q),
                     Ok(terminate) => {
                         self.terminate = terminate;
-                        q.push(self.up.send_rest(Op::ToBackend, id, backend));
+                        self.up.received(n);
+                        let then = (!terminate).then_some((Op::FromClient, client));
+                        self.up.send(Op::ToBackend, (id, backend), then, q);
                     }
                 }
             }
-            Op::ToBackend if n == 0 => self.finish(RelayEnd::ClientClosed, q),
-            Op::ToBackend if !self.up.sent(n) => q.push(self.up.send_rest(op, id, backend)),
-            Op::ToBackend if self.terminate => self.finish(RelayEnd::ClientClosed, q),
-            Op::ToBackend => q.push(self.up.recv(Op::FromClient, id, client)),
+            Op::ToBackend if !whole || self.terminate => self.finish(RelayEnd::ClientClosed, q),
             Op::FromBackend if n == 0 => self.finish(RelayEnd::BackendClosed, q),
-            Op::FromBackend => {
-                self.down.received(n);
-                match self.backend_side.scan(&self.down.buf[..n]) {
-                    Err(_) => self.finish(RelayEnd::BackendClosed, q),
-                    Ok(replies) => {
-                        self.replies = replies;
-                        q.push(self.down.send_rest(Op::ToClient, id, client));
-                    }
+            Op::FromBackend => match self.backend_side.scan(&self.down.buf[..n]) {
+                Err(_) => self.finish(RelayEnd::BackendClosed, q),
+                Ok(replies) => {
+                    self.replies = replies;
+                    self.down.received(n);
+                    let then = Some((Op::FromBackend, backend));
+                    self.down.send(Op::ToClient, (id, client), then, q);
                 }
-            }
-            Op::ToClient if n == 0 => self.finish(RelayEnd::BackendClosed, q),
-            Op::ToClient if !self.down.sent(n) => q.push(self.down.send_rest(op, id, client)),
+            },
+            Op::ToClient if !whole => self.finish(RelayEnd::BackendClosed, q),
             Op::ToClient => {
                 self.h
                     .parts
@@ -162,19 +200,17 @@ impl Live {
                     .delivered(std::mem::take(&mut self.replies));
                 if self.draining && self.h.parts.state.is_idle() {
                     self.finish(RelayEnd::Drained, q);
-                } else {
-                    q.push(self.down.recv(Op::FromBackend, id, backend));
                 }
             }
-            Op::Wake | Op::Cancel => {}
+            // A whole send to the backend: the linked receive is waiting.
+            Op::ToBackend | Op::Wake | Op::Cancel => {}
         }
     }
 
     /// Drain reached the session: it ends as soon as it is idle, which may be now.
     pub(super) fn drain(&mut self, q: &mut Vec<squeue::Entry>) {
         self.draining = true;
-        let waiting = self.down.in_flight == Some(Op::FromBackend);
-        if waiting && self.h.parts.state.is_idle() {
+        if self.down.receiving_only() && self.h.parts.state.is_idle() {
             self.finish(RelayEnd::Drained, q);
         }
     }
@@ -185,11 +221,14 @@ impl Live {
             return;
         }
         self.end = Some(end);
+        self.cancel_in_flight(q);
+    }
+
+    /// Cancels every operation in flight, each send before the receive
+    /// linked to it: cancelling a send also cancels what is linked to it.
+    fn cancel_in_flight(&mut self, q: &mut Vec<squeue::Entry>) {
         let id = self.h.id;
-        for op in [self.up.in_flight, self.down.in_flight]
-            .into_iter()
-            .flatten()
-        {
+        for op in self.up.ops.into_iter().chain(self.down.ops).flatten() {
             q.push(
                 opcode::AsyncCancel::new(op.data(id))
                     .build()
