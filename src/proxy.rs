@@ -205,8 +205,9 @@ impl Region {
         offset_ms: i64,
     ) -> Result<Region, ProxyError> {
         let clock = Arc::new(Clock::shifted(offset_ms, 0, config.replication.max_drift));
-        // Capture stamps each transaction from the WAL: the relay adds nothing.
-        let proxy = Proxy::bind(config).await?;
+        // The client port is bound last: once clients can connect, every
+        // other listener is bound too (a port taken meanwhile fails the
+        // start before any client sees the region up).
         let admin = match config.admin.listen {
             Some(addr) => Some(
                 crate::admin::bind(addr)
@@ -223,6 +224,8 @@ impl Region {
             ),
             None => None,
         };
+        // Capture stamps each transaction from the WAL: the relay adds nothing.
+        let proxy = Proxy::bind(config).await?;
         let peer_tls = config
             .replication
             .tls
