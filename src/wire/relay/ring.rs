@@ -9,7 +9,7 @@
 //! waits on its ring through tokio's epoll, which puts back the system
 //! calls this transport exists to remove. Measured on the 2-core bench
 //! machine with pgbench `-S -M prepared -c 8 -j 2`: a bare relay on epoll
-//! costs 26-34 us of proxy CPU per transaction, PgBouncer 26-30, a bare
+//! costs 22-34 us of proxy CPU per transaction, PgBouncer 25-31, a bare
 //! one on io_uring 21-24 (BENCHMARKS.md, issue 14).
 //!
 //! A session's task hands its two sockets over ([`relay`]) and gets them

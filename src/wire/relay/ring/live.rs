@@ -16,8 +16,7 @@ use crate::wire::relay::{resize_read, BackendSide, ClientSide, RelayEnd, Replies
 struct Pipe {
     buf: Vec<u8>,
     len: usize,
-    in_flight: u8,
-    /// The operations in flight, for cancelling them.
+    /// The operations in flight: the send, then the receive.
     ops: [Option<Op>; 2],
 }
 
@@ -31,13 +30,11 @@ impl Pipe {
         Pipe {
             buf: vec![0; FIRST_READ],
             len: 0,
-            in_flight: 0,
             ops: [None, None],
         }
     }
 
     fn recv(&mut self, op: Op, id: u64, fd: RawFd) -> squeue::Entry {
-        self.in_flight += 1;
         self.ops[1] = Some(op);
         opcode::Recv::new(types::Fd(fd), self.buf.as_mut_ptr(), self.buf.len() as u32)
             .ioprio(POLL_FIRST)
@@ -65,7 +62,6 @@ impl Pipe {
         then: Option<(Op, RawFd)>,
         q: &mut Vec<squeue::Entry>,
     ) {
-        self.in_flight += 1;
         self.ops = [Some(op), None];
         let chunk = &self.buf[..self.len];
         let send = opcode::Send::new(types::Fd(fd), chunk.as_ptr(), chunk.len() as u32)
@@ -83,7 +79,6 @@ impl Pipe {
 
     /// `op` completed; true if a send moved the whole chunk.
     fn completed(&mut self, op: Op, res: i32) -> bool {
-        self.in_flight = self.in_flight.saturating_sub(1);
         for slot in &mut self.ops {
             if *slot == Some(op) {
                 *slot = None;
@@ -94,7 +89,11 @@ impl Pipe {
 
     /// Only the receive is in flight: nothing of this direction is on its way.
     fn receiving_only(&self) -> bool {
-        self.in_flight == 1 && self.ops[0].is_none()
+        matches!(self.ops, [None, Some(_)])
+    }
+
+    fn idle(&self) -> bool {
+        self.ops == [None, None]
     }
 }
 
@@ -155,7 +154,7 @@ impl Live {
             // receive has started since it was cancelled: cancel it again.
             self.cancel_in_flight(q);
         }
-        self.end.is_some() && self.up.in_flight == 0 && self.down.in_flight == 0
+        self.end.is_some() && self.up.idle() && self.down.idle()
     }
 
     fn advance(&mut self, op: Op, res: i32, whole: bool, q: &mut Vec<squeue::Entry>) {
