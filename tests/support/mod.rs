@@ -73,20 +73,27 @@ pub fn scratch_dir(prefix: &str) -> PathBuf {
 }
 
 /// Waits until meridian listens; `Err(log)` if it exited first.
-fn wait_for_port(addr: SocketAddr, child: &mut Child, log: &Path) -> Result<(), String> {
+/// Waits until this proxy says it is ready (every listener bound), which
+/// it logs only after binding. A port that merely accepts connections is
+/// not proof: a port picked free may meanwhile be another process's (say,
+/// another test's admin endpoint), and a client would talk to that.
+fn wait_until_ready(addr: SocketAddr, child: &mut Child, log: &Path) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(addr).is_err() {
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("meridian proxy ready") {
+            return Ok(());
+        }
         if let Ok(Some(status)) = child.try_wait() {
             let log = std::fs::read_to_string(log).unwrap_or_default();
             return Err(format!("meridian exited before listening: {status}\n{log}"));
         }
         assert!(
             Instant::now() < deadline,
-            "meridian did not listen on {addr}"
+            "meridian did not get ready to listen on {addr}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
 }
 
 /// TLS material for a proxy: a self-signed certificate for localhost/127.0.0.1.
@@ -244,7 +251,7 @@ impl Proxy {
                 std::fs::File::create(config_path.with_extension("log")).unwrap(),
             ));
             let mut child = spawn_tied(&mut cmd);
-            match wait_for_port(addr, &mut child, &config_path.with_extension("log")) {
+            match wait_until_ready(addr, &mut child, &config_path.with_extension("log")) {
                 Ok(()) => break child,
                 Err(log) if log.contains("Address already in use") && attempt < 50 => {
                     attempt += 1;
