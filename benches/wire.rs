@@ -53,7 +53,9 @@ fn scram(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 let mut client = ScramSha256::new(b"benchmark", ChannelBinding::unrequested());
-                let server = ServerFirst::new(verifier.clone(), client.message()).unwrap();
+                let server =
+                    ServerFirst::new(verifier.clone(), b"SCRAM-SHA-256", client.message(), None)
+                        .unwrap();
                 client.update(server.server_first_message()).unwrap();
                 server.finish(client.message()).unwrap()
             })

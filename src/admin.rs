@@ -154,6 +154,12 @@ fn render_metrics(s: &AdminState, postgres_up: bool) -> String {
         "Client sessions closed for a protocol error.",
     )
     .sample(&region, n(&st.protocol_errors));
+    m.family(
+        "meridian_client_refused_total",
+        "counter",
+        "Client sessions closed for setting a meridian.* setting or taking a replication origin (SQLSTATE 42501).",
+    )
+    .sample(&region, n(&st.refused));
     let f = m.family(
         "meridian_client_sessions_relayed_total",
         "counter",
@@ -388,6 +394,7 @@ async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
             "refused_full": n(&st.refused_full),
             "auth_failures": n(&st.auth_failures),
             "protocol_errors": n(&st.protocol_errors),
+            "refused": n(&st.refused),
             "handshake_timeouts": n(&st.handshake_timeouts),
             "relayed": {"io_uring": n(&st.relayed_io_uring), "epoll": n(&st.relayed_epoll)},
         },

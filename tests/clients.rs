@@ -108,6 +108,48 @@ SELECT count(*) AS n FROM psql_items;
     assert!(o.contains("still here"), "{o}");
 }
 
+/// `channel_binding=require` through the proxy: psql verifies the proxy's
+/// certificate (verify-full against it as the root) and binds the SCRAM
+/// exchange to it (SCRAM-SHA-256-PLUS, tls-server-end-point). Over plain
+/// text there is nothing to bind to, and libpq refuses.
+#[test]
+fn psql_with_verify_full_and_channel_binding_required_authenticates_by_scram_plus() {
+    let proxy = Proxy::start(ProxySpec::default());
+    let port = proxy.addr.port();
+    let root = tls_files().cert.display().to_string();
+    let url = |mode: &str| {
+        format!(
+            "postgres://{APP_USER}:{}@localhost:{port}/postgres?sslmode={mode}&sslrootcert={}&channel_binding=require",
+            urlencode(APP_PASSWORD),
+            urlencode(&root)
+        )
+    };
+    let (out, _) = psql(
+        &url("verify-full"),
+        &[
+            "-At",
+            "-c",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ],
+        None,
+    );
+    // The backend leg is the proxy's own (not TLS here); the client leg
+    // authenticated with binding, or libpq would have refused.
+    assert_eq!(out.trim(), "f");
+    let wrong = format!(
+        "postgres://{APP_USER}:wrong@localhost:{port}/postgres?sslmode=verify-full&sslrootcert={}&channel_binding=require",
+        urlencode(&root)
+    );
+    let out = psql_raw(&wrong, &["-c", "SELECT 1"], None, &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("password authentication failed"));
+    let out = psql_raw(&url("disable"), &["-c", "SELECT 1"], None, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("channel binding"),
+        "{err}"
+    );
+}
+
 #[test]
 fn scram_rejects_wrong_password_and_unknown_user() {
     let proxy = Proxy::start(ProxySpec::default());

@@ -359,8 +359,8 @@ $$;
 -- (the schema change that gave rel its key), and returns how many. Capture
 -- proper only sees changes from now on, so these are recorded here, with the
 -- per-change capture statement (change_stmt) run over the rows, under one
--- stamp made in Postgres for the transaction (db_stamp, kept in
--- meridian.tx_stamp for the transaction's other tables).
+-- stamp made in Postgres for the transaction (db_stamp, kept as a
+-- transaction mark for the transaction's other tables; see marks.sql).
 CREATE OR REPLACE FUNCTION meridian.capture_existing_rows(rel regclass) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -399,12 +399,12 @@ BEGIN
     END IF;
     EXECUTE format($do$DO $body$
 DECLARE
-    pin pg_catalog.text := pg_catalog.current_setting('meridian.tx_stamp', true);
+    pin pg_catalog.text := meridian.marked('tx_stamp', true);
     r %s;
 BEGIN
     IF pin IS NULL OR pin OPERATOR(pg_catalog.=) '' THEN
         pin := pg_catalog.concat('B', meridian.db_stamp());
-        PERFORM pg_catalog.set_config('meridian.tx_stamp', pin, true);
+        PERFORM meridian.mark('tx_stamp', pin);
     END IF;
     %s
 END

@@ -38,13 +38,13 @@ AS $$
 DECLARE
     nd meridian.node;
     ctx pg_catalog.text;
-    callers pg_catalog.text;
     stmt pg_catalog.text;
     relevant pg_catalog.bool;
-    dropped pg_catalog.bool := pg_catalog.current_setting('meridian.dropped_replicated', true) OPERATOR(pg_catalog.=) 'on';
+    dropped pg_catalog.bool := meridian.marked('dropped_replicated', true) IS NOT NULL;
+    own pg_catalog.bool := meridian.in_own_ddl();
 BEGIN
     IF dropped THEN
-        PERFORM pg_catalog.set_config('meridian.dropped_replicated', '', true);
+        PERFORM meridian.unmark('dropped_replicated');
     END IF;
     SELECT * INTO nd FROM meridian.node;
     IF NOT FOUND THEN
@@ -58,11 +58,12 @@ BEGIN
           FROM pg_catalog.pg_event_trigger_ddl_commands() d;
     END IF;
     -- The first line of the call stack is this function; anything below it
-    -- means the DDL ran inside a function or DO block.
+    -- means the DDL ran inside a function or DO block. Whether it is
+    -- meridian's own comes from a mark, not from the stack's text: a
+    -- statement's text is part of the stack and could say anything.
     GET DIAGNOSTICS ctx = PG_CONTEXT;
     IF pg_catalog.strpos(ctx, pg_catalog.chr(10)) OPERATOR(pg_catalog.>) 0 THEN
-        callers := pg_catalog.substr(ctx, pg_catalog.strpos(ctx, pg_catalog.chr(10)) OPERATOR(pg_catalog.+) 1);
-        IF relevant AND pg_catalog.strpos(callers, 'function meridian.') OPERATOR(pg_catalog.=) 0 THEN
+        IF relevant AND NOT own THEN
             RAISE EXCEPTION 'meridian cannot replicate this %: it runs inside a function or DO block, and only schema changes sent as statements are replicated to other regions', tg_tag
                 USING ERRCODE = 'feature_not_supported',
                       HINT = 'Send the schema change as a statement of its own.';
@@ -94,7 +95,7 @@ AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() d, meridian.node nd
                 WHERE d.schema_name = ANY (nd.schemas) AND NOT d.is_temporary) THEN
-        PERFORM set_config('meridian.dropped_replicated', 'on', true);
+        PERFORM meridian.mark('dropped_replicated', 'on');
     END IF;
 END
 $$;
@@ -371,7 +372,7 @@ BEGIN
         RETURN q;   -- no semicolon before its end: one statement
     END IF;
     key := md5(q) || '@' || statement_timestamp()::text;
-    cache := string_to_array(current_setting('meridian.ddl_statements', true), '|');
+    cache := string_to_array(meridian.marked('ddl_statements', false), '|');
     IF cache IS NULL OR cache[1] IS DISTINCT FROM key THEN
         sp := meridian.split_statements(q);
         IF cardinality(sp.starts) <= 1 THEN
@@ -408,7 +409,7 @@ BEGIN
     ELSE
         cache[2] := at::text;
     END IF;
-    PERFORM set_config('meridian.ddl_statements', array_to_string(cache, '|'), false);
+    PERFORM meridian.mark('ddl_statements', array_to_string(cache, '|'));
     RETURN part;
 END
 $$;

@@ -81,6 +81,22 @@ $$;
 CREATE OR REPLACE FUNCTION meridian.enable_capture(rel regclass) RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    result text;
+BEGIN
+    PERFORM meridian.own_ddl(true);
+    result := meridian.install_capture(rel);
+    PERFORM meridian.own_ddl(false);
+    RETURN result;
+END
+$$;
+
+
+-- enable_capture's work, always run as meridian's own schema change.
+CREATE OR REPLACE FUNCTION meridian.install_capture(rel regclass) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $enable$
 DECLARE
     nd        meridian.node;
@@ -123,6 +139,11 @@ BEGIN
     IF persist = 't' THEN
         RAISE EXCEPTION 'cannot capture %: temporary tables are never replicated', rel
             USING ERRCODE = '0A000';
+    END IF;
+    IF persist = 'u' THEN
+        RAISE EXCEPTION 'meridian cannot replicate unlogged table %: its rows are not written to the WAL, which is where meridian captures changes', rel
+            USING ERRCODE = '0A000',
+                  HINT = 'Create it as an ordinary table, or in a schema that is not replicated.';
     END IF;
     IF nsp = 'meridian' THEN
         RAISE EXCEPTION 'cannot capture %: tables of schema meridian are never replicated', rel
@@ -263,7 +284,6 @@ $tpl$,
                                     ARRAY[name, grow::text]);
 
     -- The WAL must hold whole old rows, and the table must be published.
-    PERFORM set_config('meridian.in_capture', 'on', true);
     IF ident <> 'f' THEN
         EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', rel);
     END IF;
@@ -271,7 +291,6 @@ $tpl$,
                     WHERE p.pubname = 'meridian' AND pr.prrelid = rel) THEN
         EXECUTE format('ALTER PUBLICATION meridian ADD TABLE %s', rel);
     END IF;
-    PERFORM set_config('meridian.in_capture', 'off', true);
 
     PERFORM meridian.align_sequences(rel, nd.region_id, nd.sequence_stride);
 
@@ -298,15 +317,15 @@ BEGIN
     IF name IS NULL THEN
         RAISE EXCEPTION 'relation % does not exist', rel USING ERRCODE = '42P01';
     END IF;
-    PERFORM set_config('meridian.in_capture', 'on', true);
+    PERFORM meridian.own_ddl(true);
     IF EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
                 WHERE p.pubname = 'meridian' AND pr.prrelid = rel) THEN
         EXECUTE format('ALTER PUBLICATION meridian DROP TABLE %s', rel);
     END IF;
-    PERFORM set_config('meridian.in_capture', 'off', true);
     PERFORM meridian.ensure_trigger(rel, 'meridian_insert_only', NULL, NULL, NULL);
     PERFORM meridian.ensure_trigger(rel, 'meridian_growth', NULL, NULL, NULL);
     PERFORM meridian.drop_capture_functions(rel);
+    PERFORM meridian.own_ddl(false);
     UPDATE meridian.replicated_table r SET captured = false WHERE r.tbl = name AND r.captured;
 END
 $$;
@@ -479,11 +498,11 @@ BEGIN
             RAISE;
         END IF;
         -- The event trigger must not react to this ALTER TABLE.
-        PERFORM set_config('meridian.in_capture', 'on', true);
+        PERFORM meridian.own_ddl(true);
         -- (ALTER COLUMN ... SET INCREMENT BY n, but ALTER COLUMN ... RESTART WITH n.)
         EXECUTE format('ALTER TABLE %s ALTER COLUMN %I %s%s', rel, col,
                        CASE WHEN change LIKE 'RESTART%' THEN '' ELSE 'SET ' END, change);
-        PERFORM set_config('meridian.in_capture', 'off', true);
+        PERFORM meridian.own_ddl(false);
     END;
 END
 $$;
@@ -524,8 +543,8 @@ DECLARE
     key_ok    bool;
     existing  bigint;
 BEGIN
-    IF current_setting('meridian.in_capture', true) = 'on' THEN
-        RETURN;
+    IF meridian.in_own_ddl() THEN
+        RETURN;   -- enable_capture's own ALTER TABLE
     END IF;
     SELECT * INTO nd FROM meridian.node;
     IF NOT FOUND THEN

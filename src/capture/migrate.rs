@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "stamps_gone",
         sql: include_str!("../../migrations/0012_stamps_gone.sql"),
     },
+    Migration {
+        version: 13,
+        name: "session_marks",
+        sql: include_str!("../../migrations/0013_session_marks.sql"),
+    },
 ];
 
 /// The files applied on every run after the migrations: every function
@@ -49,6 +54,10 @@ const REAPPLIED: &[(&str, &str)] = &[
     (
         "functions/setup.sql",
         include_str!("../../migrations/functions/setup.sql"),
+    ),
+    (
+        "functions/marks.sql",
+        include_str!("../../migrations/functions/marks.sql"),
     ),
     (
         "functions/rules.sql",

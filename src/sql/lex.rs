@@ -16,7 +16,13 @@ pub enum Token<'a> {
     Open,
     Close,
     Semicolon,
-    /// Anything else: a literal, quoted identifier, operator, parameter.
+    Dot,
+    /// A '...' or E'...' literal: the bytes between the quotes, as written
+    /// (a doubled quote or an escape is not resolved).
+    Str(&'a [u8]),
+    /// A "..." identifier: the bytes between the quotes, as written.
+    Quoted(&'a [u8]),
+    /// Anything else: a number, an operator, a parameter, a $$ body.
     Other,
 }
 
@@ -89,6 +95,19 @@ impl<'a> Lexer<'a> {
         }
     }
 
+    /// A quoted run's inside, skipping past its closing quote.
+    fn quoted(&mut self, quote: u8, backslash: bool) -> &'a [u8] {
+        let start = self.pos + 1;
+        self.skip_quoted(quote, backslash);
+        let text: &'a [u8] = self.text;
+        let end = if self.pos > start && self.at(self.pos - 1) == quote {
+            self.pos - 1
+        } else {
+            self.pos.min(text.len())
+        };
+        &text[start.min(end)..end]
+    }
+
     /// At `$`: a dollar-quoted body ($$...$$, $tag$...$tag$) is skipped and
     /// true returned; a parameter ($1) or a lone `$` is left alone.
     fn skip_dollar_quoted(&mut self) -> bool {
@@ -128,18 +147,12 @@ impl<'a> Iterator for Lexer<'a> {
             b'(' => Token::Open,
             b')' => Token::Close,
             b';' => Token::Semicolon,
-            b'\'' => {
-                self.skip_quoted(b'\'', false);
-                return Some(Token::Other);
-            }
-            b'"' => {
-                self.skip_quoted(b'"', false);
-                return Some(Token::Other);
-            }
+            b'.' => Token::Dot,
+            b'\'' => return Some(Token::Str(self.quoted(b'\'', false))),
+            b'"' => return Some(Token::Quoted(self.quoted(b'"', false))),
             b'E' | b'e' if next == b'\'' => {
                 self.pos += 1;
-                self.skip_quoted(b'\'', true);
-                return Some(Token::Other);
+                return Some(Token::Str(self.quoted(b'\'', true)));
             }
             b'$' if self.skip_dollar_quoted() => return Some(Token::Other),
             c if is_word_byte(c) && !c.is_ascii_digit() => {

@@ -12,6 +12,7 @@
 //! (BENCHMARKS.md). The price is precision where only a parse could tell:
 //! a SELECT calling a function that writes counts as a read.
 
+pub mod guard;
 mod lex;
 mod tracker;
 

@@ -4,8 +4,13 @@
 //! (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, the format of
 //! `pg_authid.rolpassword`), so no plain password is ever stored. The exchange
 //! is a pure state machine over byte strings; the session drives the I/O.
-//! Channel binding is not offered (only `SCRAM-SHA-256` is advertised), so the
-//! gs2 flags `n` and `y` are accepted and `p` is refused.
+//!
+//! Over TLS the proxy also offers `SCRAM-SHA-256-PLUS` with channel binding
+//! `tls-server-end-point` (RFC 5929: the hash of the proxy's certificate), so
+//! a client with `channel_binding=require` knows it talks to the holder of
+//! that certificate's key. The binding data is the session's ([`Binding`]);
+//! a client that says it could bind (`y`) while the server offered it is
+//! refused, as RFC 5802 requires against a downgrade.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -16,6 +21,8 @@ use sha2::{Digest, Sha256};
 type HmacSha256 = Hmac<Sha256>;
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+const END_POINT: &str = "tls-server-end-point";
 pub const DEFAULT_ITERATIONS: u32 = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,8 +31,8 @@ pub enum ScramError {
     BadVerifier(&'static str),
     #[error("malformed SCRAM message: {0}")]
     Protocol(&'static str),
-    #[error("client asked for channel binding, which meridian does not offer")]
-    ChannelBinding,
+    #[error("SCRAM channel binding negotiation failed: {0}")]
+    ChannelBinding(&'static str),
     #[error("password authentication failed")]
     WrongPassword,
 }
@@ -135,12 +142,68 @@ impl std::fmt::Display for Verifier {
     }
 }
 
+/// What a session can bind to: `None` on a plain connection, else the
+/// `tls-server-end-point` data of the certificate the client was shown.
+pub type Binding<'a> = Option<&'a [u8]>;
+
+/// The `tls-server-end-point` data of a DER certificate (RFC 5929 §4.1):
+/// its hash under the hash function of its signature algorithm, SHA-256
+/// when that is MD5 or SHA-1 (or not one this knows).
+pub fn tls_server_end_point(cert: &[u8]) -> Vec<u8> {
+    use sha2::{Sha384, Sha512};
+    const SHA384: [&[u8]; 2] = [
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c], // sha384WithRSAEncryption
+        &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03],       // ecdsa-with-SHA384
+    ];
+    const SHA512: [&[u8]; 2] = [
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d], // sha512WithRSAEncryption
+        &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04],       // ecdsa-with-SHA512
+    ];
+    match signature_algorithm(cert) {
+        Some(oid) if SHA384.contains(&oid) => Sha384::digest(cert).to_vec(),
+        Some(oid) if SHA512.contains(&oid) => Sha512::digest(cert).to_vec(),
+        _ => Sha256::digest(cert).to_vec(),
+    }
+}
+
+/// The OID of a certificate's signatureAlgorithm: Certificate ::= SEQUENCE
+/// { tbsCertificate, signatureAlgorithm SEQUENCE { OID, ... }, signature }.
+/// Walked by hand: these two steps are all of X.509 this needs.
+fn signature_algorithm(cert: &[u8]) -> Option<&[u8]> {
+    let (tag, certificate, _) = der(cert)?;
+    let (_, _, after_tbs) = der(certificate).filter(|_| tag == 0x30)?;
+    let (tag, algorithm, _) = der(after_tbs)?;
+    let (oid_tag, oid, _) = der(algorithm).filter(|_| tag == 0x30)?;
+    (oid_tag == 0x06).then_some(oid)
+}
+
+/// One DER element: (tag, contents, what follows it).
+fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = b.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| acc << 8 | b as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
 /// Server state after the client-first message.
 pub struct ServerFirst {
     verifier: Verifier,
     client_first_bare: String,
     server_first: String,
-    gs2_header: String,
+    /// What the client's `c=` must decode to: the gs2 header, then the
+    /// binding data when it bound.
+    expected_binding: Vec<u8>,
     nonce: String,
 }
 
@@ -151,17 +214,46 @@ fn attr(part: Option<&str>, name: char) -> Result<&str, ScramError> {
 }
 
 impl ServerFirst {
-    /// Handles client-first-message; returns the state and server-first-message.
-    pub fn new(verifier: Verifier, client_first: &[u8]) -> Result<ServerFirst, ScramError> {
+    /// Handles client-first-message for the `mechanism` the client chose,
+    /// on a session that can bind to `binding` (PLUS was offered).
+    pub fn new(
+        verifier: Verifier,
+        mechanism: &[u8],
+        client_first: &[u8],
+        binding: Binding<'_>,
+    ) -> Result<ServerFirst, ScramError> {
         let msg =
             std::str::from_utf8(client_first).map_err(|_| ScramError::Protocol("not UTF-8"))?;
         let mut parts = msg.splitn(3, ',');
         let flag = parts.next().unwrap_or_default();
-        match flag {
-            "n" | "y" => {}
-            f if f.starts_with("p=") => return Err(ScramError::ChannelBinding),
-            _ => return Err(ScramError::Protocol("bad gs2 flag")),
+        let plus = mechanism == MECHANISM_PLUS.as_bytes();
+        if plus && binding.is_none() {
+            return Err(ScramError::ChannelBinding(
+                "SCRAM-SHA-256-PLUS is offered only over TLS",
+            ));
         }
+        let bound = match flag {
+            "n" if !plus => None,
+            "y" if !plus && binding.is_some() => {
+                return Err(ScramError::ChannelBinding(
+                    "the client supports channel binding and so does the server, but the client chose not to use it",
+                ))
+            }
+            "y" if !plus => None,
+            f if f.starts_with("p=") && plus => {
+                if &f[2..] != END_POINT {
+                    return Err(ScramError::ChannelBinding("unsupported channel binding type (only tls-server-end-point)"));
+                }
+                binding
+            }
+            "n" | "y" => {
+                return Err(ScramError::ChannelBinding("SCRAM-SHA-256-PLUS chosen without binding"))
+            }
+            f if f.starts_with("p=") => {
+                return Err(ScramError::ChannelBinding("channel binding asked for without SCRAM-SHA-256-PLUS"))
+            }
+            _ => return Err(ScramError::Protocol("bad gs2 flag")),
+        };
         let authzid = parts
             .next()
             .ok_or(ScramError::Protocol("missing authzid"))?;
@@ -193,7 +285,11 @@ impl ServerFirst {
             verifier,
             client_first_bare: bare.to_owned(),
             server_first,
-            gs2_header: format!("{flag},{authzid},"),
+            expected_binding: [
+                format!("{flag},{authzid},").as_bytes(),
+                bound.unwrap_or_default(),
+            ]
+            .concat(),
             nonce,
         })
     }
@@ -211,7 +307,7 @@ impl ServerFirst {
             .ok_or(ScramError::Protocol("missing proof"))?;
         let mut attrs = without_proof.split(',');
         let binding = attr(attrs.next(), 'c')?;
-        if B64.decode(binding).ok().as_deref() != Some(self.gs2_header.as_bytes()) {
+        if B64.decode(binding).ok().as_deref() != Some(&self.expected_binding[..]) {
             return Err(ScramError::Protocol("channel binding data does not match"));
         }
         if attr(attrs.next(), 'r')? != self.nonce {
@@ -248,20 +344,40 @@ mod tests {
     use super::*;
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
-    /// Runs postgres-protocol's client (what tokio-postgres uses) against our server.
-    fn exchange(stored_password: &str, client_password: &str) -> Result<(), ScramError> {
+    /// Runs postgres-protocol's client (what tokio-postgres uses) against
+    /// our server; `binding`: what the client and the server bind to.
+    fn run(
+        stored_password: &str,
+        client_password: &str,
+        binding: Option<(&[u8], &[u8])>,
+    ) -> Result<(), ScramError> {
         let verifier = Verifier::parse(&Verifier::generate(stored_password).to_string())?;
-        let mut client =
-            ScramSha256::new(client_password.as_bytes(), ChannelBinding::unrequested());
-        let server = ServerFirst::new(verifier, client.message())?;
+        let (cb, mechanism, server_has) = match binding {
+            Some((sees, has)) => (
+                ChannelBinding::tls_server_end_point(sees.to_vec()),
+                MECHANISM_PLUS,
+                Some(has),
+            ),
+            None => (ChannelBinding::unrequested(), MECHANISM, None),
+        };
+        let mut client = ScramSha256::new(client_password.as_bytes(), cb);
+        let server =
+            ServerFirst::new(verifier, mechanism.as_bytes(), client.message(), server_has)?;
         client
             .update(server.server_first_message())
             .map_err(|_| ScramError::Protocol("client rejected server-first"))?;
         let server_final = server.finish(client.message())?;
         client
             .finish(&server_final)
-            .map_err(|_| ScramError::Protocol("client rejected server signature"))?;
-        Ok(())
+            .map_err(|_| ScramError::Protocol("client rejected server signature"))
+    }
+
+    fn exchange(stored_password: &str, client_password: &str) -> Result<(), ScramError> {
+        run(stored_password, client_password, None)
+    }
+
+    fn bound_exchange(client_sees: &[u8], server_has: &[u8]) -> Result<(), ScramError> {
+        run("pw", "pw", Some((client_sees, server_has)))
     }
 
     #[test]
@@ -283,18 +399,78 @@ mod tests {
     }
 
     #[test]
-    fn channel_binding_request_is_refused() {
-        let v = Verifier::generate("x");
-        assert!(matches!(
-            ServerFirst::new(v, b"p=tls-server-end-point,,n=,r=abc"),
-            Err(ScramError::ChannelBinding)
-        ));
+    fn channel_binding_to_the_certificate_the_client_saw_authenticates() {
+        bound_exchange(b"cert hash", b"cert hash").unwrap();
+        assert_eq!(
+            bound_exchange(b"a man in the middle's", b"cert hash"),
+            Err(ScramError::Protocol("channel binding data does not match"))
+        );
+    }
+
+    #[test]
+    fn binding_negotiation_mistakes_are_refused() {
+        let first = |mechanism: &str, msg: &[u8], binding: Binding<'_>| {
+            ServerFirst::new(Verifier::generate("x"), mechanism.as_bytes(), msg, binding)
+                .map(|_| ())
+        };
+        let refused = |r: Result<(), ScramError>| matches!(r, Err(ScramError::ChannelBinding(_)));
+        // PLUS on a plain connection, or binding asked for without PLUS.
+        assert!(refused(first(
+            MECHANISM_PLUS,
+            b"p=tls-server-end-point,,n=,r=abc",
+            None
+        )));
+        assert!(refused(first(
+            MECHANISM,
+            b"p=tls-server-end-point,,n=,r=abc",
+            Some(b"h")
+        )));
+        // A downgrade: the client could bind, the server offered it.
+        assert!(refused(first(MECHANISM, b"y,,n=,r=abc", Some(b"h"))));
+        assert!(first(MECHANISM, b"y,,n=,r=abc", None).is_ok());
+        assert!(first(MECHANISM, b"n,,n=,r=abc", Some(b"h")).is_ok());
+        assert!(refused(first(
+            MECHANISM_PLUS,
+            b"p=tls-unique,,n=,r=abc",
+            Some(b"h")
+        )));
+        assert!(refused(first(MECHANISM_PLUS, b"n,,n=,r=abc", Some(b"h"))));
+    }
+
+    #[test]
+    fn the_end_point_hash_follows_the_certificates_signature_algorithm() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(
+            tls_server_end_point(cert.der()).len(),
+            48,
+            "ecdsa-with-SHA384: SHA-384"
+        );
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(
+            tls_server_end_point(cert.der()),
+            Sha256::digest(cert.der()).to_vec()
+        );
+        assert_eq!(tls_server_end_point(b"not DER").len(), 32);
     }
 
     #[test]
     fn decoy_never_authenticates() {
         let mut client = ScramSha256::new(b"", ChannelBinding::unrequested());
-        let server = ServerFirst::new(Verifier::decoy(), client.message()).unwrap();
+        let server = ServerFirst::new(
+            Verifier::decoy(),
+            MECHANISM.as_bytes(),
+            client.message(),
+            None,
+        )
+        .unwrap();
         client.update(server.server_first_message()).unwrap();
         assert_eq!(
             server.finish(client.message()),

@@ -13,12 +13,11 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
-use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::config::{AuthMethod, BackendConfig, Config, RelayIo};
 use crate::shutdown::Shutdown;
-use crate::sql::{StatementCounts, StatementTracker};
+use crate::sql::{guard, StatementCounts, StatementTracker};
 use crate::wire::backend::{self, BackendAddr, BackendError};
 use crate::wire::cancel::CancelRegistry;
 use crate::wire::frame::{self, Severity};
@@ -35,6 +34,8 @@ pub struct SessionStats {
     pub refused_full: AtomicU64,
     pub auth_failures: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Sessions closed for what `sql::guard` refuses (SQLSTATE 42501).
+    pub refused: AtomicU64,
     pub handshake_timeouts: AtomicU64,
     /// Sessions relayed by the io_uring thread, and by tokio's tasks on epoll.
     pub relayed_io_uring: AtomicU64,
@@ -46,7 +47,7 @@ pub struct SessionContext {
     pub backend: BackendConfig,
     pub auth_method: AuthMethod,
     pub users: Vec<(String, Verifier)>,
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<crate::wire::tls::ClientTls>,
     pub cancels: Arc<CancelRegistry>,
     pub max_message_bytes: u32,
     pub handshake_timeout: Duration,
@@ -179,9 +180,11 @@ async fn report_handshake_error<S: AsyncRead + AsyncWrite + Unpin>(
             frame::error_response(Severity::Fatal, "08P01", &e.to_string())
         }
         HandshakeError::Refused { code, message } => {
-            if *code == "08P01" {
-                ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            }
+            match *code {
+                "08P01" => ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed),
+                "42501" => ctx.stats.refused.fetch_add(1, Ordering::Relaxed),
+                _ => 0,
+            };
             tracing::info!(sqlstate = code, "session refused: {message}");
             frame::error_response(Severity::Fatal, code, message)
         }
@@ -230,9 +233,9 @@ where
                 ))
             }
             FirstPacket::SslRequest => match &ctx.tls {
-                Some(acceptor) => {
+                Some(tls) => {
                     client.write_all(b"S").await?;
-                    timeout_at(deadline, client.upgrade(acceptor))
+                    timeout_at(deadline, client.upgrade(&tls.acceptor))
                         .await
                         .map_err(|_| timed_out())??;
                 }
@@ -260,6 +263,11 @@ where
     let span = tracing::Span::current();
     span.record("user", user.as_str());
     span.record("db", startup.database().unwrap_or_default());
+    if let Some(r) =
+        guard::startup_refusal(startup.params.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    {
+        return Err(HandshakeError::refused("42501", r.to_string()));
+    }
     if startup.minor_version > 0 || !startup.protocol_options.is_empty() {
         client
             .write_all(&frame::negotiate_protocol_version(
@@ -274,7 +282,12 @@ where
             .iter()
             .find(|(n, _)| *n == user)
             .map(|(_, v)| v.clone());
-        match timeout_at(deadline, authenticate(client, &user, verifier)).await {
+        // Channel binding is offered over TLS: the client saw this certificate.
+        let binding = match (&ctx.tls, client.is_tls()) {
+            (Some(tls), true) => Some(tls.end_point.as_slice()),
+            _ => None,
+        };
+        match timeout_at(deadline, authenticate(client, &user, verifier, binding)).await {
             Err(_) => return Err(timed_out()),
             Ok(Err(e)) => {
                 ctx.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
@@ -349,12 +362,14 @@ async fn read_password_message<S: AsyncRead + Unpin>(
     Ok(body)
 }
 
-/// SCRAM-SHA-256 exchange with the client. An unknown user runs the exchange
-/// against a decoy verifier and fails like a wrong password.
+/// SCRAM-SHA-256 exchange with the client, with SCRAM-SHA-256-PLUS offered
+/// first when the session can bind (`binding`). An unknown user runs the
+/// exchange against a decoy verifier and fails like a wrong password.
 async fn authenticate<S>(
     client: &mut S,
     user: &str,
     verifier: Option<Verifier>,
+    binding: scram::Binding<'_>,
 ) -> Result<(), HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -365,14 +380,19 @@ where
             format!("password authentication failed for user \"{user}\""),
         )
     };
-    let mechanisms = format!("{}\0\0", scram::MECHANISM);
+    let mechanisms = match binding {
+        Some(_) => format!("{}\0{}\0\0", scram::MECHANISM_PLUS, scram::MECHANISM),
+        None => format!("{}\0\0", scram::MECHANISM),
+    };
     client
         .write_all(&frame::authentication(10, mechanisms.as_bytes()))
         .await?;
     let initial = read_password_message(client).await?;
     let (mechanism, data) = parse_sasl_initial(&initial)
         .ok_or_else(|| HandshakeError::refused("08P01", "malformed SASLInitialResponse"))?;
-    if mechanism != scram::MECHANISM.as_bytes() {
+    let offered = mechanism == scram::MECHANISM.as_bytes()
+        || (binding.is_some() && mechanism == scram::MECHANISM_PLUS.as_bytes());
+    if !offered {
         return Err(HandshakeError::refused(
             "28000",
             "client selected an invalid SASL authentication mechanism",
@@ -380,11 +400,16 @@ where
     }
     let scram_err = |e: ScramError| match e {
         ScramError::WrongPassword => failed(),
-        ScramError::ChannelBinding => HandshakeError::refused("28000", e.to_string()),
+        ScramError::ChannelBinding(_) => HandshakeError::refused("28000", e.to_string()),
         other => HandshakeError::refused("08P01", other.to_string()),
     };
-    let state =
-        ServerFirst::new(verifier.unwrap_or_else(Verifier::decoy), data).map_err(scram_err)?;
+    let state = ServerFirst::new(
+        verifier.unwrap_or_else(Verifier::decoy),
+        mechanism,
+        data,
+        binding,
+    )
+    .map_err(scram_err)?;
     client
         .write_all(&frame::authentication(11, state.server_first_message()))
         .await?;
@@ -436,6 +461,10 @@ async fn run_relay<S>(
         RelayEnd::ClientProtocolError(e) => {
             ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
             tracing::info!(error = %e, "client protocol error; session closed");
+        }
+        RelayEnd::Refused(r) => {
+            ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(refused = %r, "statement refused; session closed");
         }
         other => tracing::debug!(end = ?other, "session ended"),
     }

@@ -75,14 +75,27 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// What the proxy needs to serve clients over TLS.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub acceptor: TlsAcceptor,
+    /// The `tls-server-end-point` channel binding data of the certificate
+    /// clients are shown (for SCRAM-SHA-256-PLUS).
+    pub end_point: Vec<u8>,
+}
+
 /// Builds the acceptor used after a client's SSLRequest.
-pub fn load_acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
+pub fn load_acceptor(cfg: &TlsConfig) -> Result<ClientTls, TlsError> {
     let (certs, key) = read_identity(&cfg.cert, &cfg.key)?;
+    let end_point = crate::wire::scram::tls_server_end_point(&certs[0]);
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(ClientTls {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        end_point,
+    })
 }

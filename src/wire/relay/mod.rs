@@ -30,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use crate::shutdown::Shutdown;
+use crate::sql::guard::{self, Refusal};
 use crate::sql::StatementTracker;
 use crate::wire::frame::{self, views, Direction, FrameError, FrameScanner, Severity};
 use crate::wire::stream::IntoSocket;
@@ -141,10 +142,31 @@ pub enum RelayEnd {
     BackendClosed,
     /// The client broke the protocol; it was sent a FATAL 08P01.
     ClientProtocolError(FrameError),
+    /// The client sent what the proxy refuses to relay (`sql::guard`); it
+    /// was sent a FATAL 42501, and the backend never got the whole message.
+    Refused(Refusal),
     /// Drain reached this session while idle; it was told to reconnect.
     Drained,
     /// Shutdown without waiting.
     Aborted,
+}
+
+/// Why the relay stops reading a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Protocol(#[from] FrameError),
+    #[error("{0}")]
+    Refused(Refusal),
+}
+
+impl From<ClientError> for RelayEnd {
+    fn from(e: ClientError) -> RelayEnd {
+        match e {
+            ClientError::Protocol(e) => RelayEnd::ClientProtocolError(e),
+            ClientError::Refused(r) => RelayEnd::Refused(r),
+        }
+    }
 }
 
 /// What the proxy follows in the client's stream.
@@ -161,24 +183,30 @@ impl ClientSide {
 
     /// Scans a chunk the client sent, before it is forwarded: the requests
     /// in it are counted in `state` first, so their replies cannot overtake
-    /// the count. True when the chunk holds Terminate.
+    /// the count. True when the chunk holds Terminate. A refused statement
+    /// (`sql::guard`) is an error before any of the chunk is forwarded: a
+    /// message is only complete in the chunk holding its last byte, so the
+    /// backend never runs it.
     pub fn scan(
         &mut self,
         chunk: &[u8],
         state: &SessionState,
         statements: &mut StatementTracker,
-    ) -> Result<bool, FrameError> {
-        let (mut requests, mut terminate) = (0, false);
+    ) -> Result<bool, ClientError> {
+        let (mut requests, mut terminate, mut refused) = (0, false, None);
         self.scanner.scan(chunk, |m| {
             let body = m.body.unwrap_or_default();
             match m.tag {
                 b'Q' => {
-                    statements.on_query(views::query(body));
+                    let text = views::query(body);
+                    refused = refused.take().or_else(|| guard::refusal(text));
+                    statements.on_query(text);
                     requests += 1;
                 }
                 b'S' | b'F' => requests += 1,
                 b'P' => {
                     if let Some((name, text)) = views::parse(body) {
+                        refused = refused.take().or_else(|| guard::refusal(text));
                         statements.on_parse(name, text);
                     }
                 }
@@ -192,6 +220,9 @@ impl ClientSide {
                 _ => {}
             }
         })?;
+        if let Some(r) = refused {
+            return Err(ClientError::Refused(r));
+        }
         if requests > 0 {
             state.outstanding.fetch_add(requests, Ordering::AcqRel);
         }
@@ -253,6 +284,11 @@ fn farewell_message(end: &RelayEnd) -> Option<bytes::Bytes> {
             Severity::Fatal,
             "08P01",
             &e.to_string(),
+        )),
+        RelayEnd::Refused(r) => Some(frame::error_response(
+            Severity::Fatal,
+            "42501",
+            &format!("{r}; the session is closed"),
         )),
         RelayEnd::Drained | RelayEnd::Aborted => Some(frame::error_response(
             Severity::Fatal,

@@ -5,10 +5,11 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::FIRST_READ;
-use super::{farewell, resize_read, BackendSide, ClientSide, RelayEnd, RelayParts, SessionState};
+use super::{
+    farewell, resize_read, BackendSide, ClientError, ClientSide, RelayEnd, RelayParts, SessionState,
+};
 use crate::shutdown::Shutdown;
 use crate::sql::StatementTracker;
-use crate::wire::frame::FrameError;
 
 /// Holds the last read: its length is how much that read got.
 struct ReadBuf {
@@ -36,7 +37,7 @@ impl ReadBuf {
 enum Pumped {
     Closed,
     Io,
-    Protocol(FrameError),
+    Client(ClientError),
 }
 
 /// Relays until either side closes, the client errs, or shutdown says stop.
@@ -54,7 +55,7 @@ where
     let (mut backend_rx, mut backend_tx) = tokio::io::split(backend);
     let end = tokio::select! {
         up = client_to_backend(&mut client_rx, &mut backend_tx, &state, &mut statements, max_message) => match up {
-            Pumped::Protocol(e) => RelayEnd::ClientProtocolError(e),
+            Pumped::Client(e) => e.into(),
             Pumped::Closed | Pumped::Io => RelayEnd::ClientClosed,
         },
         _ = backend_to_client(&mut backend_rx, &mut client_tx, &state) => RelayEnd::BackendClosed,
@@ -85,7 +86,7 @@ where
         };
         let terminate = match side.scan(chunk, state, statements) {
             Ok(t) => t,
-            Err(e) => return Pumped::Protocol(e),
+            Err(e) => return Pumped::Client(e),
         };
         if tx.write_all(chunk).await.is_err() {
             return Pumped::Io;
@@ -110,7 +111,7 @@ where
         };
         let replies = match side.scan(chunk) {
             Ok(r) => r,
-            Err(e) => return Pumped::Protocol(e),
+            Err(e) => return Pumped::Client(e.into()),
         };
         if tx.write_all(chunk).await.is_err() {
             return Pumped::Io;
@@ -126,7 +127,7 @@ mod tests {
     use tokio::io::{duplex, DuplexStream};
 
     use crate::sql::StatementCounts;
-    use crate::wire::frame::{self, Direction, FrameScanner};
+    use crate::wire::frame::{self, Direction, FrameError, FrameScanner};
     use crate::wire::relay::TxStatus;
 
     /// The relay under test with a fresh statement tracker and a 1 MiB message limit.
@@ -221,6 +222,38 @@ mod tests {
         client_end.read_to_end(&mut reply).await.unwrap();
         assert_eq!(reply[0], b'E');
         assert!(reply.windows(6).any(|w| w == b"08P01\0"));
+    }
+
+    /// A refused statement split over two writes: its first part may reach
+    /// the backend, its end never does, and the client is told why.
+    #[tokio::test]
+    async fn a_meridian_setting_is_refused_with_42501_before_the_backend_has_it_whole() {
+        let (mut client_end, proxy_client) = duplex(1024);
+        let (proxy_backend, mut backend_end) = duplex(1024);
+        let state = Arc::new(SessionState::new(b'I'));
+        let query = msg(b'Q', b"SELECT 1; SET meridian.applying = on\0");
+        let (head, tail) = query.split_at(12);
+        let script = async {
+            client_end.write_all(head).await.unwrap();
+            let mut got = vec![0u8; head.len()];
+            backend_end.read_exact(&mut got).await.unwrap();
+            client_end.write_all(tail).await.unwrap();
+        };
+        let shutdown = Shutdown::default();
+        let (end, ()) = tokio::join!(run(proxy_client, proxy_backend, &state, &shutdown), script);
+        assert!(matches!(end, RelayEnd::Refused(_)), "{end:?}");
+        let mut reply = Vec::new();
+        client_end.read_to_end(&mut reply).await.unwrap();
+        assert!(reply.windows(6).any(|w| w == b"42501\0"));
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.contains("meridian.applying"), "{text}");
+        let mut rest = Vec::new();
+        backend_end.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(
+            rest,
+            frame::TERMINATE,
+            "the backend got Terminate, not the query's end"
+        );
     }
 
     #[tokio::test]

@@ -171,7 +171,7 @@ impl Live {
                     .client_side
                     .scan(chunk, &parts.state, &mut parts.statements)
                 {
-                    Err(e) => self.finish(RelayEnd::ClientProtocolError(e), q),
+                    Err(e) => self.finish(e.into(), q),
                     Ok(terminate) => {
                         self.terminate = terminate;
                         self.up.received(n);

@@ -1,0 +1,288 @@
+//! No way around capture: an ordinary application role (not a superuser,
+//! granted only on its tables) tries every path by which a session could
+//! write without its changes being replicated or choose its own version,
+//! through the proxy and straight against Postgres. Each is refused with a
+//! clear error, or captured and replicated like any write; afterwards
+//! `meridian verify` reports the two regions identical.
+
+mod support;
+
+use std::time::Duration;
+
+use meridian::cluster::postgres::free_port;
+use support::*;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+const SECRET: &str = "correct horse battery staple";
+const SCHEMA: &str = "CREATE TABLE acct (id int PRIMARY KEY, v text);";
+const APP: &str = "app_writer";
+
+/// Regions 1 and 2 shipping to each other, each knowing the other's
+/// database (for `meridian verify`).
+fn pair(prefix: &str) -> (Region, Region) {
+    let (pa, pb) = (free_port().unwrap(), free_port().unwrap());
+    let (da, db) = (format!("{prefix}_a"), format!("{prefix}_b"));
+    let extra = |listen: u16, peer: u16, peer_id: u16, peer_db: &str| {
+        format!(
+            "listen = \"127.0.0.1:{listen}\"\nsecret = \"{SECRET}\"\n\n\
+             [[replication.peers]]\nname = \"{}\"\nid = {peer_id}\naddress = \"127.0.0.1:{peer}\"\n\
+             postgres = \"{}\"\n",
+            peer_db.replace('_', "-"),
+            pg().socket_conninfo(peer_db)
+        )
+    };
+    let mut regions = Vec::new();
+    for (db, id, listen, peer, peer_id, peer_db) in
+        [(&da, 1, pa, pb, 2, &db), (&db, 2, pb, pa, 1, &da)]
+    {
+        let (mut r, out) =
+            Region::prepare_as(db, id, SCHEMA, &[], &extra(listen, peer, peer_id, peer_db));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        psql(
+            &r.direct(),
+            &[
+                "-c",
+                &format!(
+                    "DO $$BEGIN CREATE ROLE {APP} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END$$"
+                ),
+                "-c",
+                &format!("GRANT SELECT, INSERT, UPDATE, DELETE ON acct TO {APP}; GRANT CREATE ON SCHEMA public TO {APP}"),
+            ],
+            None,
+        );
+        r.proxy = Some(Proxy::start_with_config(&r.config));
+        regions.push(r);
+    }
+    let b = regions.pop().unwrap();
+    (regions.pop().unwrap(), b)
+}
+
+/// The application role's connection string, straight to Postgres.
+fn app_direct(r: &Region) -> String {
+    pg().socket_conninfo(&r.db).replace(
+        &format!("user={}", pg().superuser()),
+        &format!("user={APP}"),
+    )
+}
+
+async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+fn code(e: &tokio_postgres::Error) -> Option<&SqlState> {
+    e.code()
+}
+
+/// Runs `sql` as the application role straight against Postgres; must succeed.
+fn direct(r: &Region, sql: &str) {
+    psql(&app_direct(r), &["-v", "ON_ERROR_STOP=1", "-c", sql], None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_application_role_can_write_around_capture_through_the_proxy_or_directly() {
+    let (a, b) = pair("priv");
+    let proxy = a.proxy().url(APP, &a.db);
+
+    // Through the proxy: every visible way to set one of meridian's settings
+    // or take a replication origin ends the session with 42501, saying why.
+    for (sql, names) in [
+        ("SET meridian.applying = on", "meridian.applying"),
+        (
+            "BEGIN; SET LOCAL meridian.applying = on; COMMIT",
+            "meridian.applying",
+        ),
+        ("RESET meridian.in_capture", "meridian.in_capture"),
+        (
+            "SELECT set_config('meridian.in_capture', 'on', false)",
+            "meridian.in_capture",
+        ),
+        (
+            "INSERT INTO acct SELECT 99, set_config('meridian.applying', 'on', true)",
+            "meridian.applying",
+        ),
+        (
+            &format!("ALTER ROLE {APP} SET meridian.applying = on"),
+            "meridian.applying",
+        ),
+        (
+            "SELECT pg_replication_origin_session_setup('meridian_1')",
+            "pg_replication_origin_session_setup",
+        ),
+    ] {
+        let client = connect(&proxy).await.unwrap();
+        let e = client.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(
+            code(&e),
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {e:?}"
+        );
+        let message = e.as_db_error().unwrap().message().to_string();
+        assert!(
+            message.contains(names) && message.contains("meridian refuses"),
+            "{sql}: {message}"
+        );
+    }
+    // The extended protocol: refused at Parse.
+    let client = connect(&proxy).await.unwrap();
+    let e = client
+        .prepare("SELECT set_config('meridian.applying', $1, false)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{e:?}");
+    // Startup options.
+    let e = connect(&format!("{proxy}&options=-c%20meridian.applying%3Don"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{e:?}");
+    assert_eq!(a.query("SELECT count(*) FROM acct WHERE id = 99"), ["0"]);
+    // An ordinary session through the proxy is not disturbed.
+    connect(&proxy)
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO acct VALUES (1, 'proxy')")
+        .await
+        .unwrap();
+
+    // Straight to Postgres: Postgres refuses what needs privileges...
+    let app = connect(&app_direct(&a)).await.unwrap();
+    for sql in [
+        "SET session_replication_role = replica",
+        "SELECT pg_replication_origin_session_setup('meridian_1')",
+        "SELECT meridian.apply_session_setup()",
+        "INSERT INTO meridian.row_version (tbl, pk, hlc, origin) VALUES ('public.acct', '{\"id\": 5}', 1, 1)",
+        "DELETE FROM meridian.session_mark",
+    ] {
+        let e = app.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(code(&e), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{sql}: {e:?}");
+    }
+    // ...and meridian's settings mean nothing: each of these writes is captured.
+    direct(
+        &a,
+        "SET meridian.applying = on; INSERT INTO acct VALUES (2, 'set')",
+    );
+    direct(&a, "SELECT set_config('meridian.applying', 'on', false); INSERT INTO acct VALUES (3, 'set_config')");
+    direct(
+        &a,
+        "BEGIN; SET LOCAL meridian.in_capture = on; CREATE TABLE sneaky (id int PRIMARY KEY); \
+         INSERT INTO sneaky VALUES (1); COMMIT",
+    );
+    // Startup options; and a role's defaults, where Postgres 15 lets only a
+    // superuser put an unknown setting.
+    let with_options = format!("{} options='-c meridian.in_capture=on'", app_direct(&a));
+    connect(&with_options)
+        .await
+        .unwrap()
+        .batch_execute(
+            "INSERT INTO acct VALUES (5, 'options'); CREATE TABLE sneaky_options (id int PRIMARY KEY); \
+             INSERT INTO sneaky_options VALUES (1)",
+        )
+        .await
+        .unwrap();
+    let e = app
+        .batch_execute(&format!("ALTER ROLE {APP} SET meridian.in_capture = on"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{e:?}");
+    direct(&a, "INSERT INTO acct VALUES (4, 'after')");
+    // A function that sets it with a name the proxy cannot see, then a table
+    // created through the proxy.
+    direct(
+        &a,
+        "CREATE FUNCTION sneak() RETURNS void LANGUAGE plpgsql AS \
+         $$BEGIN PERFORM set_config('meridian.' || 'in_capture', 'on', false); END$$",
+    );
+    connect(&proxy)
+        .await
+        .unwrap()
+        .batch_execute("SELECT sneak(); CREATE TABLE sneaky_fn (id int PRIMARY KEY); INSERT INTO sneaky_fn VALUES (1)")
+        .await
+        .unwrap();
+    // A forged statement-position cache for a query of several statements:
+    // it would ship the second CREATE TABLE's text as the first one's.
+    let tail =
+        "CREATE TABLE forged_a (id int PRIMARY KEY); CREATE TABLE forged_b (id int PRIMARY KEY)";
+    let head = "SELECT set_config('meridian.ddl_statements', md5(current_query()) || '@' || statement_timestamp()::text || '|0|false|BS|BE', false); ";
+    let at = head.len() + tail.find("CREATE TABLE forged_b").unwrap();
+    let query = format!("{head}{tail}");
+    let query = query.replace(
+        "BS|BE",
+        &format!("{at},{at}|{},{}", query.len(), query.len()),
+    );
+    direct(&a, &query);
+    // A forged stamp for the rows a table holds when it gets its key.
+    direct(
+        &a,
+        "CREATE TABLE late_key (id int, v text); INSERT INTO late_key VALUES (1, 'x'), (2, 'y')",
+    );
+    direct(
+        &a,
+        "BEGIN; SELECT set_config('meridian.tx_stamp', 'B1', true); \
+         ALTER TABLE late_key ADD PRIMARY KEY (id); COMMIT",
+    );
+    // A forged note that a replicated object was dropped.
+    direct(&a, "CREATE TEMP TABLE scratch (x int); SET meridian.dropped_replicated = on; DROP TABLE scratch");
+
+    // Everything arrived in region 2.
+    let tables = [
+        "sneaky",
+        "sneaky_options",
+        "sneaky_fn",
+        "forged_a",
+        "forged_b",
+    ];
+    let state = |r: &Region| {
+        let mut rows = r.query("SELECT string_agg(id::text, ',' ORDER BY id) FROM acct");
+        for t in tables.iter().chain(&["late_key"]) {
+            rows.extend(r.query(&format!("SELECT '{t} ' || count(*) FROM {t}")));
+        }
+        rows
+    };
+    let want = state(&a);
+    assert_eq!(want[0], "1,2,3,4,5");
+    let mut got = Vec::new();
+    let arrived = (0..600).any(|_| {
+        got = state(&b);
+        got == want || {
+            std::thread::sleep(Duration::from_millis(100));
+            false
+        }
+    });
+    assert!(
+        arrived,
+        "region 2 has {got:?}, region 1 {want:?}; held there: {:?}",
+        b.query("SELECT tbl || ': ' || error FROM meridian.held")
+    );
+    assert_eq!(
+        a.query("SELECT bool_and(hlc > 1::int8 << 40) FROM meridian.row_version WHERE tbl = 'public.late_key'"),
+        ["t"],
+        "capture chose the stamp of the rows captured with the key, not the session"
+    );
+    assert_eq!(
+        b.query("SELECT count(*) FROM meridian.held"),
+        ["0"],
+        "nothing bogus was shipped"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["verify", "--settle", "30s", "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for t in ["acct", "sneaky", "forged_a", "forged_b", "late_key"] {
+        assert!(text.contains(&format!("public.{t}:")), "{t}: {text}");
+    }
+    let refused = http_get(&a.proxy().admin.to_string(), "/status");
+    assert!(refused.contains("\"refused\":9"), "{refused}");
+}
