@@ -49,6 +49,15 @@ pub fn check_files(config: &Config) -> Vec<ConfigProblem> {
             });
         }
     }
+    if let Err(e) = crate::wire::tls::BackendTls::from_config(&config.backend) {
+        problems.push(ConfigProblem {
+            key: match e {
+                crate::wire::tls::TlsError::Ca { .. } => "backend.tls_ca".into(),
+                _ => "backend.host".into(),
+            },
+            message: e.to_string(),
+        });
+    }
     if let Some(tls) = &config.replication.tls {
         if let Err(e) = crate::replication::tls::PeerTls::load(tls) {
             problems.push(ConfigProblem {
@@ -241,7 +250,7 @@ impl Region {
             replication,
             peer_tls,
             engines: crate::replication::resolve::EngineHandle::new(engines),
-            barrier: Arc::new(crate::capture::wal::Barrier::new(config)),
+            barrier: Arc::new(crate::capture::wal::Barrier::new(config)?),
             replication_stats: Arc::default(),
             name: config.region.name.clone(),
             config: config.clone(),

@@ -286,3 +286,172 @@ async fn no_application_role_can_write_around_capture_through_the_proxy_or_direc
     let refused = http_get(&a.proxy().admin.to_string(), "/status");
     assert!(refused.contains("\"refused\":9"), "{refused}");
 }
+
+/// A Postgres that accepts TCP only over TLS, with a certificate for
+/// 127.0.0.1 from a test CA; returns the server and the CA's file.
+fn postgres_with_tls() -> (meridian::cluster::postgres::PgServer, std::path::PathBuf) {
+    use meridian::cluster::postgres::{PgOptions, PgServer};
+    let certs = scratch_dir("backend_tls_certs");
+    let issued = meridian::cluster::certs::issue(&certs, &["127.0.0.1"]).unwrap();
+    let (cert, key) = (&issued[0].cert, &issued[0].key);
+    // Postgres wants its key private to the user it runs as.
+    std::fs::set_permissions(key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    if unsafe { libc::geteuid() } == 0 {
+        for f in [cert, key] {
+            let out = std::process::Command::new("chown")
+                .arg("postgres")
+                .arg(f)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+        let out = std::process::Command::new("chmod")
+            .args(["755"])
+            .arg(&certs)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let opts = PgOptions {
+        settings: vec![
+            ("ssl".into(), "on".into()),
+            ("ssl_cert_file".into(), cert.display().to_string()),
+            ("ssl_key_file".into(), key.display().to_string()),
+        ],
+        hba_first: vec![
+            "hostssl all all 127.0.0.1/32 trust".into(),
+            "hostnossl all all 127.0.0.1/32 reject".into(),
+        ],
+        ..PgOptions::default()
+    };
+    let server =
+        PgServer::start(&scratch_dir("backend_tls_pg"), &opts).expect("start PostgreSQL with TLS");
+    (server, issued[0].ca.clone())
+}
+
+fn tls_region_config(
+    dir: &std::path::Path,
+    name: &str,
+    pg: &meridian::cluster::postgres::PgServer,
+    tls: &str,
+) -> std::path::PathBuf {
+    let (port, admin) = (free_port().unwrap(), free_port().unwrap());
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[region]\nname = \"tls-region\"\nid = 1\n\n[proxy]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [backend]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{}\"\ndatabase = \"postgres\"\n{tls}\n\n\
+             [auth]\nmethod = \"trust\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+            pg.port,
+            pg.superuser()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn migrate(config: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["migrate", "--config"])
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+/// `backend.tls = "verify-full"` against a Postgres that refuses plain TCP:
+/// migrate, client sessions and capture's slot all reach it over TLS; a CA
+/// that did not sign its certificate is refused, saying so.
+#[test]
+fn the_proxy_reaches_postgres_over_verified_tls_and_refuses_a_wrong_ca() {
+    let (pg, ca) = postgres_with_tls();
+    let dir = scratch_dir("backend_tls_cfg");
+    let wrong = meridian::cluster::certs::issue(&dir.join("wrong"), &["127.0.0.1"]).unwrap();
+    let bad = tls_region_config(
+        &dir,
+        "wrong-ca",
+        &pg,
+        &format!(
+            "tls = \"verify-full\"\ntls_ca = \"{}\"",
+            wrong[0].ca.display()
+        ),
+    );
+    let out = migrate(&bad);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("invalid peer certificate") && err.contains("backend.tls_ca"),
+        "{err}"
+    );
+
+    // `require` encrypts without checking the certificate (libpq's sslmode=require).
+    let unchecked = tls_region_config(&dir, "unchecked", &pg, "tls = \"require\"");
+    let out = migrate(&unchecked);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let config = tls_region_config(
+        &dir,
+        "verified",
+        &pg,
+        &format!("tls = \"verify-full\"\ntls_ca = \"{}\"", ca.display()),
+    );
+    let out = migrate(&config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    psql(
+        &pg.socket_conninfo("postgres"),
+        &["-c", "CREATE TABLE tls_kv (k int PRIMARY KEY, v text)"],
+        None,
+    );
+    let proxy = Proxy::start_with_config(&config);
+    let url = proxy.url(pg.superuser(), "postgres");
+    let (out, _) = psql(
+        &url,
+        &[
+            "-At",
+            "-c",
+            "INSERT INTO tls_kv VALUES (1, 'over tls')",
+            "-c",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ],
+        None,
+    );
+    assert_eq!(
+        out.lines().last(),
+        Some("t"),
+        "the session's backend leg is TLS: {out}"
+    );
+    // Capture read the insert from the slot, whose connection is TLS too.
+    let direct = pg.socket_conninfo("postgres");
+    eventually(
+        "capture recorded the insert",
+        Duration::from_secs(60),
+        || {
+            psql(
+                &direct,
+                &[
+                    "-At",
+                    "-c",
+                    "SELECT count(*) FROM meridian.change WHERE tbl = 'public.tls_kv'",
+                ],
+                None,
+            )
+            .0
+            .trim()
+                == "1"
+        },
+    );
+    let (ssl, _) = psql(
+        &direct,
+        &["-At", "-c", "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.client_addr IS NOT NULL"],
+        None,
+    );
+    assert_eq!(ssl.trim(), "t", "every TCP connection to Postgres is TLS");
+}

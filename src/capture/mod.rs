@@ -28,6 +28,7 @@ mod writer;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::Config;
+use crate::wire::tls::BackendTls;
 
 pub use migrate::{migrate, MigrateReport, Migration, MIGRATIONS};
 
@@ -74,6 +75,8 @@ pub enum CaptureError {
     Corrupt(String),
     #[error("the capture slot: {0}")]
     Slot(String),
+    #[error("backend.tls: {0}")]
+    Tls(#[from] crate::wire::tls::TlsError),
     #[error("{0}")]
     Settings(String),
     #[error("{context}: {}", describe(.source))]
@@ -111,19 +114,35 @@ fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Captu
 /// `backend.database`). The connection task runs until the client is dropped.
 pub async fn connect(config: &Config) -> Result<Client, CaptureError> {
     let b = &config.backend;
-    connect_raw(config)
+    let tls = BackendTls::from_config(b)?;
+    connect_raw(config, tls.as_ref())
         .await
         .map_err(|source| CaptureError::Connect {
             target: format!(
-                "host={} port={} user={} dbname={}",
-                b.host, b.port, b.user, b.database
+                "host={} port={} user={} dbname={}{}",
+                b.host,
+                b.port,
+                b.user,
+                b.database,
+                match (&tls, &b.tls_ca) {
+                    (None, _) => String::new(),
+                    (Some(_), None) => " over TLS, backend.tls = \"require\"".into(),
+                    (Some(_), Some(ca)) => format!(
+                        " over TLS, verified against backend.tls_ca = {}",
+                        ca.display()
+                    ),
+                }
             ),
             source,
         })
 }
 
-/// As [`connect`], with the driver's own error.
-pub async fn connect_raw(config: &Config) -> Result<Client, tokio_postgres::Error> {
+/// As [`connect`], with `backend.tls` already loaded, and the driver's own
+/// error.
+pub async fn connect_raw(
+    config: &Config,
+    tls: Option<&BackendTls>,
+) -> Result<Client, tokio_postgres::Error> {
     let b = &config.backend;
     let mut pg = tokio_postgres::Config::new();
     pg.host(&b.host)
@@ -141,13 +160,33 @@ pub async fn connect_raw(config: &Config) -> Result<Client, tokio_postgres::Erro
     if let Some(p) = b.resolve_password() {
         pg.password(p);
     }
-    let (client, connection) = pg.connect(NoTls).await?;
+    let client = match tls {
+        None => spawn_connection(pg.connect(NoTls).await?),
+        Some(tls) => {
+            // The rustls config decides what is checked (`require` checks
+            // nothing, `verify-full` the chain and the host name); the
+            // driver only has to insist on TLS.
+            pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls.config).clone());
+            spawn_connection(pg.connect(connector).await?)
+        }
+    };
+    Ok(client)
+}
+
+fn spawn_connection<S, T>(
+    (client, connection): (Client, tokio_postgres::Connection<S, T>),
+) -> Client
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "meridian's control connection ended");
         }
     });
-    Ok(client)
+    client
 }
 
 /// A connection for applying peers' changes: its transactions carry a

@@ -30,6 +30,7 @@ use super::writer::{self, Relations};
 use super::CaptureError;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::wire::tls::BackendTls;
 
 /// Prefix of the sync messages (see [`Barrier`]).
 const SYNC_PREFIX: &str = "meridian.sync";
@@ -56,6 +57,7 @@ pub const SETTLE_LIMIT: Duration = Duration::from_secs(1);
 /// needed.
 pub struct Barrier {
     config: Config,
+    tls: Option<crate::wire::tls::BackendTls>,
     passed: watch::Sender<u64>,
     /// The connection sync points are committed on.
     sync: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
@@ -70,13 +72,14 @@ impl Barrier {
     pub const EMIT: &'static str =
         "SELECT pg_logical_emit_message(true, 'meridian.sync', '')::text";
 
-    pub fn new(config: &Config) -> Barrier {
-        Barrier {
+    pub fn new(config: &Config) -> Result<Barrier, crate::wire::tls::TlsError> {
+        Ok(Barrier {
             config: config.clone(),
+            tls: crate::wire::tls::BackendTls::from_config(&config.backend)?,
             passed: watch::channel(0).0,
             sync: Default::default(),
             applying: Default::default(),
-        }
+        })
     }
 
     /// Waits until capture has recorded everything before `lsn` (as
@@ -95,7 +98,7 @@ impl Barrier {
     pub async fn emit(&self) -> Result<String, tokio_postgres::Error> {
         let mut sync = self.sync.lock().await;
         if sync.is_none() {
-            *sync = Some(super::connect_raw(&self.config).await?);
+            *sync = Some(super::connect_raw(&self.config, self.tls.as_ref()).await?);
         }
         let result = sync
             .as_ref()
@@ -294,8 +297,16 @@ async fn session(
         done: done as u64,
     };
     let b = &config.backend;
+    let tunnel = match BackendTls::from_config(b)? {
+        Some(tls) => Some(SlotTunnel::open(b, tls)?),
+        None => None,
+    };
+    let host = match &tunnel {
+        Some(t) => t.dir.path().display().to_string(),
+        None => b.host.clone(),
+    };
     let mut cfg = ReplicationConfig::new(
-        &b.host,
+        &host,
         &b.user,
         b.resolve_password().unwrap_or_default(),
         &b.database,
@@ -308,7 +319,7 @@ async fn session(
     .with_options(
         "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c TimeZone=UTC",
     );
-    if !b.is_unix_socket() {
+    if !b.is_unix_socket() && tunnel.is_none() {
         cfg = cfg.with_tls(pgwire_replication::TlsConfig::disabled());
     }
     let mut slot = ReplicationClient::connect(cfg)
@@ -400,4 +411,49 @@ async fn record(
     }
     batch.clear();
     Ok(())
+}
+
+/// The capture slot's connection under `backend.tls`. pgwire-replication
+/// does TLS only with its `tls-rustls` feature, which also turns on
+/// tokio-rustls' default aws-lc-rs provider (a C library built with
+/// cmake) beside the ring provider everything else here uses. So the slot
+/// client connects to a Unix socket in a private directory (mode 0700,
+/// removed with the tunnel), and meridian carries that one connection to
+/// Postgres over its own TLS leg (`wire::backend::open`, the one client
+/// sessions use), with the same checks.
+struct SlotTunnel {
+    dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlotTunnel {
+    fn open(b: &crate::config::BackendConfig, tls: BackendTls) -> Result<SlotTunnel, CaptureError> {
+        let io = |e: std::io::Error| CaptureError::Slot(format!("the TLS tunnel to Postgres: {e}"));
+        let dir = tempfile::Builder::new()
+            .prefix("meridian-slot-")
+            .tempdir()
+            .map_err(io)?;
+        let listener =
+            tokio::net::UnixListener::bind(dir.path().join(format!(".s.PGSQL.{}", b.port)))
+                .map_err(io)?;
+        let backend = b.clone();
+        let task = tokio::spawn(async move {
+            let Ok((mut local, _)) = listener.accept().await else {
+                return;
+            };
+            match crate::wire::backend::open(&backend, Some(&tls)).await {
+                Ok(mut remote) => {
+                    let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "capture cannot reach Postgres"),
+            }
+        });
+        Ok(SlotTunnel { dir, task })
+    }
+}
+
+impl Drop for SlotTunnel {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -151,6 +151,8 @@ fn region_config(
             connect_timeout: Duration::from_secs(5),
             user: pg.superuser().to_string(),
             database: "postgres".into(),
+            tls: Default::default(),
+            tls_ca: None,
         },
         auth: AuthConfig {
             method: AuthMethod::Trust,

@@ -1,5 +1,5 @@
 //! The proxy's side of a session with the region's PostgreSQL: connect over
-//! TCP or a Unix socket, send the client's startup parameters, answer the
+//! TCP (under TLS with `backend.tls`) or a Unix socket, send the client's startup parameters, answer the
 //! backend's authentication (SCRAM-SHA-256, MD5, cleartext or trust) and
 //! collect what the client must see before its first query.
 
@@ -15,6 +15,7 @@ use tokio::net::{TcpStream, UnixStream};
 use crate::config::BackendConfig;
 use crate::wire::startup::encode_startup;
 use crate::wire::stream::Socket;
+use crate::wire::tls::BackendTls;
 
 /// Where the backend listens; also where cancel requests are sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +70,12 @@ pub enum BackendError {
     NoPassword,
     #[error("PostgreSQL asked for an unsupported authentication method (code {0})")]
     UnsupportedAuth(u32),
+    #[error("PostgreSQL at {0} does not accept TLS (it answered the SSLRequest with N), but backend.tls asks for it")]
+    TlsRefused(String),
+    #[error(
+        "TLS with the region's PostgreSQL at {addr} failed (backend.tls, backend.tls_ca): {source}"
+    )]
+    Tls { addr: String, source: io::Error },
     #[error("unexpected reply from PostgreSQL during startup: {0}")]
     Protocol(String),
     #[error("lost the connection to PostgreSQL during startup: {0}")]
@@ -79,9 +86,11 @@ impl BackendError {
     /// SQLSTATE the client sees (a `Rejected` error carries the backend's own).
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            BackendError::Connect { .. } | BackendError::Timeout(_) | BackendError::Io(_) => {
-                "08006"
-            }
+            BackendError::Connect { .. }
+            | BackendError::Timeout(_)
+            | BackendError::Io(_)
+            | BackendError::TlsRefused(_)
+            | BackendError::Tls { .. } => "08006",
             BackendError::NoPassword | BackendError::UnsupportedAuth(_) => "28000",
             BackendError::Protocol(_) => "08P01",
             BackendError::Rejected { .. } => "XX000",
@@ -122,19 +131,60 @@ async fn read_message<S: AsyncRead + Unpin>(
     }
 }
 
-/// Connects and authenticates, passing the client's startup parameters through.
-pub async fn connect(
-    cfg: &BackendConfig,
-    params: &[(String, String)],
-) -> Result<BackendSession, BackendError> {
+/// Opens a connection to the region's Postgres, under TLS when `tls` says
+/// so (an SSLRequest first, as libpq does), within `backend.connect_timeout`.
+pub async fn open(cfg: &BackendConfig, tls: Option<&BackendTls>) -> Result<Socket, BackendError> {
     let addr = BackendAddr::from_config(cfg);
-    let stream = tokio::time::timeout(cfg.connect_timeout, addr.connect())
+    let timeout = |_| BackendError::Timeout(addr.to_string());
+    let socket = tokio::time::timeout(cfg.connect_timeout, addr.connect())
         .await
-        .map_err(|_| BackendError::Timeout(addr.to_string()))?
+        .map_err(timeout)?
         .map_err(|source| BackendError::Connect {
             addr: addr.to_string(),
             source,
         })?;
+    match (socket, tls) {
+        (Socket::Tcp(tcp), Some(tls)) => {
+            tokio::time::timeout(cfg.connect_timeout, start_tls(tcp, tls, &addr))
+                .await
+                .map_err(timeout)?
+        }
+        (socket, _) => Ok(socket),
+    }
+}
+
+async fn start_tls(
+    mut tcp: TcpStream,
+    tls: &BackendTls,
+    addr: &BackendAddr,
+) -> Result<Socket, BackendError> {
+    let mut out = BytesMut::new();
+    frontend::ssl_request(&mut out);
+    tcp.write_all(&out).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    if answer[0] != b'S' {
+        return Err(BackendError::TlsRefused(addr.to_string()));
+    }
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    let stream = connector
+        .connect(tls.server_name.clone(), tcp)
+        .await
+        .map_err(|source| BackendError::Tls {
+            addr: addr.to_string(),
+            source,
+        })?;
+    Ok(Socket::Tls(Box::new(stream)))
+}
+
+/// Connects and authenticates, passing the client's startup parameters through.
+pub async fn connect(
+    cfg: &BackendConfig,
+    tls: Option<&BackendTls>,
+    params: &[(String, String)],
+) -> Result<BackendSession, BackendError> {
+    let addr = BackendAddr::from_config(cfg);
+    let stream = open(cfg, tls).await?;
     let user = params
         .iter()
         .find(|(k, _)| k == "user")

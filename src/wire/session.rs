@@ -48,6 +48,8 @@ pub struct SessionContext {
     pub auth_method: AuthMethod,
     pub users: Vec<(String, Verifier)>,
     pub tls: Option<crate::wire::tls::ClientTls>,
+    /// `backend.tls`: how sessions reach Postgres.
+    pub backend_tls: Option<crate::wire::tls::BackendTls>,
     pub cancels: Arc<CancelRegistry>,
     pub max_message_bytes: u32,
     pub handshake_timeout: Duration,
@@ -88,6 +90,7 @@ impl SessionContext {
             auth_method: config.auth.method,
             users,
             tls,
+            backend_tls: crate::wire::tls::BackendTls::from_config(&config.backend)?,
             cancels: CancelRegistry::new(BackendAddr::from_config(&config.backend)),
             max_message_bytes: config.proxy.max_message_bytes,
             handshake_timeout: config.proxy.handshake_timeout,
@@ -311,7 +314,7 @@ async fn connect_backend<S: AsyncWrite + Unpin>(
     ctx: &SessionContext,
     startup: &StartupMessage,
 ) -> Result<Established, HandshakeError> {
-    let backend = backend::connect(&ctx.backend, &startup.params)
+    let backend = backend::connect(&ctx.backend, ctx.backend_tls.as_ref(), &startup.params)
         .await
         .map_err(|e| match e {
             BackendError::Rejected { raw } => HandshakeError::BackendRefused(raw),

@@ -90,11 +90,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
     }
 }
 
-/// A plain socket, TCP or Unix, driven by tokio.
+/// A socket driven by tokio: TCP or Unix, or TCP under TLS (the proxy's
+/// leg to a Postgres with `backend.tls`, which stays with tokio).
 #[derive(Debug)]
 pub enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 macro_rules! delegate {
@@ -102,6 +104,7 @@ macro_rules! delegate {
         match $self.get_mut() {
             Socket::Tcp($s) => $e,
             Socket::Unix($s) => $e,
+            Socket::Tls($s) => $e,
         }
     };
 }
@@ -155,6 +158,7 @@ impl Socket {
         let s = match self {
             Socket::Tcp(s) => StdSocket::Tcp(s.into_std()?),
             Socket::Unix(s) => StdSocket::Unix(s.into_std()?),
+            Socket::Tls(_) => return Err(not_a_socket()),
         };
         match &s {
             StdSocket::Tcp(t) => t.set_nonblocking(false)?,
@@ -191,7 +195,7 @@ fn not_a_socket() -> io::Error {
 
 impl IntoSocket for Socket {
     fn is_socket(&self) -> bool {
-        true
+        !matches!(self, Socket::Tls(_))
     }
     fn into_socket(self) -> io::Result<StdSocket> {
         self.into_std()
