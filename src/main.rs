@@ -50,6 +50,11 @@ enum Command {
     Migrate {
         #[arg(long)]
         config: PathBuf,
+        /// Connect as this role instead of backend.owner (or backend.user):
+        /// a superuser, once per region, makes meridian's roles and event
+        /// triggers and does everything else as backend.owner.
+        #[arg(long = "as", value_name = "ROLE")]
+        as_role: Option<String>,
     },
     /// Show the conflicts this region's rule engine decided (newest first).
     Conflicts {
@@ -257,11 +262,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Migrate { config } => {
+        Command::Migrate { config, as_role } => {
             let config = load_config(&config)?;
             let rules = RuleSet::load(&config.replication.rules)?;
+            let b = &config.backend;
+            let role = as_role
+                .or_else(|| b.owner.clone())
+                .unwrap_or_else(|| b.user.clone());
             let report = runtime()?.block_on(async {
-                let mut client = capture::connect(&config).await?;
+                let mut client = capture::connect_as(&config, &role).await?;
                 capture::migrate(&mut client, &config, &rules).await
             })?;
             for (version, name) in &report.applied {

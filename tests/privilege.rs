@@ -455,3 +455,214 @@ fn the_proxy_reaches_postgres_over_verified_tls_and_refuses_a_wrong_ca() {
     );
     assert_eq!(ssl.trim(), "t", "every TCP connection to Postgres is TLS");
 }
+
+const OWNER: &str = "meridian_owner";
+const APPLIER: &str = "meridian_apply";
+const TABLE_OWNER: &str = "priv_app_owner";
+
+/// A region whose database and tables belong to an ordinary application
+/// role, and whose meridian runs as `backend.user = meridian_apply` with
+/// `backend.owner = meridian_owner`.
+fn least_privilege_region(db: &str, id: u16, listen: u16, peer: u16, peer_db: &str) -> Region {
+    let super_conn = pg().socket_conninfo("postgres");
+    psql(
+        &super_conn,
+        &[
+            "-c",
+            &format!("DO $$BEGIN CREATE ROLE {TABLE_OWNER} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END$$"),
+            "-c",
+            &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+            "-c",
+            &format!("CREATE DATABASE {db} OWNER {TABLE_OWNER}"),
+        ],
+        None,
+    );
+    let as_owner = pg().socket_conninfo(db).replace(
+        &format!("user={}", pg().superuser()),
+        &format!("user={TABLE_OWNER}"),
+    );
+    psql(&as_owner, &["-c", SCHEMA], None);
+    let dir = scratch_dir(db);
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    let (port, admin) = (free_port().unwrap(), free_port().unwrap());
+    let config = dir.join("meridian.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[region]\nname = \"{}\"\nid = {id}\n\n[proxy]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [backend]\nhost = \"{}\"\nport = {}\nuser = \"{APPLIER}\"\nowner = \"{OWNER}\"\ndatabase = \"{db}\"\n\n\
+             [auth]\nmethod = \"trust\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+             [replication]\nrules = \"rules\"\nlisten = \"127.0.0.1:{listen}\"\nsecret = \"{SECRET}\"\n\n\
+             [[replication.peers]]\nname = \"{}\"\nid = {}\naddress = \"127.0.0.1:{peer}\"\npostgres = \"{}\"\n",
+            db.replace('_', "-"),
+            pg().socket_dir().display(),
+            pg().port,
+            peer_db.replace('_', "-"),
+            3 - id,
+            pg().socket_conninfo(peer_db),
+        ),
+    )
+    .unwrap();
+    Region {
+        db: db.into(),
+        config,
+        proxy: None,
+    }
+}
+
+fn migrate_as(config: &std::path::Path, role: Option<&str>) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"));
+    cmd.args(["migrate", "--config"]).arg(config);
+    if let Some(role) = role {
+        cmd.args(["--as", role]);
+    }
+    cmd.output().unwrap()
+}
+
+/// meridian with two roles, neither a superuser: a superuser runs
+/// `migrate --as` once (roles, grants only a superuser may give, event
+/// triggers); after that the owner migrates, the apply role runs, and two
+/// regions replicate rows and schema changes written by the application's
+/// own role, and end identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_replicate_with_meridians_roles_not_superusers() {
+    let (pa, pb) = (free_port().unwrap(), free_port().unwrap());
+    let mut a = least_privilege_region("lp_a", 1, pa, pb, "lp_b");
+    let mut b = least_privilege_region("lp_b", 2, pb, pa, "lp_a");
+    for r in [&a, &b] {
+        let out = migrate_as(&r.config, Some(pg().superuser()));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = migrate_as(&r.config, None);
+        assert!(
+            out.status.success(),
+            "as the owner: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        a.query(&format!("SELECT string_agg(rolname || ':' || rolsuper, ',' ORDER BY rolname) FROM pg_roles WHERE rolname IN ('{OWNER}', '{APPLIER}')")),
+        [format!("{APPLIER}:false,{OWNER}:false")]
+    );
+    assert_eq!(
+        a.query("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'meridian'"),
+        [OWNER]
+    );
+    // A missing event trigger is a step only a superuser can take: the
+    // owner's migrate says so.
+    psql(
+        &a.direct(),
+        &["-c", "DROP EVENT TRIGGER meridian_note_drop"],
+        None,
+    );
+    let out = migrate_as(&a.config, None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("only a superuser may create event triggers")
+            && err.contains("--as"),
+        "{err}"
+    );
+    let out = migrate_as(&a.config, Some(pg().superuser()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    a.proxy = Some(Proxy::start_with_config(&a.config));
+    b.proxy = Some(Proxy::start_with_config(&b.config));
+    let (ua, ub) = (
+        a.proxy().url(TABLE_OWNER, &a.db),
+        b.proxy().url(TABLE_OWNER, &b.db),
+    );
+    psql(
+        &ua,
+        &[
+            "-c",
+            "INSERT INTO acct VALUES (1, 'a'), (2, 'a')",
+            "-c",
+            "CREATE TABLE later (id int PRIMARY KEY, n int)",
+            "-c",
+            "INSERT INTO later VALUES (1, 1)",
+        ],
+        None,
+    );
+    psql(
+        &ub,
+        &[
+            "-c",
+            "INSERT INTO acct VALUES (3, 'b')",
+            "-c",
+            "UPDATE acct SET v = 'b' WHERE id = 1",
+        ],
+        None,
+    );
+    let state = |r: &Region| {
+        r.query("SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM acct")
+            .into_iter()
+            .chain(r.query("SELECT count(*) FROM pg_class WHERE relname = 'later'"))
+            .collect::<Vec<_>>()
+    };
+    let arrived = (0..300).any(|_| {
+        state(&a) == ["1=b,2=a,3=b", "1"] && state(&b) == state(&a) || {
+            std::thread::sleep(Duration::from_millis(100));
+            false
+        }
+    });
+    let problems = |r: &Region| -> String {
+        r.proxy()
+            .log()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .take(8)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        arrived,
+        "a: {:?} b: {:?}\na: {}\nb: {}",
+        state(&a),
+        state(&b),
+        problems(&a),
+        problems(&b)
+    );
+    eventually(
+        "the new table's row arrived",
+        Duration::from_secs(60),
+        || b.query("SELECT count(*) FROM later") == ["1"],
+    );
+    psql(
+        &ub,
+        &[
+            "-c",
+            "DELETE FROM acct WHERE id = 2",
+            "-c",
+            "INSERT INTO later VALUES (2, 2)",
+        ],
+        None,
+    );
+    eventually(
+        "writes to the replicated table arrive back",
+        Duration::from_secs(60),
+        || {
+            a.query("SELECT count(*) FROM later") == ["2"]
+                && a.query("SELECT count(*) FROM acct") == ["2"]
+        },
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["verify", "--settle", "30s", "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(b.query("SELECT count(*) FROM meridian.held"), ["0"]);
+}

@@ -40,6 +40,7 @@ DECLARE
     ctx pg_catalog.text;
     stmt pg_catalog.text;
     relevant pg_catalog.bool;
+    owner_role pg_catalog.text;
     dropped pg_catalog.bool := meridian.marked('dropped_replicated', true) IS NOT NULL;
     own pg_catalog.bool := meridian.in_own_ddl();
 BEGIN
@@ -79,9 +80,18 @@ BEGIN
             USING ERRCODE = 'feature_not_supported',
                   HINT = 'Create the table with CREATE TABLE, then fill it with INSERT ... SELECT.';
     END IF;
+    -- Who the objects belong to, so peers make them with the same owner:
+    -- the owner of the relation the command made or changed, else the
+    -- session's login role (current_user is this function's owner here).
+    SELECT r.rolname::pg_catalog.text INTO owner_role
+      FROM pg_catalog.pg_event_trigger_ddl_commands() d
+      JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) d.objid
+      JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) c.relowner
+     WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+     LIMIT 1;
     INSERT INTO meridian.ddl_out ("row")
     VALUES (pg_catalog.jsonb_build_object('sql', stmt, 'search_path', pg_catalog.current_setting('search_path'),
-                                          'tag', tg_tag));
+                                          'tag', tg_tag, 'role', coalesce(owner_role, session_user::pg_catalog.text)));
 END
 $$;
 
@@ -101,16 +111,30 @@ END
 $$;
 
 
--- Runs a replicated schema change, with the search_path it was made under.
+-- Runs a replicated schema change, with the search_path it was made under,
+-- as the role it was made by when that role exists here and the apply role
+-- may act as it (a member of it, as `meridian migrate --as` makes it of the
+-- replicated tables' owners): so what it creates has the same owner in
+-- every region, and the application may use it here too.
 CREATE OR REPLACE FUNCTION meridian.apply_ddl(ddl jsonb) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     saved text := current_setting('search_path');
+    made_by text := ddl ->> 'role';
+    act_as bool := made_by IS NOT NULL AND made_by <> current_user
+                   AND EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = made_by)
+                   AND pg_has_role(current_user, made_by, 'MEMBER');
 BEGIN
     PERFORM set_config('search_path', ddl ->> 'search_path', true);
+    IF act_as THEN
+        PERFORM set_config('role', made_by, true);
+    END IF;
     EXECUTE ddl ->> 'sql';
+    IF act_as THEN
+        PERFORM set_config('role', 'none', true);
+    END IF;
     PERFORM set_config('search_path', saved, true);
 END
 $$;

@@ -11,6 +11,7 @@
 
 use tokio_postgres::Client;
 
+use super::roles::Roles;
 use super::{pg, rule_rows, CaptureError};
 use crate::config::Config;
 use crate::rules::RuleSet;
@@ -94,6 +95,10 @@ const REAPPLIED: &[(&str, &str)] = &[
     ("wiring.sql", include_str!("../../migrations/wiring.sql")),
 ];
 
+/// Checked (and made again, by a superuser) after the rest, outside the
+/// owner's role: see the file.
+const EVENT_TRIGGERS: &str = include_str!("../../migrations/event_triggers.sql");
+
 /// Serialises concurrent `meridian migrate` runs against one database.
 const MIGRATE_LOCK: i64 = 0x6d65_7269_6469_616e; // "meridian"
 
@@ -132,9 +137,47 @@ async fn migrate_locked(
     config: &Config,
     rules: &RuleSet,
 ) -> Result<MigrateReport, CaptureError> {
+    let roles = Roles::of(config);
+    let me = client
+        .query_one(
+            "SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(pg("reading who migrates"))?;
+    let (me, superuser): (String, bool) = (me.get(0), me.get(1));
+    let as_owner = match &roles {
+        Some(r) if superuser => {
+            super::roles::create(client, r, config).await?;
+            (me != r.owner).then(|| r.owner.clone())
+        }
+        _ => None,
+    };
+    if let Some(owner) = &as_owner {
+        client
+            .batch_execute(&format!("SET ROLE {}", super::roles::ident(owner)))
+            .await
+            .map_err(pg(format!("SET ROLE {owner}")))?;
+    }
     check_settings(client).await?;
     let applied = install_schema(client).await?;
     let tables = enable_capture(client, config, rules).await?;
+    if let Some(r) = &roles {
+        super::roles::grant_runtime(client, r).await?;
+    }
+    if as_owner.is_some() {
+        client
+            .batch_execute("RESET ROLE")
+            .await
+            .map_err(pg("RESET ROLE"))?;
+    }
+    client
+        .batch_execute(EVENT_TRIGGERS)
+        .await
+        .map_err(|source| CaptureError::Reapplied {
+            file: "event_triggers.sql",
+            source,
+        })?;
     // The slot is made outside any transaction that wrote (Postgres' rule);
     // from here on every committed change is kept for capture.
     client
@@ -345,10 +388,10 @@ mod tests {
         let embedded: Vec<String> = MIGRATIONS
             .iter()
             .map(|m| format!("{:04}_{}.sql", m.version, m.name))
-            .chain(std::iter::once("wiring.sql".to_string()))
+            .chain(["event_triggers.sql".to_string(), "wiring.sql".to_string()])
             .collect();
         let mut on_disk = sql_files("migrations");
-        on_disk.sort_by_key(|n| n == "wiring.sql");
+        on_disk.sort_by_key(|n| !n.starts_with(|c: char| c.is_ascii_digit()));
         assert_eq!(on_disk, embedded);
         assert!(MIGRATIONS.windows(2).all(|w| w[0].version < w[1].version));
         assert_eq!(MIGRATIONS[0].version, BASELINE);

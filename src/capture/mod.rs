@@ -21,6 +21,7 @@ pub mod clock_store;
 mod migrate;
 pub mod pgoutput;
 pub mod reader;
+pub mod roles;
 mod rule_rows;
 pub mod wal;
 mod writer;
@@ -113,16 +114,22 @@ fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Captu
 /// Opens meridian's own connection to the region's Postgres (`backend.user`,
 /// `backend.database`). The connection task runs until the client is dropped.
 pub async fn connect(config: &Config) -> Result<Client, CaptureError> {
+    connect_as(config, &config.backend.user).await
+}
+
+/// As [`connect`], as role `user` (`meridian migrate` connects as
+/// `backend.owner`, or as the role given with `--as`).
+pub async fn connect_as(config: &Config, user: &str) -> Result<Client, CaptureError> {
     let b = &config.backend;
     let tls = BackendTls::from_config(b)?;
-    connect_raw(config, tls.as_ref())
+    connect_raw_as(config, user, tls.as_ref())
         .await
         .map_err(|source| CaptureError::Connect {
             target: format!(
                 "host={} port={} user={} dbname={}{}",
                 b.host,
                 b.port,
-                b.user,
+                user,
                 b.database,
                 match (&tls, &b.tls_ca) {
                     (None, _) => String::new(),
@@ -143,11 +150,19 @@ pub async fn connect_raw(
     config: &Config,
     tls: Option<&BackendTls>,
 ) -> Result<Client, tokio_postgres::Error> {
+    connect_raw_as(config, &config.backend.user, tls).await
+}
+
+async fn connect_raw_as(
+    config: &Config,
+    user: &str,
+    tls: Option<&BackendTls>,
+) -> Result<Client, tokio_postgres::Error> {
     let b = &config.backend;
     let mut pg = tokio_postgres::Config::new();
     pg.host(&b.host)
         .port(b.port)
-        .user(&b.user)
+        .user(user)
         .dbname(&b.database)
         .application_name("meridian")
         // What meridian commits (captured changes with the slot position

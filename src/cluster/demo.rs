@@ -153,6 +153,7 @@ fn region_config(
             database: "postgres".into(),
             tls: Default::default(),
             tls_ca: None,
+            owner: None,
         },
         auth: AuthConfig {
             method: AuthMethod::Trust,

@@ -239,6 +239,11 @@ pub struct BackendConfig {
     /// sessions always use the client's own role.
     #[serde(default = "default_backend_user")]
     pub user: String,
+    /// The role that owns meridian's schema and runs `meridian migrate`,
+    /// when it is not `user` (least privilege: README "Roles"). `user`
+    /// then only applies peers' changes and reads the change stream.
+    #[serde(default)]
+    pub owner: Option<String>,
     /// Database holding the replicated schemas and meridian's own schema.
     #[serde(default = "default_backend_database")]
     pub database: String,
