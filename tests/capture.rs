@@ -82,7 +82,7 @@ fn migrate_refuses_tables_without_a_key_and_is_idempotent() {
         String::from_utf8_lossy(&ghost.stderr)
     );
     let out = psql_raw(
-        &region.direct(),
+        &region.app_direct(),
         &["-c", "CREATE TABLE ghost (id int PRIMARY KEY)"],
         None,
         &[],
@@ -97,7 +97,7 @@ fn migrate_refuses_tables_without_a_key_and_is_idempotent() {
     );
     for _ in 0..2 {
         psql(
-            &region.direct(),
+            &region.app_direct(),
             &[
                 "-c",
                 "DROP TABLE IF EXISTS ghost",
@@ -431,7 +431,7 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
     );
     // A row captured before a column existed gets the column's default.
     psql(
-        &r.direct(),
+        &r.app_direct(),
         &[
             "-c",
             "ALTER TABLE accounts ADD COLUMN tier text NOT NULL DEFAULT 'basic'",
@@ -678,7 +678,7 @@ fn pgbench_tpcb_in_all_three_modes_captures_exactly_what_it_committed() {
         r.db,
         pg().socket_dir().display(),
         pg().port,
-        pg().superuser()
+        REGION_APP
     );
     pgbench(&direct_url, &["-i", "-s", "1", "-q"]);
     std::fs::write(

@@ -51,7 +51,8 @@ fn pair(prefix: &str) -> (Region, Region) {
                     "DO $$BEGIN CREATE ROLE {APP} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END$$"
                 ),
                 "-c",
-                &format!("GRANT SELECT, INSERT, UPDATE, DELETE ON acct TO {APP}; GRANT CREATE ON SCHEMA public TO {APP}"),
+                &format!("GRANT SELECT, INSERT, UPDATE, DELETE ON acct TO {APP}; GRANT CREATE ON SCHEMA public TO {APP}; \
+                          GRANT {APP} TO {REGION_OWNER}, {REGION_APPLIER}"),
             ],
             None,
         );
@@ -591,6 +592,9 @@ async fn two_regions_replicate_with_meridians_roles_not_superusers() {
         ],
         None,
     );
+    eventually("row 1 reached region 2", Duration::from_secs(60), || {
+        b.query("SELECT count(*) FROM acct WHERE id = 1") == ["1"]
+    });
     psql(
         &ub,
         &[

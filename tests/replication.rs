@@ -1089,6 +1089,8 @@ fn a_change_for_a_table_missing_here_is_held_then_applied_once_it_exists() {
             "-c",
             "SET session_replication_role = replica",
             "-c",
+            &format!("SET ROLE {REGION_APP}"),
+            "-c",
             "CREATE TABLE extra (id int PRIMARY KEY, v text)",
         ],
         None,
@@ -1108,7 +1110,7 @@ fn a_change_for_a_table_missing_here_is_held_then_applied_once_it_exists() {
         |held| held == &["public.extra 42P01"],
     );
     psql(
-        &p.b.direct(),
+        &p.b.app_direct(),
         &["-c", "CREATE TABLE extra (id int PRIMARY KEY, v text)"],
         None,
     );

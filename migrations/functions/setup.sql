@@ -78,8 +78,10 @@ $$;
 -- place in the publication, the refusal triggers its rules need, and
 -- region-disjoint sequences. Idempotent; called again on every ALTER TABLE
 -- and when its rules change.
+-- Runs as its owner, meridian's owner role: the publication and capture
+-- functions are the owner's, also when the apply role reloads rules.
 CREATE OR REPLACE FUNCTION meridian.enable_capture(rel regclass) RETURNS text
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -139,6 +141,13 @@ BEGIN
     IF persist = 't' THEN
         RAISE EXCEPTION 'cannot capture %: temporary tables are never replicated', rel
             USING ERRCODE = '0A000';
+    END IF;
+    IF NOT pg_has_role(current_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = rel), 'USAGE') THEN
+        RAISE EXCEPTION 'meridian cannot capture %: it belongs to role %, which meridian''s owner role % may not act for, so it cannot set REPLICA IDENTITY FULL on it or publish it',
+                rel, (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = rel), current_user
+            USING ERRCODE = '42501',
+                  HINT = format('A superuser can run GRANT %s TO %s (or meridian migrate --as SUPERUSER, which grants every owner of the replicated schemas'' tables).',
+                                (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = rel), current_user);
     END IF;
     IF persist = 'u' THEN
         RAISE EXCEPTION 'meridian cannot replicate unlogged table %: its rows are not written to the WAL, which is where meridian captures changes', rel
@@ -308,7 +317,7 @@ $enable$;
 -- and refusal triggers dropped, marked not captured. Its rules and row
 -- versions are kept; sequences keep their region-disjoint stride.
 CREATE OR REPLACE FUNCTION meridian.disable_capture(rel regclass) RETURNS void
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -634,8 +643,9 @@ $$;
 
 -- Refuses an update that moves a grow-only merged column back, in the
 -- client's transaction (row trigger; arguments: table name, column rules).
+-- Runs as its owner: application roles have no USAGE on schema meridian.
 CREATE OR REPLACE FUNCTION meridian.guard_growth() RETURNS trigger
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN

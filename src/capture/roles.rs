@@ -95,7 +95,11 @@ pub async fn create(client: &Client, roles: &Roles, config: &Config) -> Result<(
     let mut sql = format!(
         "DO $$BEGIN
              IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {o}) THEN CREATE ROLE {owner} LOGIN; END IF;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;   -- made meanwhile by another region's migrate
+         END$$;
+         DO $$BEGIN
              IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {u}) THEN CREATE ROLE {user} LOGIN; END IF;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
          END$$;
          ALTER ROLE {owner} NOSUPERUSER REPLICATION;
          ALTER ROLE {user} NOSUPERUSER REPLICATION;

@@ -96,7 +96,9 @@ impl EngineHandle {
     pub async fn reload(&self, config: &Config) -> Result<usize, String> {
         let rules = RuleSet::load(&config.replication.rules).map_err(|e| e.to_string())?;
         let engines = Engines::from_rules(&rules, config).map_err(|e| e.to_string())?;
-        let mut client = crate::capture::connect(config)
+        // Recording rules is a migrate: it runs as the schema's owner.
+        let b = &config.backend;
+        let mut client = crate::capture::connect_as(config, b.owner.as_ref().unwrap_or(&b.user))
             .await
             .map_err(|e| e.to_string())?;
         crate::capture::migrate(&mut client, config, &rules)

@@ -27,6 +27,13 @@ pub const ROLE_PASSWORD: &str = "backend-pw";
 /// A role a test creates with a verifier meridian generated; SCRAM over TCP.
 pub const MERIDIAN_MADE_ROLE: &str = "meridian_made";
 
+/// The roles a [`Region`] runs meridian with (neither a superuser; README
+/// "Roles"), and the ordinary role that owns its database and tables and
+/// writes through its proxy.
+pub const REGION_OWNER: &str = "meridian_owner";
+pub const REGION_APPLIER: &str = "meridian_apply";
+pub const REGION_APP: &str = "region_app";
+
 /// The test binary's PostgreSQL server, started once.
 pub fn pg() -> &'static PgServer {
     static PG: OnceLock<PgServer> = OnceLock::new();
@@ -43,6 +50,7 @@ pub fn pg() -> &'static PgServer {
         let server = PgServer::start(&dir, &opts).expect("start PostgreSQL");
         let sql = format!(
             "CREATE ROLE {APP_USER} LOGIN SUPERUSER;
+             CREATE ROLE {REGION_APP} LOGIN;
              SET password_encryption = 'scram-sha-256';
              CREATE ROLE {SCRAM_ROLE} LOGIN SUPERUSER PASSWORD '{ROLE_PASSWORD}';
              SET password_encryption = 'md5';
@@ -533,6 +541,14 @@ pub fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     status.unwrap()
 }
 
+/// `db` straight to Postgres as [`REGION_APP`].
+pub fn app_conninfo(db: &str) -> String {
+    pg().socket_conninfo(db).replace(
+        &format!("user={}", pg().superuser()),
+        &format!("user={REGION_APP}"),
+    )
+}
+
 /// A database with meridian migrated into it and a proxy in front of it.
 pub struct Region {
     pub db: String,
@@ -568,12 +584,12 @@ impl Region {
                 "-c",
                 &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
                 "-c",
-                &format!("CREATE DATABASE {db}"),
+                &format!("CREATE DATABASE {db} OWNER {REGION_APP}"),
             ],
             None,
         );
         if !schema.is_empty() {
-            psql(&pg.socket_conninfo(db), &["-c", schema], None);
+            psql(&app_conninfo(db), &["-c", schema], None);
         }
         let dir = scratch_dir(db);
         let rules_dir = dir.join("rules");
@@ -588,12 +604,11 @@ impl Region {
             &config,
             format!(
                 "[region]\nname = \"{name}\"\nid = {id}\n\n[proxy]\nlisten = \"127.0.0.1:{port}\"\n\n\
-                 [backend]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndatabase = \"{db}\"\n\n\
+                 [backend]\nhost = \"{}\"\nport = {}\nuser = \"{REGION_APPLIER}\"\nowner = \"{REGION_OWNER}\"\ndatabase = \"{db}\"\n\n\
                  [auth]\nmethod = \"trust\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
                  [replication]\nrules = \"rules\"\n{extra}\n",
                 pg.socket_dir().display(),
                 pg.port,
-                pg.superuser()
             ),
         )
         .unwrap();
@@ -618,9 +633,11 @@ impl Region {
         region
     }
 
+    /// `meridian migrate --as` the superuser: makes meridian's roles (and
+    /// any event trigger that is missing) and does the rest as the owner.
     pub fn migrate(&self) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_meridian"))
-            .args(["migrate", "--config"])
+            .args(["migrate", "--as", pg().superuser(), "--config"])
             .arg(&self.config)
             .output()
             .unwrap()
@@ -632,7 +649,7 @@ impl Region {
 
     /// libpq URL through the proxy.
     pub fn url(&self) -> String {
-        self.proxy().url(pg().superuser(), &self.db)
+        self.proxy().url(REGION_APP, &self.db)
     }
 
     /// conninfo straight to Postgres, bypassing the proxy.
@@ -668,6 +685,11 @@ impl Region {
             Duration::from_secs(60),
             || self.query(&passed) == ["t"],
         );
+    }
+
+    /// conninfo straight to Postgres as the application's role.
+    pub fn app_direct(&self) -> String {
+        app_conninfo(&self.db)
     }
 
     /// One column of one query, straight to Postgres, as text.
