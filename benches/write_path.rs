@@ -1,10 +1,11 @@
 //! Micro-benchmarks for the per-statement work around a write: stamping a
-//! transaction with the HLC, and classing statement text (what the relay
-//! does to every simple Query it forwards).
+//! transaction with the HLC, and classing statement text and checking it
+//! for what the relay refuses (`sql::guard`), both of which the relay does
+//! to every Query and Parse it forwards.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use meridian::clock::{Clock, DEFAULT_MAX_DRIFT};
-use meridian::sql::statements;
+use meridian::sql::{guard, statements};
 
 /// Typical statements: pgbench's TPC-B-like script and a few common shapes.
 const STATEMENTS: &[(&str, &str)] = &[
@@ -36,6 +37,16 @@ fn classification(c: &mut Criterion) {
             b.iter(|| statements(black_box(sql.as_bytes())).count())
         });
     }
+    group.finish();
+    let mut group = c.benchmark_group("guard");
+    for (name, sql) in STATEMENTS {
+        group.bench_function(*name, |b| {
+            b.iter(|| guard::refusal(black_box(sql.as_bytes())))
+        });
+    }
+    group.bench_function("set_meridian_refused", |b| {
+        b.iter(|| guard::refusal(black_box(b"SET meridian.applying = on")))
+    });
     group.finish();
 }
 

@@ -92,8 +92,13 @@ pub async fn create(client: &Client, roles: &Roles, config: &Config) -> Result<(
         .filter(|o: &String| *o != roles.owner && *o != roles.user)
         .collect();
     let (owner, user) = (ident(&roles.owner), ident(&roles.user));
+    // One transaction, holding a lock on the shared role catalog: regions
+    // of one cluster migrated at once (tests do) otherwise meet on the same
+    // catalog rows ("tuple concurrently updated").
     let mut sql = format!(
-        "DO $$BEGIN
+        "BEGIN;
+         LOCK TABLE pg_catalog.pg_authid IN EXCLUSIVE MODE;
+         DO $$BEGIN
              IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {o}) THEN CREATE ROLE {owner} LOGIN; END IF;
          EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;   -- made meanwhile by another region's migrate
          END$$;
@@ -120,6 +125,7 @@ pub async fn create(client: &Client, roles: &Roles, config: &Config) -> Result<(
     for role in &owners {
         sql.push_str(&format!("GRANT {} TO {owner}, {user};\n", ident(role)));
     }
+    sql.push_str("COMMIT;");
     client.batch_execute(&sql).await.map_err(pg(
         "making meridian's roles and granting them what only a superuser may",
     ))
