@@ -270,17 +270,7 @@ async fn no_application_role_can_write_around_capture_through_the_proxy_or_direc
         ["0"],
         "nothing bogus was shipped"
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["verify", "--settle", "30s", "--config"])
-        .arg(&a.config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = verified_identical(&a.config);
     for t in ["acct", "sneaky", "forged_a", "forged_b", "late_key"] {
         assert!(text.contains(&format!("public.{t}:")), "{t}: {text}");
     }
@@ -353,11 +343,24 @@ fn tls_region_config(
 }
 
 fn migrate(config: &std::path::Path) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["migrate", "--config"])
+    migrate_as(config, None)
+}
+
+/// `meridian verify` from the region of `config`; asserts it found every
+/// region identical and returns its report.
+fn verified_identical(config: &std::path::Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["verify", "--settle", "30s", "--config"])
         .arg(config)
         .output()
-        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
 }
 
 /// `backend.tls = "verify-full"` against a Postgres that refuses plain TCP:
@@ -657,16 +660,6 @@ async fn two_regions_replicate_with_meridians_roles_not_superusers() {
                 && a.query("SELECT count(*) FROM acct") == ["2"]
         },
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["verify", "--settle", "30s", "--config"])
-        .arg(&a.config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    verified_identical(&a.config);
     assert_eq!(b.query("SELECT count(*) FROM meridian.held"), ["0"]);
 }

@@ -506,12 +506,11 @@ BEGIN
                         WHERE a.attrelid = rel AND a.attname = col AND a.attidentity <> '') THEN
             RAISE;
         END IF;
-        -- The event trigger must not react to this ALTER TABLE.
-        PERFORM meridian.own_ddl(true);
         -- (ALTER COLUMN ... SET INCREMENT BY n, but ALTER COLUMN ... RESTART WITH n.)
+        -- Only ever run inside enable_capture, whose own_ddl mark keeps the
+        -- event triggers off this ALTER TABLE.
         EXECUTE format('ALTER TABLE %s ALTER COLUMN %I %s%s', rel, col,
                        CASE WHEN change LIKE 'RESTART%' THEN '' ELSE 'SET ' END, change);
-        PERFORM meridian.own_ddl(false);
     END;
 END
 $$;

@@ -40,9 +40,9 @@ pub(crate) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// The replication-origin functions an apply session uses
-/// (`meridian.apply_session_setup`, `pg_replication_origin_xact_setup`
-/// through Postgres' own apply path is not used).
+/// The replication-origin functions meridian's apply sessions call
+/// (`meridian.apply_session_setup` and the progress reads); not
+/// `pg_replication_origin_xact_setup`, which meridian does not use.
 const ORIGIN_FUNCTIONS: &str =
     "pg_replication_origin_create(text), pg_replication_origin_oid(text), \
      pg_replication_origin_session_setup(text), pg_replication_origin_session_reset(), \
@@ -100,11 +100,7 @@ pub async fn create(client: &Client, roles: &Roles, config: &Config) -> Result<(
          LOCK TABLE pg_catalog.pg_authid IN EXCLUSIVE MODE;
          DO $$BEGIN
              IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {o}) THEN CREATE ROLE {owner} LOGIN; END IF;
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;   -- made meanwhile by another region's migrate
-         END$$;
-         DO $$BEGIN
              IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {u}) THEN CREATE ROLE {user} LOGIN; END IF;
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
          END$$;
          ALTER ROLE {owner} NOSUPERUSER REPLICATION;
          ALTER ROLE {user} NOSUPERUSER REPLICATION;

@@ -27,6 +27,11 @@ pub enum Refusal {
     Origin(String),
 }
 
+impl Refusal {
+    /// insufficient_privilege: what a client is told with every refusal.
+    pub const SQLSTATE: &'static str = "42501";
+}
+
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -232,26 +232,21 @@ impl ServerFirst {
                 "SCRAM-SHA-256-PLUS is offered only over TLS",
             ));
         }
-        let bound = match flag {
-            "n" if !plus => None,
-            "y" if !plus && binding.is_some() => {
-                return Err(ScramError::ChannelBinding(
-                    "the client supports channel binding and so does the server, but the client chose not to use it",
-                ))
+        let refused = |why| Err(ScramError::ChannelBinding(why));
+        let bound = match (plus, flag.strip_prefix("p=")) {
+            (false, None) if flag == "n" => None,
+            (false, None) if flag == "y" && binding.is_some() => {
+                return refused("the client supports channel binding and so does the server, but the client chose not to use it")
             }
-            "y" if !plus => None,
-            f if f.starts_with("p=") && plus => {
-                if &f[2..] != END_POINT {
-                    return Err(ScramError::ChannelBinding("unsupported channel binding type (only tls-server-end-point)"));
-                }
-                binding
+            (false, None) if flag == "y" => None,
+            (true, Some(END_POINT)) => binding,
+            (true, Some(_)) => {
+                return refused("unsupported channel binding type (only tls-server-end-point)")
             }
-            "n" | "y" => {
-                return Err(ScramError::ChannelBinding("SCRAM-SHA-256-PLUS chosen without binding"))
+            (true, None) if flag == "n" || flag == "y" => {
+                return refused("SCRAM-SHA-256-PLUS chosen without binding")
             }
-            f if f.starts_with("p=") => {
-                return Err(ScramError::ChannelBinding("channel binding asked for without SCRAM-SHA-256-PLUS"))
-            }
+            (false, Some(_)) => return refused("channel binding asked for without SCRAM-SHA-256-PLUS"),
             _ => return Err(ScramError::Protocol("bad gs2 flag")),
         };
         let authzid = parts

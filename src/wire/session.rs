@@ -185,7 +185,7 @@ async fn report_handshake_error<S: AsyncRead + AsyncWrite + Unpin>(
         HandshakeError::Refused { code, message } => {
             match *code {
                 "08P01" => ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed),
-                "42501" => ctx.stats.refused.fetch_add(1, Ordering::Relaxed),
+                guard::Refusal::SQLSTATE => ctx.stats.refused.fetch_add(1, Ordering::Relaxed),
                 _ => 0,
             };
             tracing::info!(sqlstate = code, "session refused: {message}");
@@ -269,7 +269,10 @@ where
     if let Some(r) =
         guard::startup_refusal(startup.params.iter().map(|(k, v)| (k.as_str(), v.as_str())))
     {
-        return Err(HandshakeError::refused("42501", r.to_string()));
+        return Err(HandshakeError::refused(
+            guard::Refusal::SQLSTATE,
+            r.to_string(),
+        ));
     }
     if startup.minor_version > 0 || !startup.protocol_options.is_empty() {
         client

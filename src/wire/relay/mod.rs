@@ -199,14 +199,18 @@ impl ClientSide {
             match m.tag {
                 b'Q' => {
                     let text = views::query(body);
-                    refused = refused.take().or_else(|| guard::refusal(text));
+                    if refused.is_none() {
+                        refused = guard::refusal(text);
+                    }
                     statements.on_query(text);
                     requests += 1;
                 }
                 b'S' | b'F' => requests += 1,
                 b'P' => {
                     if let Some((name, text)) = views::parse(body) {
-                        refused = refused.take().or_else(|| guard::refusal(text));
+                        if refused.is_none() {
+                            refused = guard::refusal(text);
+                        }
                         statements.on_parse(name, text);
                     }
                 }
@@ -287,7 +291,7 @@ fn farewell_message(end: &RelayEnd) -> Option<bytes::Bytes> {
         )),
         RelayEnd::Refused(r) => Some(frame::error_response(
             Severity::Fatal,
-            "42501",
+            Refusal::SQLSTATE,
             &format!("{r}; the session is closed"),
         )),
         RelayEnd::Drained | RelayEnd::Aborted => Some(frame::error_response(
