@@ -23,6 +23,7 @@
 //!
 //! cargo bench --bench catchup
 //! CATCHUP_BACKLOG=300000 CATCHUP_KEYS=100000 CATCHUP_ENGINE_BACKLOG=30000 CATCHUP_ROUNDS=2 (defaults)
+//! CATCHUP_PROFILE=1: time per SQL function; CATCHUP_LOG=meridian::replication::apply=debug: each apply's phases
 
 mod common;
 
@@ -122,10 +123,28 @@ fn backlog(pg: &PgServer, db: &str, files: &[String], transactions: u64) -> f64 
     .tps
 }
 
+/// Polls `sql` (a boolean) in `db` until it is true, over one connection
+/// (a psql process per poll cost a fifth of the machine's CPU).
 fn wait_for(pg: &PgServer, db: &str, sql: &str, what: &str, limit: Duration) -> Duration {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(async {
+        let (client, conn) =
+            tokio_postgres::connect(&pg.socket_conninfo(db), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        client
+    });
     let start = Instant::now();
     loop {
-        if psql(pg, db, sql) == "t" {
+        if rt
+            .block_on(client.query_one(sql, &[]))
+            .unwrap()
+            .get::<_, bool>(0)
+        {
             return start.elapsed();
         }
         assert!(
@@ -217,7 +236,10 @@ fn main() {
             Command::new(env!("CARGO_BIN_EXE_meridian"))
                 .args(["run", "--config"])
                 .arg(&config)
-                .env("MERIDIAN_LOG", "warn")
+                .env(
+                    "MERIDIAN_LOG",
+                    std::env::var("CATCHUP_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .spawn()
                 .unwrap(),
         ));
@@ -266,6 +288,10 @@ fn main() {
         );
     };
     disable();
+    if std::env::var_os("CATCHUP_PROFILE").is_some() {
+        psql(&pg, "postgres", "ALTER SYSTEM SET track_functions = 'all'");
+        psql(&pg, "postgres", "SELECT pg_reload_conf()");
+    }
     // The shippers connect before the first cut.
     std::thread::sleep(Duration::from_secs(2));
 
@@ -320,6 +346,15 @@ fn main() {
                 );
                 if system == "postgres" {
                     disable();
+                }
+                if std::env::var_os("CATCHUP_PROFILE").is_some() && system == "meridian" {
+                    // Where the time went, per SQL function (track_functions = all).
+                    for db in ["a", "b"] {
+                        eprintln!("functions in {db} (calls, self ms, total ms):\n{}", psql(&pg, db,
+                            "SELECT string_agg(format('%s %s %s %s', funcname, calls, round(self_time), round(total_time)), E'\n' ORDER BY self_time DESC)
+                               FROM (SELECT * FROM pg_stat_user_functions ORDER BY self_time DESC LIMIT 15) f"));
+                        psql(&pg, db, "SELECT pg_stat_reset()");
+                    }
                 }
                 let run = Run {
                     system,

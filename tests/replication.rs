@@ -765,7 +765,7 @@ async fn one_set_of_changes_applied_in_many_orders_gives_identical_tables() {
             .execute("SELECT meridian.apply_session_setup()", &[])
             .await
             .unwrap();
-        meridian::replication::apply_with_engine(&mut client, None, engines, origin, batch)
+        meridian::replication::apply::apply(&mut client, None, engines, origin, batch)
             .await
             .unwrap();
     }
@@ -1859,4 +1859,199 @@ fn values_of_every_common_type_arrive_exactly() {
             |b| *b == expected,
         );
     }
+}
+
+/// One batch holding every kind of change (inserts of more keys than the
+/// apply locks row by row, updates, counter increments, deletes, a delete
+/// and re-insert, key changes, rule-engine merges, an insert-only table, a
+/// unique value already taken here, a schema change, a write using it and
+/// a TRUNCATE) applied in one apply gives the same tables, row versions and
+/// held changes as the same changes applied one at a time, and so do the
+/// changes before the schema change in one set-wise apply (which a
+/// TRUNCATE or schema change in a batch, or a held change, turn off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_of_every_kind_of_change_applies_as_the_changes_one_at_a_time() {
+    use meridian::capture::reader::{read_changes, Position};
+    use meridian::replication::protocol::WireChange;
+    use meridian::replication::resolve::Engines;
+
+    let schema = "CREATE TABLE item (id int PRIMARY KEY, name text, qty int NOT NULL DEFAULT 0,
+                                     email text UNIQUE, meta jsonb, tags int[]);
+                  CREATE TABLE tally (id int PRIMARY KEY, hits bigint NOT NULL DEFAULT 0, last_region text);
+                  CREATE TABLE scratch (id int PRIMARY KEY, v text);
+                  CREATE TABLE events (msg text, at int);";
+    let rules = "[[table]]\nname = \"public.item\"\n[table.columns]\nqty = \"counter\"\n\n\
+                 [[table]]\nname = \"public.tally\"\n[table.columns]\nhits = \"counter\"\nlast_region = \"last-writer-wins\"\n\n\
+                 [[table]]\nname = \"public.events\"\ninsert_only = true\n";
+    let files = [("rules.toml", rules)];
+    let prepare = |name: &str, id: u16| {
+        let (r, out) = Region::prepare_as(name, id, schema, &files, "");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        r
+    };
+    let mut a = prepare("kinds_a", 1);
+    a.proxy = Some(Proxy::start_with_config(&a.config));
+    let (whole, single) = (prepare("kinds_whole", 2), prepare("kinds_single", 3));
+    let split = prepare("kinds_split", 4);
+    let ca = a.direct_client().await;
+    // Rows both receivers hold already: tally's, and a row holding the
+    // e-mail address A will insert under another key.
+    for r in [&a, &whole, &single, &split] {
+        r.direct_client()
+            .await
+            .batch_execute("INSERT INTO tally (id) SELECT g FROM generate_series(1, 5) g")
+            .await
+            .unwrap();
+    }
+    for r in [&whole, &single, &split] {
+        r.direct_client()
+            .await
+            .batch_execute(
+                "INSERT INTO item (id, name, email) VALUES (9999, 'here first', 'taken@x')",
+            )
+            .await
+            .unwrap();
+    }
+    ca.batch_execute(
+        "INSERT INTO item (id, name, qty, email, meta, tags)
+             SELECT g, 'item ' || g, g, 'e' || g || '@x', jsonb_build_object('g', g, 'f', g / 3.0), ARRAY[g, -g]
+               FROM generate_series(1, 300) g;
+         INSERT INTO scratch SELECT g, 'v' || g FROM generate_series(1, 20) g;
+         UPDATE item SET qty = qty + 5, name = 'updated' WHERE id % 7 = 0;
+         UPDATE item SET qty = qty - 1 WHERE id % 7 = 0;
+         DELETE FROM item WHERE id % 11 = 0;
+         INSERT INTO item (id, name, email) VALUES (22, 'again', 'again22@x'), (44, 'again', NULL);
+         UPDATE item SET id = id + 1000 WHERE id <= 5;
+         UPDATE tally SET hits = hits + 2, last_region = 'a' WHERE id <= 3;
+         UPDATE tally SET hits = hits + 1 WHERE id = 1;
+         INSERT INTO events VALUES ('one', 1), ('two', 2);
+         INSERT INTO item (id, name, email) VALUES (77777, 'collides', 'taken@x');",
+    )
+    .await
+    .unwrap();
+    a.captured();
+    let first = read_changes(&ca, Position::default(), 100_000)
+        .await
+        .unwrap();
+    let first: Vec<WireChange> = first.iter().map(WireChange::from).collect();
+    assert!(first.len() > 350, "{}", first.len());
+    let after = Position {
+        xid: first.last().unwrap().xid,
+        seq: first.last().unwrap().seq,
+    };
+    ca.batch_execute(
+        "ALTER TABLE item ADD COLUMN extra text DEFAULT 'd';
+         UPDATE item SET extra = 'x', qty = qty + 1 WHERE id BETWEEN 10 AND 12;
+         INSERT INTO item (id, name) VALUES (5000, 'after the change');
+         TRUNCATE scratch;
+         INSERT INTO scratch VALUES (1, 'after the truncate');",
+    )
+    .await
+    .unwrap();
+    a.captured();
+    let second = read_changes(&ca, after, 100_000).await.unwrap();
+    let second: Vec<WireChange> = second.iter().map(WireChange::from).collect();
+    let ops: std::collections::BTreeSet<&str> =
+        first.iter().chain(&second).map(|c| c.op.as_str()).collect();
+    assert_eq!(
+        ops.into_iter().collect::<Vec<_>>(),
+        ["D", "I", "S", "T", "U"]
+    );
+    let apply = |r: &Region, batches: Vec<Vec<WireChange>>| {
+        let config = r.config.clone();
+        let url = r.direct();
+        async move {
+            let engines = Engines::load(&meridian::config::Config::load(&config).unwrap()).unwrap();
+            let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client
+                .execute("SELECT meridian.apply_session_setup()", &[])
+                .await
+                .unwrap();
+            let mut set_wise = Vec::new();
+            for batch in batches {
+                let done =
+                    meridian::replication::apply::apply(&mut client, None, &engines, 1, &batch)
+                        .await
+                        .unwrap();
+                set_wise.push(done.phases.is_some());
+            }
+            set_wise
+        }
+    };
+    let all: Vec<WireChange> = first.iter().chain(&second).cloned().collect();
+    assert_eq!(apply(&whole, vec![all.clone()]).await, [false]);
+    apply(&single, all.iter().map(|c| vec![c.clone()]).collect()).await;
+    // The stream up to the collision: one set-wise apply (a receiver takes
+    // a stream in order, so the collision's batch holds what follows it).
+    let at = first
+        .iter()
+        .position(|c| c.row.as_ref().is_some_and(|r| r["email"] == "taken@x"))
+        .unwrap();
+    assert!(at > 300, "{at}");
+    let (before, rest) = first.split_at(at);
+    assert_eq!(
+        apply(&split, vec![before.to_vec(), rest.to_vec(), second.clone()]).await,
+        [true, false, false]
+    );
+    let dump = |r: &Region| {
+        r.query(
+            "SELECT format('item %s', x) FROM item x
+             UNION ALL SELECT format('tally %s', x) FROM tally x
+             UNION ALL SELECT format('scratch %s', x) FROM scratch x
+             UNION ALL SELECT format('events %s %s', msg, at) FROM events
+             UNION ALL SELECT format('version %s %s %s %s %s', tbl, pk, hlc, origin, deleted) FROM meridian.row_version
+              WHERE tbl <> 'public.events'
+             UNION ALL SELECT format('held %s %s %s', tbl, seq, sqlstate) FROM meridian.held
+             UNION ALL SELECT format('applied %s %s %s', origin, xid, seq) FROM meridian.applied ORDER BY 1",
+        )
+    };
+    let expected = dump(&single);
+    let differ = |got: Vec<String>| -> (Vec<String>, Vec<String>) {
+        (
+            got.iter()
+                .filter(|l| !expected.contains(l))
+                .cloned()
+                .collect(),
+            expected
+                .iter()
+                .filter(|l| !got.contains(l))
+                .cloned()
+                .collect(),
+        )
+    };
+    assert_eq!(
+        differ(dump(&whole)),
+        (vec![], vec![]),
+        "one batch (got, expected)"
+    );
+    assert_eq!(
+        differ(dump(&split)),
+        (vec![], vec![]),
+        "set-wise (got, expected)"
+    );
+    // And what the changes say, against the origin.
+    assert!(
+        expected
+            .iter()
+            .any(|l| l.starts_with("held public.item") && l.ends_with("23505")),
+        "{expected:?}"
+    );
+    let rows = |r: &Region| {
+        r.query("SELECT format('%s', x) FROM item x WHERE id NOT IN (9999, 77777) ORDER BY id")
+    };
+    assert_eq!(rows(&whole), rows(&a));
+    assert_eq!(rows(&a).len(), 300 - 27 + 2 + 1);
+    assert_eq!(
+        whole.query("SELECT format('%s', x) FROM tally x ORDER BY id"),
+        a.query("SELECT format('%s', x) FROM tally x ORDER BY id")
+    );
+    assert_eq!(whole.query("SELECT v FROM scratch"), ["after the truncate"]);
+    assert_eq!(whole.query("SELECT count(*) FROM events"), ["2"]);
 }

@@ -81,12 +81,8 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    t      text;
-    pks    jsonb;
-    rel    regclass;
-    cols   text;
-    t_cols text;
-    locked bigint;
+    t   text;
+    pks jsonb;
 BEGIN
     -- As apply_batch does: an apply that deadlocks with a local transaction
     -- is the one to give way (and is retried), and quickly.
@@ -97,24 +93,9 @@ BEGIN
          WHERE c ->> 'op' IN ('I', 'U', 'D') AND jsonb_typeof(c -> 'pk') = 'object'
          GROUP BY 1 ORDER BY 1
     LOOP
-        rel := to_regclass(t);
-        CONTINUE WHEN rel IS NULL
+        CONTINUE WHEN to_regclass(t) IS NULL
                    OR EXISTS (SELECT 1 FROM meridian.replicated_table r WHERE r.tbl = t AND r.insert_only);
-        SELECT string_agg(format('%I', a.attname), ', ' ORDER BY k.ord),
-               string_agg(format('t.%I', a.attname), ', ' ORDER BY k.ord)
-          INTO cols, t_cols
-          FROM pg_index i
-          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-         WHERE i.indrelid = rel AND i.indisprimary;
-        CONTINUE WHEN cols IS NULL;
-        EXECUTE format('WITH l AS (SELECT 1 FROM %1$s t WHERE (%2$s) IN (SELECT %3$s FROM jsonb_populate_recordset(NULL::%1$s, $1))
-                                   ORDER BY %2$s FOR UPDATE OF t)
-                        SELECT count(*) FROM l', rel, t_cols, cols)
-          INTO locked USING pks;
-        IF locked < jsonb_array_length(pks) THEN
-            EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
-        END IF;
+        PERFORM meridian.lock_for_apply(t, pks);
     END LOOP;
 END
 $$;
@@ -240,30 +221,13 @@ BEGIN
             -- Correct but much slower: say so (the receiver logs it).
             RAISE WARNING 'meridian: applying a batch of % changes from region % change by change: %',
                 n, apply_batch.origin, SQLERRM;
-            n_applied := 0;
-            n_older := 0;
-            FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
-                IF has_pos AND ((c ->> 'xid')::bigint, (c ->> 'seq')::bigint) <= (pos.xid, pos.seq) THEN
-                    CONTINUE;
-                END IF;
-                BEGIN
-                    outcome := meridian.apply_one(c, apply_batch.origin);
-                    IF outcome = 'applied' THEN
-                        n_applied := n_applied + 1;
-                    ELSE
-                        n_older := n_older + 1;
-                    END IF;
-                EXCEPTION
-                    WHEN deadlock_detected OR serialization_failure THEN
-                        RAISE;
-                    WHEN OTHERS THEN
-                        INSERT INTO meridian.held (origin, xid, seq, tbl, change, error, sqlstate)
-                        VALUES (apply_batch.origin, (c ->> 'xid')::bigint, (c ->> 'seq')::bigint,
-                                c ->> 'tbl', c, SQLERRM, SQLSTATE)
-                        ON CONFLICT DO NOTHING;
-                        n_held := n_held + 1;
-                END;
-            END LOOP;
+            outcome_json := meridian.apply_each(apply_batch.origin,
+                (SELECT coalesce(jsonb_agg(c ORDER BY o), '[]')
+                   FROM jsonb_array_elements(changes) WITH ORDINALITY AS x(c, o)
+                  WHERE NOT (has_pos AND ((c ->> 'xid')::bigint, (c ->> 'seq')::bigint) <= (pos.xid, pos.seq))));
+            n_applied := (outcome_json ->> 'applied')::int;
+            n_older := (outcome_json ->> 'older')::int;
+            n_held := (outcome_json ->> 'held')::int;
     END;
     INSERT INTO meridian.applied AS a (origin, xid, seq, changes, applied_at)
     VALUES (apply_batch.origin, last_xid, last_seq, n, now())
@@ -271,6 +235,114 @@ BEGIN
        SET xid = excluded.xid, seq = excluded.seq, changes = a.changes + excluded.changes,
            applied_at = excluded.applied_at;
     RETURN jsonb_build_object('applied', n_applied, 'older', n_older, 'held', n_held, 'duplicate', false);
+END
+$$;
+
+
+-- Applies changes (a JSON array, in stream order) one at a time, each in a
+-- subtransaction of its own: one that fails is kept in meridian.held with
+-- its error and the others go on (a deadlock or serialization failure
+-- aborts them all: the receiver retries). Does not record a position; the
+-- caller does. Returns {"applied", "older", "held"}.
+CREATE OR REPLACE FUNCTION meridian.apply_each(origin int, changes jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c jsonb;
+    n_applied int := 0;
+    n_older int := 0;
+    n_held int := 0;
+BEGIN
+    PERFORM set_config('session_replication_role', 'replica', true);
+    FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
+        BEGIN
+            IF meridian.apply_one(c, apply_each.origin) = 'applied' THEN
+                n_applied := n_applied + 1;
+            ELSE
+                n_older := n_older + 1;
+            END IF;
+        EXCEPTION
+            WHEN deadlock_detected OR serialization_failure THEN
+                RAISE;
+            WHEN OTHERS THEN
+                INSERT INTO meridian.held (origin, xid, seq, tbl, change, error, sqlstate)
+                VALUES (apply_each.origin, (c ->> 'xid')::bigint, (c ->> 'seq')::bigint,
+                        c ->> 'tbl', c, SQLERRM, SQLSTATE)
+                ON CONFLICT DO NOTHING;
+                n_held := n_held + 1;
+        END;
+    END LOOP;
+    RETURN jsonb_build_object('applied', n_applied, 'older', n_older, 'held', n_held);
+END
+$$;
+
+
+-- What the receiver's set-wise apply (src/replication/apply.rs) needs to
+-- know of each table it writes, in one call: whether it exists, its column
+-- lists (apply_columns), its stored columns' names and which are json or
+-- jsonb (for COPY), its counters and whether a foreign key touches it
+-- (orphans are looked for).
+CREATE OR REPLACE FUNCTION meridian.apply_tables(tbls text[])
+RETURNS TABLE (tbl text, present bool, key_cols text, t_keys text, d_keys text, all_cols text,
+               on_conflict text, columns text[], json bool[], counters text[], has_fk bool)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT t.tbl, t.rel IS NOT NULL, c.key_cols, c.t_keys, c.d_keys, c.all_cols, c.on_conflict,
+           (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+             WHERE a.attrelid = t.rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
+           -- json or jsonb (or a domain over them): the image holds their JSON as is.
+           (SELECT array_agg(coalesce(nullif(ty.typbasetype, 0), ty.oid) IN (114, 3802) ORDER BY a.attnum)
+              FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+             WHERE a.attrelid = t.rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
+           coalesce(r.counters, '{}'),
+           EXISTS (SELECT 1 FROM pg_constraint k WHERE k.contype = 'f' AND t.rel IN (k.conrelid, k.confrelid))
+      FROM (SELECT x.tbl, to_regclass(x.tbl) AS rel FROM unnest(tbls) AS x(tbl)) t
+      LEFT JOIN meridian.replicated_table r ON r.tbl = t.tbl
+      LEFT JOIN LATERAL meridian.apply_columns(t.rel) c ON t.rel IS NOT NULL
+$$;
+
+
+-- Locks what an apply will decide on in table tbl, for the keys pks (a
+-- JSON array of key objects): the rows that exist, in key order (FOR
+-- UPDATE), and, when some key has no row, the table against local writes
+-- (SHARE ROW EXCLUSIVE) so none can appear. Returns the 1-based positions
+-- in pks of the keys that have a row. (As lock_keys, for one table.)
+CREATE OR REPLACE FUNCTION meridian.lock_for_apply(tbl text, pks jsonb) RETURNS SETOF bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel regclass := to_regclass(tbl);
+    t_cols text;
+    d_cols text;
+    i bigint;
+    n bigint := 0;
+BEGIN
+    SELECT string_agg(format('t.%I', a.attname), ', ' ORDER BY k.ord),
+           string_agg(format('d.%I', a.attname), ', ' ORDER BY k.ord)
+      INTO t_cols, d_cols
+      FROM pg_index x
+      CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum
+     WHERE x.indrelid = rel AND x.indisprimary;
+    IF t_cols IS NULL THEN
+        RETURN;
+    END IF;
+    FOR i IN EXECUTE format(
+        'SELECT e.ord FROM jsonb_array_elements($1) WITH ORDINALITY AS e(j, ord)
+           CROSS JOIN LATERAL jsonb_populate_record(NULL::%1$s, e.j) AS d
+           JOIN %1$s t ON (%2$s) = (%3$s)
+          ORDER BY %2$s FOR UPDATE OF t', rel, t_cols, d_cols)
+        USING pks
+    LOOP
+        n := n + 1;
+        RETURN NEXT i;
+    END LOOP;
+    IF n < jsonb_array_length(pks) THEN
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
+    END IF;
 END
 $$;
 

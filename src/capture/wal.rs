@@ -139,6 +139,15 @@ impl Barrier {
         Ok(self.wait(&lsn, SETTLE_LIMIT).await.then_some(turn))
     }
 
+    /// [`Barrier::settle`] for a caller that already holds the turn and
+    /// has taken its locks itself: places a sync point and waits for
+    /// capture to pass it; false after [`SETTLE_LIMIT`] (roll back, catch
+    /// up, try again).
+    pub async fn settle_locked(&self) -> Result<bool, tokio_postgres::Error> {
+        let lsn = self.emit().await?;
+        Ok(self.wait(&lsn, SETTLE_LIMIT).await)
+    }
+
     /// Waits, holding no locks, until capture has recorded every
     /// transaction committed before now: as long as it takes (with capture
     /// down nothing can be decided), saying so every 10 s.

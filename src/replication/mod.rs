@@ -30,8 +30,11 @@
 //! - **TLS** ([`tls`]): with `replication.tls`, every peer link is mutual TLS
 //!   under the cluster's CA; the secret handshake then runs inside it.
 
+pub mod apply;
+mod copy_text;
 pub mod protocol;
 pub mod resolve;
+mod set_wise;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -46,13 +49,18 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::capture::{self, reader::read_changes, wal::SETTLE_LIMIT, CaptureError};
+use crate::capture::{self, reader::read_changes, CaptureError};
 use crate::clock::{Clock, ClockError};
 use crate::config::{Config, PeerConfig};
+pub use apply::{Applied, ApplyError};
 use protocol::{Message, OriginPosition, ProtocolError, WireChange, WirePosition};
 
 /// Changes per batch, at most.
 pub const BATCH: i64 = 5000;
+/// Changes one apply transaction takes at most (gathered from several
+/// batches): per-apply costs (the sync point, statements per table, the
+/// commit) spread over more rows in a catch-up.
+pub const APPLY_MAX: usize = 20_000;
 /// Batches are made smaller while their encoding exceeds this.
 pub const TARGET_FRAME: usize = 8 << 20;
 /// How often an idle shipper looks for new changes.
@@ -62,29 +70,18 @@ pub const WINDOW: usize = 32;
 /// While batches are in flight, the next one is read at most this often.
 pub const GATHER: Duration = Duration::from_millis(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Reconnect attempts back off up to this: a healed link is used again
+/// within it (at 2 s the catch-up benchmark spent up to 2 s of a heal
+/// waiting to reconnect), and a refused connection costs next to nothing.
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// How often shipped changes are pruned.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Times a batch is retried after losing a deadlock to local writes.
 const APPLY_RETRIES: u64 = 20;
-/// Every apply transaction's settings: ordinary triggers and foreign keys
-/// do not fire for applied rows (see migrations/functions/apply.sql), and a
-/// deadlock with a local writer is found fast, so the batch is retried.
-const APPLY_SETTINGS: &str =
-    "SET LOCAL session_replication_role = replica; SET LOCAL deadlock_timeout = '20ms'";
 /// Longest a batch waits for changes its origin had already applied.
 pub const CAUSAL_WAIT: Duration = Duration::from_secs(2);
 /// How often a shipper takes its region's floor (see [`Message::Floor`]).
 pub const FLOOR_EVERY: Duration = Duration::from_secs(1);
-/// Applies a batch of last-writer-wins changes and records its position
-/// (rows from before a column existed get its default).
-const APPLY_BATCH: &str = "SELECT meridian.apply_batch($1, meridian.fill_defaults($2))";
-/// Looks for the foreign-key orphans a batch made (after it is applied).
-const ORPHANS: &str = "SELECT meridian.handle_orphans($1, $2)";
-/// Both, in order, as one statement (the CTE runs first).
-const APPLY_BATCH_AND_ORPHANS: &str =
-    "WITH applied AS MATERIALIZED (SELECT meridian.apply_batch($1, meridian.fill_defaults($2)) AS r)
-     SELECT r || jsonb_build_object('orphans', meridian.handle_orphans($1, $2)) FROM applied";
 /// A silent peer is given up on after this long.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -867,21 +864,9 @@ async fn serve_peer(
             return Ok(());
         }
         let engines = &*rules.current();
-        let for_engine = !engines.is_empty() && changes.iter().any(|c| engines.handles(c));
-        // The common case: one statement, no explicit transaction.
-        let batch =
-            (!for_engine).then(|| serde_json::to_value(&changes).expect("changes serialise"));
         let mut attempt = 0;
-        let (outcome, engine) = loop {
-            let result = match &batch {
-                None => {
-                    apply_with_engine(&mut client, Some(barrier), engines, origin, &changes).await
-                }
-                Some(batch) => apply_plain(&mut client, barrier, origin, batch)
-                    .await
-                    .map(|outcome| (outcome, resolve::Outcome::default())),
-            };
-            match result {
+        let outcome = loop {
+            match apply::apply(&mut client, Some(barrier), engines, origin, &changes).await {
                 Ok(done) => break done,
                 // Rolled back to let capture through: retry once it has caught up.
                 Err(ApplyError::GaveWay(limit)) => {
@@ -893,9 +878,7 @@ async fn serve_peer(
                         .map_err(|e| ReplicationError::Apply(capture::describe(&e)))?;
                 }
                 // Lost a deadlock or serialization race against local writes: retry.
-                Err(ApplyError::Postgres(e))
-                    if attempt < APPLY_RETRIES && resolve::is_retryable(&e) =>
-                {
+                Err(e) if attempt < APPLY_RETRIES && e.is_retryable() => {
                     attempt += 1;
                     stats.batches_retried.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
@@ -905,37 +888,34 @@ async fn serve_peer(
                 }
             }
         };
+        let engine = &outcome.engine;
         if let Some(hlc) = floor {
             note_floor(&client, origin, hlc).await?;
         }
-        let outcome: serde_json::Value = outcome;
-        let count = |k: &str| outcome[k].as_u64().unwrap_or(0);
         stats.batches_applied.fetch_add(1, Ordering::Relaxed);
         stats
             .changes_applied
-            .fetch_add(count("applied") + engine.applied, Ordering::Relaxed);
+            .fetch_add(outcome.written(), Ordering::Relaxed);
         stats
             .changes_older
-            .fetch_add(count("older"), Ordering::Relaxed);
+            .fetch_add(outcome.older, Ordering::Relaxed);
         stats
             .changes_held
-            .fetch_add(count("held") + engine.held, Ordering::Relaxed);
+            .fetch_add(outcome.held(), Ordering::Relaxed);
         stats
             .conflicts
             .fetch_add(engine.conflicts, Ordering::Relaxed);
-        stats
-            .orphans
-            .fetch_add(count("orphans") + engine.orphans, Ordering::Relaxed);
+        stats.orphans.fetch_add(outcome.orphans, Ordering::Relaxed);
         if !engine.by_rule.is_empty() {
             let mut by = stats.conflicts_by_rule.lock().expect("not poisoned");
             for ((table, rule), n) in &engine.by_rule {
                 *by.entry((table.clone(), rule.to_string())).or_default() += n;
             }
         }
-        caught_up(origin_ms, count("applied") + engine.applied);
+        caught_up(origin_ms, outcome.written());
         // Catching up (batches that do not reach the origin's end): say how
         // it goes every few seconds, and when it is done.
-        let applied_now = count("applied") + count("older") + engine.applied;
+        let applied_now = outcome.written() + outcome.older;
         match (&mut catching_up, origin_ms) {
             (None, None) => catching_up = Some((std::time::Instant::now(), applied_now, 0)),
             (Some((since, total, logged)), None) => {
@@ -968,10 +948,10 @@ async fn serve_peer(
             }
             (None, Some(_)) => {}
         }
-        if count("held") > 0 {
+        if outcome.held() > 0 {
             tracing::warn!(
                 origin,
-                held = count("held"),
+                held = outcome.held(),
                 "changes held (see meridian.held)"
             );
         }
@@ -991,10 +971,10 @@ async fn serve_peer(
             &mut conn,
             &Message::Ack {
                 position: last,
-                applied: count("applied"),
-                older: count("older"),
-                held: count("held"),
-                duplicate: outcome["duplicate"].as_bool().unwrap_or(false),
+                applied: outcome.written(),
+                older: outcome.older,
+                held: outcome.held(),
+                duplicate: outcome.duplicate,
             },
         )
         .await?;
@@ -1012,7 +992,7 @@ struct Gathered {
 }
 
 /// Adds to `gathered` the batches that have already arrived behind it (and
-/// whose causal dependencies are met), up to [`BATCH`] changes: one apply
+/// whose causal dependencies are met), up to [`APPLY_MAX`] changes: one apply
 /// transaction then carries them all. An apply waits for this region's
 /// capture (a sync point) and commits, so per batch it costs more than the
 /// shipper spends to read one; applied one by one, a steady stream of small
@@ -1026,7 +1006,7 @@ async fn gather(
     origin: u16,
 ) -> Result<Option<Message>, ReplicationError> {
     let mut have: Option<Vec<OriginPosition>> = None;
-    while gathered.changes.len() < BATCH as usize {
+    while gathered.changes.len() < APPLY_MAX {
         let Some(frame) = conn.next().now_or_never() else {
             return Ok(None);
         };
@@ -1083,115 +1063,6 @@ fn dependencies_met(
                     && (h.position.xid, h.position.seq) >= (need.position.xid, need.position.seq)
             })
         })
-}
-
-/// Why a batch was not applied.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    #[error(transparent)]
-    Postgres(#[from] tokio_postgres::Error),
-    /// Capture did not pass the sync point in time while the apply held its
-    /// locks (see [`crate::capture::wal::Barrier::settle`]); rolled back.
-    #[error("the apply gave way: capture had not recorded this region's recent transactions within {0:?}")]
-    GaveWay(Duration),
-}
-
-/// [`Barrier::settle`](crate::capture::wal::Barrier::settle) for both
-/// apply paths: the apply's turn, or [`ApplyError::GaveWay`].
-async fn settle<'b>(
-    barrier: &'b crate::capture::wal::Barrier,
-    tx: &tokio_postgres::Transaction<'_>,
-    changes: &serde_json::Value,
-) -> Result<tokio::sync::MutexGuard<'b, ()>, ApplyError> {
-    barrier
-        .settle(tx, changes)
-        .await?
-        .ok_or(ApplyError::GaveWay(SETTLE_LIMIT))
-}
-
-/// A batch without engine tables: `meridian.apply_batch` and the orphan
-/// rules, in one transaction after the local state is settled.
-async fn apply_plain(
-    client: &mut Client,
-    barrier: &crate::capture::wal::Barrier,
-    origin: u16,
-    batch: &serde_json::Value,
-) -> Result<serde_json::Value, ApplyError> {
-    let tx = client.transaction().await?;
-    let _turn = settle(barrier, &tx, batch).await?;
-    let outcome = tx
-        .query_one(APPLY_BATCH_AND_ORPHANS, &[&i32::from(origin), batch])
-        .await?
-        .get(0);
-    tx.commit().await?;
-    Ok(outcome)
-}
-
-/// A batch with changes for engine tables, in one transaction: the other
-/// changes through `meridian.apply_batch`, the engine's through
-/// [`resolve::apply`], then the batch's position (`meridian.advance_applied`).
-/// Changes at or before the position recorded before this batch were applied
-/// already (a resend) and are skipped. Public so tests can apply one set of
-/// changes in chosen orders through the receiver's own path.
-pub async fn apply_with_engine(
-    client: &mut Client,
-    barrier: Option<&crate::capture::wal::Barrier>,
-    engines: &resolve::Engines,
-    origin: u16,
-    changes: &[WireChange],
-) -> Result<(serde_json::Value, resolve::Outcome), ApplyError> {
-    let nothing = |duplicate: bool| serde_json::json!({"applied": 0, "older": 0, "held": 0, "duplicate": duplicate});
-    let Some(last) = changes.last() else {
-        return Ok((nothing(false), resolve::Outcome::default()));
-    };
-    let last = (last.xid as i64, last.seq);
-    let mut tx = client.transaction().await?;
-    tx.batch_execute(APPLY_SETTINGS).await?;
-    let _turn = match barrier {
-        Some(barrier) => {
-            let all = serde_json::to_value(changes).expect("changes serialise");
-            Some(settle(barrier, &tx, &all).await?)
-        }
-        None => None,
-    };
-    let position = tx
-        .query_opt(
-            "SELECT xid, seq FROM meridian.applied WHERE origin = $1 FOR UPDATE",
-            &[&i32::from(origin)],
-        )
-        .await?
-        .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)));
-    if position.is_some_and(|p| last <= p) {
-        return Ok((nothing(true), resolve::Outcome::default()));
-    }
-    let (for_engine, plain): (Vec<&WireChange>, Vec<&WireChange>) =
-        changes.iter().partition(|c| engines.handles(c));
-    let outcome = if plain.is_empty() {
-        nothing(false)
-    } else {
-        let batch = serde_json::to_value(&plain).expect("changes serialise");
-        tx.query_one(APPLY_BATCH, &[&i32::from(origin), &batch])
-            .await?
-            .get(0)
-    };
-    let todo: Vec<&WireChange> = for_engine
-        .into_iter()
-        .filter(|c| position.map_or(true, |p| (c.xid as i64, c.seq) > p))
-        .collect();
-    let mut engine = resolve::apply(&mut tx, engines, origin, &todo).await?;
-    let all = serde_json::to_value(changes).expect("changes serialise");
-    let orphans: i32 = tx
-        .query_one(ORPHANS, &[&i32::from(origin), &all])
-        .await?
-        .get(0);
-    engine.orphans = orphans as u64;
-    tx.execute(
-        "SELECT meridian.advance_applied($1, $2, $3, $4)",
-        &[&i32::from(origin), &last.0, &last.1, &(todo.len() as i64)],
-    )
-    .await?;
-    tx.commit().await?;
-    Ok((outcome, engine))
 }
 
 /// Says, at most once a minute, when the capture slot keeps a lot of WAL

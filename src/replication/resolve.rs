@@ -68,6 +68,11 @@ impl Engines {
     pub fn handles(&self, change: &WireChange) -> bool {
         matches!(change.op.as_str(), "I" | "U" | "D") && self.tables.contains_key(&change.tbl)
     }
+
+    /// Whether the engine decides the conflicts of table `tbl`.
+    pub fn decides(&self, tbl: &str) -> bool {
+        self.tables.contains_key(tbl)
+    }
 }
 
 /// The engines in force, replaced as a whole when the rules are reloaded
@@ -508,7 +513,7 @@ pub async fn retry_held(
     let mut unheld = 0;
     for (origin, changes) in by_origin {
         let mut tx = client.transaction().await?;
-        tx.batch_execute(super::APPLY_SETTINGS).await?;
+        tx.batch_execute(super::apply::SETTINGS).await?;
         // A change held on a unique value other than the key: the local
         // row holding it and the change are compared as incarnations, by
         // the table's policy; a losing change is dropped, a losing row

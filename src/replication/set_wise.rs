@@ -1,0 +1,486 @@
+//! The set-wise apply (see [`apply`](super::apply) for the entry point).
+//!
+//! **Decided here, written in bulk** (batches of inserts, updates and
+//! deletes). Per table: the newest change per key is found in Rust; the
+//! rows that exist are locked (`meridian.lock_for_apply`, which also locks
+//! the table when some key has no row, so none appears), or, beyond
+//! [`ROW_LOCKS_UP_TO`] keys, the table alone; after capture has passed a
+//! sync point, the keys' row versions are read by index; each change above
+//! its row's version wins, and Postgres gets one statement per table and
+//! kind: a DELETE, a COPY of the rows for new keys (a plain INSERT through
+//! `jsonb_populate_recordset` for rows COPY text cannot carry; an upsert
+//! costs 2.4x a plain insert here), an upsert for keys that have a row, a
+//! COPY of the new row versions and an UPDATE of the others. Counter
+//! columns (`functions/counters.sql`) keep their SQL, called only for
+//! tables that have them; rule-engine tables go to [`resolve::apply`].
+//!
+//! A statement that fails (other than a lost deadlock) rolls the whole
+//! set-wise part back to its savepoint, and the caller applies the batch
+//! in stream order, where a change that cannot be applied is held.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+use tokio_postgres::types::Json;
+use tokio_postgres::Transaction;
+
+use super::apply::{settle, Applied, ApplyError, Phases};
+use super::copy_text;
+use super::protocol::WireChange;
+use super::resolve;
+use crate::capture::wal::Barrier;
+
+/// What `meridian.apply_tables` says of one table.
+struct TableShape {
+    key_cols: Option<String>,
+    t_keys: String,
+    d_keys: String,
+    all_cols: String,
+    on_conflict: String,
+    columns: Vec<String>,
+    json: Vec<bool>,
+    counters: Vec<String>,
+    has_fk: bool,
+}
+
+/// The set-wise path, and whether a foreign key touches its tables (so
+/// orphans are to be looked for); `None` when it cannot be used for this
+/// batch (a table missing here, or a statement failed: rolled back to its
+/// savepoint).
+pub(super) async fn apply(
+    tx: &mut Transaction<'_>,
+    barrier: Option<&Barrier>,
+    engines: &resolve::Engines,
+    origin: u16,
+    todo: &[&WireChange],
+) -> Result<Option<(Applied, bool)>, ApplyError> {
+    let mut clock = std::time::Instant::now();
+    let mut lap = || {
+        let ms = clock.elapsed().as_secs_f64() * 1e3;
+        clock = std::time::Instant::now();
+        ms
+    };
+    let mut phases = Phases::default();
+    let mut by_table: BTreeMap<&str, Vec<&WireChange>> = BTreeMap::new();
+    for c in todo {
+        by_table.entry(c.tbl.as_str()).or_default().push(c);
+    }
+    let names: Vec<&str> = by_table.keys().copied().collect();
+    let mut shapes: HashMap<String, TableShape> = HashMap::new();
+    for r in tx
+        .query("SELECT * FROM meridian.apply_tables($1)", &[&names])
+        .await?
+    {
+        if !r.get::<_, bool>("present") {
+            return Ok(None);
+        }
+        shapes.insert(
+            r.get("tbl"),
+            TableShape {
+                key_cols: r.get("key_cols"),
+                t_keys: r.get::<_, Option<String>>("t_keys").unwrap_or_default(),
+                d_keys: r.get::<_, Option<String>>("d_keys").unwrap_or_default(),
+                all_cols: r.get::<_, Option<String>>("all_cols").unwrap_or_default(),
+                on_conflict: r
+                    .get::<_, Option<String>>("on_conflict")
+                    .unwrap_or_default(),
+                columns: r
+                    .get::<_, Option<Vec<String>>>("columns")
+                    .unwrap_or_default(),
+                json: r.get::<_, Option<Vec<bool>>>("json").unwrap_or_default(),
+                counters: r.get("counters"),
+                has_fk: r.get("has_fk"),
+            },
+        );
+    }
+    // Lock every table's keys (in name order, as every applier does), then
+    // wait for capture: from then on the local state cannot change.
+    let mut tables = Vec::with_capacity(by_table.len());
+    for (tbl, changes) in &by_table {
+        let shape = &shapes[*tbl];
+        let keys = Keys::of(changes);
+        let present = match shape.key_cols {
+            Some(_) => lock(tx, tbl, &keys).await?,
+            None => None,
+        };
+        tables.push((*tbl, keys, present));
+    }
+    phases.lock_ms = lap();
+    settle(barrier).await?;
+    phases.settle_ms = lap();
+    let mut sp = tx.savepoint("meridian_set_wise").await?;
+    let mut outcome = Applied::default();
+    let mut has_fk = false;
+    for (tbl, keys, present) in &tables {
+        let shape = &shapes[*tbl];
+        has_fk |= shape.has_fk;
+        if engines.decides(tbl) {
+            continue;
+        }
+        let result = match &shape.key_cols {
+            None => insert_only(&sp, tbl, shape, &by_table[*tbl]).await,
+            Some(key_cols) => {
+                write_table(
+                    &mut sp,
+                    tbl,
+                    key_cols,
+                    shape,
+                    keys,
+                    present,
+                    origin,
+                    &by_table[*tbl],
+                )
+                .await
+            }
+        };
+        match result {
+            Ok((applied, older)) => {
+                outcome.applied += applied;
+                outcome.older += older;
+            }
+            Err(e) if resolve::is_retryable(&e) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(table = %tbl, error = %crate::capture::describe(&e),
+                    "applying set-wise failed; applying change by change");
+                sp.rollback().await?;
+                return Ok(None);
+            }
+        }
+    }
+    sp.commit().await?;
+    phases.write_ms = lap();
+    let for_engine: Vec<&WireChange> = todo
+        .iter()
+        .copied()
+        .filter(|c| engines.handles(c))
+        .collect();
+    outcome.engine = resolve::apply(tx, engines, origin, &for_engine).await?;
+    phases.engine_ms = lap();
+    outcome.phases = Some(phases);
+    Ok(Some((outcome, has_fk)))
+}
+
+/// A table's keys in a batch: each distinct key once, in first-seen order,
+/// and for each the index of its newest change (one origin's versions of a
+/// row only grow, so the newest is the last).
+struct Keys<'a> {
+    pks: Vec<&'a Value>,
+    newest: Vec<&'a WireChange>,
+}
+
+impl<'a> Keys<'a> {
+    fn of(changes: &[&'a WireChange]) -> Keys<'a> {
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut keys = Keys {
+            pks: Vec::new(),
+            newest: Vec::new(),
+        };
+        for c in changes {
+            let Some(pk) = c.pk.as_ref() else { continue };
+            match index.entry(pk.to_string()) {
+                std::collections::hash_map::Entry::Occupied(e) => keys.newest[*e.get()] = c,
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(keys.pks.len());
+                    keys.pks.push(pk);
+                    keys.newest.push(c);
+                }
+            }
+        }
+        keys
+    }
+}
+
+/// Above this many keys of one table in a batch, the apply locks the table
+/// against local writes rather than each row: row locks are written to the
+/// WAL one by one (and cost a catch-up a fifth of its time), and a batch
+/// that large nearly always has new keys, which lock the table anyway.
+const ROW_LOCKS_UP_TO: usize = 256;
+
+/// Locks `keys`' rows (and the table, if some have none) and says which
+/// have a row; or, for many keys, locks the table (`None`: not known).
+async fn lock(
+    tx: &Transaction<'_>,
+    tbl: &str,
+    keys: &Keys<'_>,
+) -> Result<Option<Vec<bool>>, tokio_postgres::Error> {
+    if keys.pks.len() > ROW_LOCKS_UP_TO {
+        tx.batch_execute(&format!("LOCK TABLE {tbl} IN SHARE ROW EXCLUSIVE MODE"))
+            .await?;
+        return Ok(None);
+    }
+    let mut present = vec![false; keys.pks.len()];
+    for r in tx
+        .query(
+            "SELECT meridian.lock_for_apply($1, $2::jsonb)",
+            &[&tbl, &Json(&keys.pks)],
+        )
+        .await?
+    {
+        let i: i64 = r.get(0);
+        if let Some(p) = present.get_mut((i - 1) as usize) {
+            *p = true;
+        }
+    }
+    Ok(Some(present))
+}
+
+/// An insert-only table: every row arrives once, under a key made in its
+/// origin.
+async fn insert_only(
+    tx: &Transaction<'_>,
+    tbl: &str,
+    shape: &TableShape,
+    changes: &[&WireChange],
+) -> Result<(u64, u64), tokio_postgres::Error> {
+    let rows: Vec<&Value> = changes
+        .iter()
+        .filter(|c| c.op == "I")
+        .filter_map(|c| c.row.as_ref())
+        .collect();
+    let rows = with_defaults(tx, tbl, shape, rows).await?;
+    if !copy_rows(tx, tbl, shape, &rows).await? {
+        tx.execute(
+            &format!(
+                "INSERT INTO {tbl} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb)",
+                cols = shape.all_cols
+            ),
+            &[&Json(&rows)],
+        )
+        .await?;
+    }
+    Ok((changes.len() as u64, 0))
+}
+
+/// Rows lacking a column the table has now (written before it was added in
+/// their origin) get its default, as the origin's own rows did.
+async fn with_defaults<'a>(
+    tx: &Transaction<'_>,
+    tbl: &str,
+    shape: &TableShape,
+    rows: Vec<&'a Value>,
+) -> Result<Vec<std::borrow::Cow<'a, Value>>, tokio_postgres::Error> {
+    let lacking = rows.iter().any(|r| {
+        r.as_object()
+            .is_some_and(|o| shape.columns.iter().any(|c| !o.contains_key(c)))
+    });
+    let defaults: Option<Value> = if lacking {
+        tx.query_one(
+            "SELECT meridian.missing_defaults($1::text::regclass, $2::jsonb)",
+            &[&tbl, &Json(&rows)],
+        )
+        .await?
+        .get(0)
+    } else {
+        None
+    };
+    let Some(Value::Object(defaults)) = defaults else {
+        return Ok(rows.into_iter().map(std::borrow::Cow::Borrowed).collect());
+    };
+    Ok(rows
+        .into_iter()
+        .map(|r| match r {
+            Value::Object(o) if defaults.keys().any(|k| !o.contains_key(k)) => {
+                let mut filled = defaults.clone();
+                filled.extend(o.iter().map(|(k, v)| (k.clone(), v.clone())));
+                std::borrow::Cow::Owned(Value::Object(filled))
+            }
+            _ => std::borrow::Cow::Borrowed(r),
+        })
+        .collect())
+}
+
+/// One last-writer-wins table's changes: versions read, winners decided,
+/// then a few statements. Returns (applied, older).
+#[allow(clippy::too_many_arguments)]
+async fn write_table(
+    tx: &mut Transaction<'_>,
+    tbl: &str,
+    key_cols: &str,
+    shape: &TableShape,
+    keys: &Keys<'_>,
+    present: &Option<Vec<bool>>,
+    origin: u16,
+    changes: &[&WireChange],
+) -> Result<(u64, u64), tokio_postgres::Error> {
+    // Each key's version here, by index.
+    let mut version: Vec<Option<(i64, i32)>> = vec![None; keys.pks.len()];
+    for r in tx
+        .query(
+            "SELECT k.ord, v.hlc, v.origin FROM unnest($2::jsonb[]) WITH ORDINALITY AS k(pk, ord)
+               JOIN meridian.row_version v ON v.tbl = $1 AND v.pk = k.pk",
+            &[&tbl, &keys.pks],
+        )
+        .await?
+    {
+        let i: i64 = r.get(0);
+        version[(i - 1) as usize] = Some((r.get(1), r.get(2)));
+    }
+    let origin = i32::from(origin);
+    let wins = |i: usize| version[i].map_or(true, |v| (keys.newest[i].hlc, origin) > v);
+    // Counters add every update's delta, whichever version wins the rest
+    // of the row (taken from the locked rows before they change).
+    let finals: Option<Value> = if shape.counters.is_empty() {
+        None
+    } else {
+        tx.query_one(
+            "SELECT meridian.counter_finals($1::text::regclass, meridian.counter_deltas($1, $2::jsonb))",
+            &[&tbl, &Json(changes)],
+        )
+        .await?
+        .get(0)
+    };
+    let (mut deletes, mut inserts, mut upserts) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut new_versions, mut old_versions) = (Versions::default(), Versions::default());
+    for i in (0..keys.pks.len()).filter(|&i| wins(i)) {
+        let c = keys.newest[i];
+        let deleted = c.op == "D";
+        // A key new here gets a plain insert. Not knowing which rows
+        // exist (the table is locked instead), a key without a version is
+        // taken as new: after the sync point every row written here has
+        // one, but rows from before capture do not (see below).
+        let new = match present {
+            Some(p) => !p[i],
+            None => version[i].is_none(),
+        };
+        match (deleted, new, c.row.as_ref()) {
+            (true, _, _) => deletes.push(keys.pks[i]),
+            (false, true, Some(row)) => inserts.push(row),
+            (false, false, Some(row)) => upserts.push(row),
+            _ => {}
+        }
+        let v = if version[i].is_some() {
+            &mut old_versions
+        } else {
+            &mut new_versions
+        };
+        v.pks.push(keys.pks[i]);
+        v.hlcs.push(c.hlc);
+        v.deleted.push(deleted);
+    }
+    let won = (new_versions.pks.len() + old_versions.pks.len()) as u64;
+    let (t_keys, d_keys, all) = (&shape.t_keys, &shape.d_keys, &shape.all_cols);
+    if !deletes.is_empty() {
+        tx.execute(
+            &format!("DELETE FROM {tbl} t USING jsonb_populate_recordset(NULL::{tbl}, $1::jsonb) d WHERE ({t_keys}) = ({d_keys})"),
+            &[&Json(&deletes)],
+        )
+        .await?;
+    }
+    let insert = format!(
+        "INSERT INTO {tbl} ({all}) OVERRIDING SYSTEM VALUE SELECT {all} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb)"
+    );
+    let upsert = format!("{insert} ON CONFLICT ({key_cols}) {}", shape.on_conflict);
+    if !inserts.is_empty() {
+        let rows = with_defaults(tx, tbl, shape, inserts).await?;
+        if present.is_some() {
+            if !copy_rows(tx, tbl, shape, &rows).await? {
+                tx.execute(&insert, &[&Json(&rows)]).await?;
+            }
+        } else {
+            // A row without a version (from before capture) makes the
+            // plain insert fail on the key: then the same rows as upserts.
+            let sp = tx.savepoint("meridian_new_keys").await?;
+            let copied = match copy_rows(&sp, tbl, shape, &rows).await {
+                Ok(false) => sp.execute(&insert, &[&Json(&rows)]).await.map(|_| true),
+                other => other,
+            };
+            match copied {
+                Ok(_) => sp.commit().await?,
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                    sp.rollback().await?;
+                    tx.execute(&upsert, &[&Json(&rows)]).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if !upserts.is_empty() {
+        let rows = with_defaults(tx, tbl, shape, upserts).await?;
+        tx.execute(&upsert, &[&Json(&rows)]).await?;
+    }
+    if !new_versions.pks.is_empty() {
+        let mut text = Vec::with_capacity(new_versions.pks.len() * 64);
+        for ((pk, hlc), deleted) in new_versions
+            .pks
+            .iter()
+            .zip(&new_versions.hlcs)
+            .zip(&new_versions.deleted)
+        {
+            copy_text::escape(&mut text, tbl.as_bytes());
+            text.push(b'\t');
+            copy_text::escape(&mut text, pk.to_string().as_bytes());
+            text.extend_from_slice(
+                format!("\t{hlc}\t{origin}\t{}\n", if *deleted { 't' } else { 'f' }).as_bytes(),
+            );
+        }
+        copy_in(
+            tx,
+            "COPY meridian.row_version (tbl, pk, hlc, origin, deleted) FROM STDIN",
+            text,
+        )
+        .await?;
+    }
+    if !old_versions.pks.is_empty() {
+        tx.execute(
+            "UPDATE meridian.row_version v SET hlc = x.hlc, origin = $2, deleted = x.deleted
+               FROM unnest($3::jsonb[], $4::int8[], $5::bool[]) AS x(pk, hlc, deleted)
+              WHERE v.tbl = $1 AND v.pk = x.pk",
+            &[
+                &tbl,
+                &origin,
+                &old_versions.pks,
+                &old_versions.hlcs,
+                &old_versions.deleted,
+            ],
+        )
+        .await?;
+    }
+    if finals.is_some() {
+        tx.execute(
+            "SELECT meridian.set_counters($1::text::regclass, $2::jsonb)",
+            &[&tbl, &finals],
+        )
+        .await?;
+    }
+    Ok((won, keys.pks.len() as u64 - won))
+}
+
+/// New rows through COPY (see [`copy_text`]); false, with nothing written,
+/// when some row holds a value COPY text cannot carry as it is.
+async fn copy_rows(
+    tx: &Transaction<'_>,
+    tbl: &str,
+    shape: &TableShape,
+    rows: &[std::borrow::Cow<'_, Value>],
+) -> Result<bool, tokio_postgres::Error> {
+    let mut text = Vec::with_capacity(rows.len() * 128);
+    for row in rows {
+        if !copy_text::encode_row(&mut text, row, &shape.columns, &shape.json) {
+            return Ok(false);
+        }
+    }
+    let statement = format!("COPY {tbl} ({}) FROM STDIN", shape.all_cols);
+    copy_in(tx, &statement, text).await?;
+    Ok(true)
+}
+
+async fn copy_in(
+    tx: &Transaction<'_>,
+    statement: &str,
+    text: Vec<u8>,
+) -> Result<(), tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    let sink = tx.copy_in::<_, bytes::Bytes>(statement).await?;
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(text)).await?;
+    sink.finish().await?;
+    Ok(())
+}
+
+/// Row versions to write, as the columns of an `unnest`.
+#[derive(Default)]
+struct Versions<'a> {
+    pks: Vec<&'a Value>,
+    hlcs: Vec<i64>,
+    deleted: Vec<bool>,
+}
