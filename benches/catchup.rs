@@ -36,6 +36,20 @@ use meridian::cluster::postgres::{free_port, PgOptions, PgServer};
 use meridian::link::{self, LinkSettings, LinkState};
 
 struct Proc(std::process::Child);
+
+impl Proc {
+    /// (CPU seconds, minor page faults) of the process so far, from /proc.
+    fn usage(&self) -> (f64, u64) {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
+        let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        // SAFETY: sysconf has no preconditions.
+        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        ((num(11) + num(12)) as f64 / tick, num(7))
+    }
+}
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -297,6 +311,7 @@ fn main() {
 
     let mut runs: Vec<Run> = Vec::new();
     let mut marker = 0;
+    let mut usage: Vec<(f64, u64)> = Vec::new();
     for round in 1..=rounds {
         for kind in ["mixed", "engine"] {
             let n = if kind == "mixed" {
@@ -333,6 +348,8 @@ fn main() {
                         "capture of the backlog",
                         Duration::from_secs(600),
                     );
+                    eprintln!("healed: {kind} round {round}");
+                    usage = procs.iter().map(Proc::usage).collect();
                     a_to_b.heal();
                 } else {
                     psql(&pg, "lb", "ALTER SUBSCRIPTION anchor ENABLE");
@@ -346,6 +363,12 @@ fn main() {
                 );
                 if system == "postgres" {
                     disable();
+                } else {
+                    let after: Vec<(f64, u64)> = procs.iter().map(Proc::usage).collect();
+                    eprintln!(
+                        "  meridian a: {:.2} CPU s, {} page faults; meridian b: {:.2} CPU s, {} page faults (during the catch-up)",
+                        after[0].0 - usage[0].0, after[0].1 - usage[0].1, after[1].0 - usage[1].0, after[1].1 - usage[1].1
+                    );
                 }
                 if std::env::var_os("CATCHUP_PROFILE").is_some() && system == "meridian" {
                     // Where the time went, per SQL function (track_functions = all).

@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_postgres::Client;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -283,7 +283,10 @@ pub enum ReplicationError {
 
 type Conn = Framed<tls::BoxedStream, LengthDelimitedCodec>;
 
-async fn send(conn: &mut Conn, m: &Message) -> Result<(), ReplicationError> {
+async fn send(
+    conn: &mut (impl futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin),
+    m: &Message,
+) -> Result<(), ReplicationError> {
     tokio::time::timeout(IO_TIMEOUT, conn.send(m.encode()))
         .await
         .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
@@ -454,7 +457,7 @@ async fn ship_once(
                     continue;
                 };
                 let last = WirePosition::from(last.position);
-                let wire: Vec<WireChange> = changes.iter().map(WireChange::from).collect();
+                let wire: Vec<WireChange> = changes.into_iter().map(WireChange::from).collect();
                 let n = wire.len() as u64;
                 let frame = Message::Batch { changes: wire, after, floor, caught_up }.encode();
                 if frame.len() > TARGET_FRAME && n > 1 {
@@ -775,6 +778,8 @@ async fn serve_peer(
     let mut client = capture::connect_apply(config).await?;
     let position = applied_position(&client, origin).await?;
     send(&mut conn, &Message::Welcome { position }).await?;
+    let (mut conn, stream) = conn.split();
+    let mut inbox = Inbox::new(stream);
     tracing::info!(origin, ?position, "peer authenticated; receiving");
     let peer_name = config
         .replication
@@ -804,13 +809,7 @@ async fn serve_peer(
         // peer shows as a closed connection (TCP keepalive, or its restart).
         let message = match pending.take() {
             Some(m) => m,
-            None => Message::decode(
-                &conn
-                    .next()
-                    .await
-                    .ok_or(ProtocolError::Closed)?
-                    .map_err(ProtocolError::Io)?,
-            )?,
+            None => inbox.next().await?,
         };
         let (changes, after, floor, origin_ms) = match message {
             Message::Batch {
@@ -845,7 +844,7 @@ async fn serve_peer(
             floor,
             origin_ms,
         };
-        pending = gather(&mut conn, &client, &mut gathered, config.region.id, origin).await?;
+        pending = gather(&mut inbox, &client, &mut gathered, config.region.id, origin).await?;
         let Gathered {
             changes,
             ends,
@@ -981,6 +980,59 @@ async fn serve_peer(
     }
 }
 
+/// Messages decoded ahead of the receiver, at most this many.
+const DECODE_AHEAD: usize = 8;
+
+/// A peer's messages, read and decoded by a task of their own, so decoding
+/// the next batches overlaps with applying this one (decoded in line, it
+/// was 40% of the receiver's time in a catch-up, between applies).
+struct Inbox {
+    rx: tokio::sync::mpsc::Receiver<Result<Message, ProtocolError>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Inbox {
+    fn new(mut stream: futures_util::stream::SplitStream<Conn>) -> Inbox {
+        let (tx, rx) = tokio::sync::mpsc::channel(DECODE_AHEAD);
+        let reader = tokio::spawn(async move {
+            loop {
+                let message = match stream.next().await {
+                    None => Err(ProtocolError::Closed),
+                    Some(Err(e)) => Err(ProtocolError::Io(e)),
+                    Some(Ok(frame)) => Message::decode(&frame),
+                };
+                let end = message.is_err();
+                if tx.send(message).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Inbox { rx, reader }
+    }
+
+    /// The next message, waiting for it.
+    async fn next(&mut self) -> Result<Message, ReplicationError> {
+        Ok(self.rx.recv().await.ok_or(ProtocolError::Closed)??)
+    }
+
+    /// The next message if one has arrived.
+    fn ready(&mut self) -> Result<Option<Message>, ReplicationError> {
+        match self.rx.try_recv() {
+            Ok(m) => Ok(Some(m?)),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => Ok(None),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                Err(ProtocolError::Closed.into())
+            }
+        }
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
 /// Batches received together, applied in one transaction.
 struct Gathered {
     changes: Vec<WireChange>,
@@ -999,7 +1051,7 @@ struct Gathered {
 /// batches would queue up to the shipper's whole window. Returns a message
 /// read that has to wait for the next round.
 async fn gather(
-    conn: &mut Conn,
+    inbox: &mut Inbox,
     client: &Client,
     gathered: &mut Gathered,
     me: u16,
@@ -1007,14 +1059,9 @@ async fn gather(
 ) -> Result<Option<Message>, ReplicationError> {
     let mut have: Option<Vec<OriginPosition>> = None;
     while gathered.changes.len() < APPLY_MAX {
-        let Some(frame) = conn.next().now_or_never() else {
+        let Some(message) = inbox.ready()? else {
             return Ok(None);
         };
-        let message = Message::decode(
-            &frame
-                .ok_or(ProtocolError::Closed)?
-                .map_err(ProtocolError::Io)?,
-        )?;
         let Message::Batch {
             changes,
             after,

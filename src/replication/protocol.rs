@@ -87,6 +87,26 @@ pub enum Message {
     },
 }
 
+/// [`Message::Batch`] as its own struct, decoded without buffering.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchFrame {
+    #[serde(rename = "type")]
+    _kind: BatchTag,
+    changes: Vec<WireChange>,
+    #[serde(default)]
+    after: Vec<OriginPosition>,
+    #[serde(default)]
+    floor: Option<i64>,
+    #[serde(default)]
+    caught_up: Option<i64>,
+}
+
+#[derive(Deserialize)]
+enum BatchTag {
+    Batch,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct WirePosition {
     pub xid: u64,
@@ -164,6 +184,12 @@ impl WireChange {
 
 impl From<&Change> for WireChange {
     fn from(c: &Change) -> Self {
+        WireChange::from(c.clone())
+    }
+}
+
+impl From<Change> for WireChange {
+    fn from(c: Change) -> Self {
         let op = match c.operation {
             Operation::Insert => "I",
             Operation::Update => "U",
@@ -176,18 +202,18 @@ impl From<&Change> for WireChange {
             seq: c.position.seq,
             hlc: c.hlc,
             tx_hlc: c.tx_hlc,
-            tbl: c.table.clone(),
+            tbl: c.table,
             op: op.into(),
-            pk: c.key.clone(),
-            row: c.row.clone(),
-            old: c.old.clone(),
+            pk: c.key,
+            row: c.row,
+            old: c.old,
             base_hlc: c.base.map(|b| b.0),
             base_origin: c.base.map(|b| b.1),
             epoch: c.epoch,
             gen: c.gen,
             tag_hlc: c.tag.map(|t| t.0),
             tag_origin: c.tag.map(|t| t.1),
-            cols: c.cols.clone(),
+            cols: c.cols,
         }
     }
 }
@@ -214,6 +240,19 @@ impl Message {
     }
 
     pub fn decode(frame: &[u8]) -> Result<Message, ProtocolError> {
+        // Batches (nearly all the bytes) straight into their changes: the
+        // derived decoder of a tagged enum first buffers a whole message as
+        // serde's `Content` and then decodes that again (a fifth of a
+        // receiver's time in a catch-up). The tag is written first.
+        if frame.starts_with(br#"{"type":"Batch","#) {
+            let b: BatchFrame = serde_json::from_slice(frame)?;
+            return Ok(Message::Batch {
+                changes: b.changes,
+                after: b.after,
+                floor: b.floor,
+                caught_up: b.caught_up,
+            });
+        }
         Ok(serde_json::from_slice(frame)?)
     }
 
@@ -291,6 +330,9 @@ mod tests {
             Message::decode(br#"{"type":"Welcome","position":{"xid":1,"seq":2},"x":1}"#).is_err()
         );
         assert!(Message::decode(br#"{"type":"Nope"}"#).is_err());
+        assert!(Message::decode(br#"{"type":"Batch","changes":[]}"#).is_ok());
+        assert!(Message::decode(br#"{"type":"Batch","changes":[],"x":1}"#).is_err());
+        assert!(Message::decode(br#"{"type":"Batch","type":"Batch","changes":[]}"#).is_err());
         assert!(Message::decode(b"\xff\x00").is_err());
     }
 
@@ -304,7 +346,12 @@ mod tests {
                 cols: Some(serde_json::json!({"t": [hlc, v]})),
             }], after: vec![OriginPosition { origin: 3, position: WirePosition { xid, seq } }], floor: Some(hlc),
                 caught_up: Some(hlc) };
-            prop_assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+            let frame = m.encode();
+            let tagged_first = frame.starts_with(br#"{"type":"Batch","#);
+            prop_assert!(tagged_first);
+            // The batch decoder and the derived one agree.
+            prop_assert_eq!(serde_json::from_slice::<Message>(&frame).unwrap(), m.clone());
+            prop_assert_eq!(Message::decode(&frame).unwrap(), m);
         }
 
         #[test]
