@@ -95,8 +95,36 @@ pub fn bindir() -> Result<PathBuf, PgError> {
     candidates.pop().map(|(_, d)| d).ok_or(PgError::NoBinaries)
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's
+/// range of ephemeral ports: a port from that range (what binding port 0
+/// gives) can be taken by any outgoing connection before the server it was
+/// chosen for binds it, and stays taken while that connection lives (a
+/// clean-clone CI run failed so: "Address already in use" on a region's
+/// port for the whole of the harness's 5 s of retries). Ports are taken in
+/// turn from a start that differs per process, each checked by binding it.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral <= LOWEST + 1_000 {
+        // No room below the ephemeral range: let the kernel choose.
+        return Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port());
+    }
+    let span = ephemeral - LOWEST;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOWEST + (start + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
