@@ -304,6 +304,18 @@ fn render_metrics(s: &AdminState, postgres_up: bool) -> String {
         "Changes waiting in meridian.held now.",
     )
     .sample(&region, n(&rep.held_now));
+    let f = m.family(
+        "meridian_replication_held_changes_by_sqlstate",
+        "gauge",
+        "Changes waiting in meridian.held now, by the SQLSTATE of the error that holds them \
+         (42P01: the table is missing here; 23505: a unique value is taken; 23502: a NOT NULL column).",
+    );
+    for (sqlstate, count) in rep.held_by_sqlstate.lock().expect("not poisoned").iter() {
+        f.sample(
+            &[("region", &s.region), ("sqlstate", sqlstate)],
+            *count as f64,
+        );
+    }
     m.family(
         "meridian_capture_retained_wal_bytes",
         "gauge",

@@ -1109,6 +1109,26 @@ fn a_change_for_a_table_missing_here_is_held_then_applied_once_it_exists() {
         },
         |held| held == &["public.extra 42P01"],
     );
+    // Retried with back-off: each failed retry waits twice as long (1 s,
+    // 2 s, ...), and /metrics counts it by its reason.
+    eventually_value(
+        "two failed retries, the next one further off",
+        Duration::from_secs(60),
+        || {
+            p.b.query(
+                "SELECT attempts >= 2 AND next_try > now() + interval '1 second'
+                    AND next_try <= now() + interval '5 minutes' FROM meridian.held",
+            )
+        },
+        |v| v == &["t"],
+    );
+    let metrics = http_get(&admin_address(&p.b), "/metrics");
+    assert!(
+        metrics.contains("meridian_replication_held_changes_by_sqlstate{region=\"rep-held-b\",sqlstate=\"42P01\"} 1"),
+        "{metrics}"
+    );
+    // The retry after the table exists comes within the back-off (the
+    // attempts so far put it at most 8 s away).
     psql(
         &p.b.app_direct(),
         &["-c", "CREATE TABLE extra (id int PRIMARY KEY, v text)"],

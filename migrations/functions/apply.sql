@@ -576,7 +576,18 @@ AS $$
 $$;
 
 
--- Retries held changes, oldest first, under the same rules as apply_batch
+-- When a held change is tried next after `attempts` failed retries: 1 s,
+-- doubling, up to 5 minutes.
+CREATE OR REPLACE FUNCTION meridian.held_next_try(attempts int) RETURNS timestamptz
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT now() + least(interval '1 second' * power(2, least(attempts, 10)), interval '5 minutes')
+$$;
+
+
+-- Retries held changes whose next try is due (back-off: 0014_held_backoff),
+-- oldest first, under the same rules as apply_batch
 -- (a change whose table now exists applies if its version is still the
 -- newest). Applied or outdated ones leave meridian.held; the others keep
 -- their latest error. Returns how many left. Held changes of engine tables
@@ -594,6 +605,7 @@ BEGIN
     PERFORM set_config('deadlock_timeout', '20ms', true);
     FOR h IN SELECT * FROM meridian.held x
               WHERE NOT (x.change ->> 'op' IN ('I', 'U', 'D') AND meridian.is_engine_table(x.tbl))
+                AND x.next_try <= now()
               ORDER BY x.origin, x.xid, x.seq LIMIT 1000 LOOP
         BEGIN
             IF h.sqlstate = '23505' AND h.change ->> 'op' IN ('I', 'U')
@@ -609,7 +621,8 @@ BEGIN
             WHEN deadlock_detected OR serialization_failure THEN
                 RAISE;
             WHEN OTHERS THEN
-                UPDATE meridian.held x SET error = SQLERRM, sqlstate = SQLSTATE
+                UPDATE meridian.held x SET error = SQLERRM, sqlstate = SQLSTATE, attempts = x.attempts + 1,
+                                           next_try = meridian.held_next_try(x.attempts + 1)
                  WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
         END;
     END LOOP;

@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "session_marks",
         sql: include_str!("../../migrations/0013_session_marks.sql"),
     },
+    Migration {
+        version: 14,
+        name: "held_backoff",
+        sql: include_str!("../../migrations/0014_held_backoff.sql"),
+    },
 ];
 
 /// The files applied on every run after the migrations: every function

@@ -111,6 +111,8 @@ pub struct ReplicationStats {
     pub peers: std::sync::Mutex<std::collections::BTreeMap<String, PeerState>>,
     /// Changes waiting in `meridian.held` (read by housekeeping, once a second).
     pub held_now: AtomicU64,
+    /// The same, by the SQLSTATE of the error that holds them.
+    pub held_by_sqlstate: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// WAL the capture slot keeps, in bytes (housekeeping, once a second).
     pub capture_retained_bytes: AtomicU64,
 }
@@ -622,11 +624,19 @@ pub async fn maintain(
                     stats.with_peer(&p.name, |s| s.backlog = Some(n));
                 }
             }
-            let held: i64 = c
-                .query_one("SELECT count(*) FROM meridian.held", &[])
+            let by_sqlstate: std::collections::BTreeMap<String, u64> = c
+                .query(
+                    "SELECT sqlstate, count(*) FROM meridian.held GROUP BY 1",
+                    &[],
+                )
                 .await?
-                .get(0);
-            stats.held_now.store(held as u64, Ordering::Relaxed);
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+                .collect();
+            stats
+                .held_now
+                .store(by_sqlstate.values().sum(), Ordering::Relaxed);
+            *stats.held_by_sqlstate.lock().expect("not poisoned") = by_sqlstate;
             if let Some(slot) = crate::capture::wal::slot_state(c).await? {
                 stats
                     .capture_retained_bytes

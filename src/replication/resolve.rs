@@ -498,6 +498,7 @@ pub async fn retry_held(
         .query(
             "SELECT origin, change, sqlstate FROM meridian.held h
               WHERE h.change ->> 'op' IN ('I', 'U', 'D') AND meridian.is_engine_table(h.tbl)
+                AND h.next_try <= now()
               ORDER BY origin, xid, seq LIMIT 1000",
             &[],
         )
@@ -555,6 +556,20 @@ pub async fn retry_held(
         let seqs: Vec<i64> = done.iter().map(|c| c.seq).collect();
         tx.execute(
             "DELETE FROM meridian.held h USING unnest($2::bigint[], $3::bigint[]) AS d(xid, seq)
+              WHERE h.origin = $1 AND h.xid = d.xid AND h.seq = d.seq",
+            &[&origin, &xids, &seqs],
+        )
+        .await?;
+        // The others wait longer before their next try.
+        let (xids, seqs): (Vec<i64>, Vec<i64>) = changes
+            .iter()
+            .map(|(c, _)| c)
+            .filter(|c| outcome.held_tables.contains(&c.tbl))
+            .map(|c| (c.xid as i64, c.seq))
+            .unzip();
+        tx.execute(
+            "UPDATE meridian.held h SET attempts = h.attempts + 1, next_try = meridian.held_next_try(h.attempts + 1)
+               FROM unnest($2::bigint[], $3::bigint[]) AS d(xid, seq)
               WHERE h.origin = $1 AND h.xid = d.xid AND h.seq = d.seq",
             &[&origin, &xids, &seqs],
         )
