@@ -31,30 +31,13 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{env_or, migrate, pgbench_env, psql};
+use common::{env_or, migrate, pgbench_env, psql, ProxyProcess};
 use meridian::cluster::postgres::{free_port, PgOptions, PgServer};
 use meridian::link::{self, LinkSettings, LinkState};
 
-struct Proc(std::process::Child);
-
-impl Proc {
-    /// (CPU seconds, minor page faults) of the process so far, from /proc.
-    fn usage(&self) -> (f64, u64) {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
-        let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        // SAFETY: sysconf has no preconditions.
-        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        ((num(11) + num(12)) as f64 / tick, num(7))
-    }
-}
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// (CPU seconds, minor page faults) of a process so far.
+fn usage_of(p: &ProxyProcess) -> (f64, u64) {
+    (p.cpu_seconds(), p.page_faults())
 }
 
 /// Tables of one round: fresh, so every round starts with the same share
@@ -246,7 +229,7 @@ fn main() {
         )
         .unwrap();
         migrate(&config);
-        procs.push(Proc(
+        procs.push(ProxyProcess::from(
             Command::new(env!("CARGO_BIN_EXE_meridian"))
                 .args(["run", "--config"])
                 .arg(&config)
@@ -349,7 +332,7 @@ fn main() {
                         Duration::from_secs(600),
                     );
                     eprintln!("healed: {kind} round {round}");
-                    usage = procs.iter().map(Proc::usage).collect();
+                    usage = procs.iter().map(usage_of).collect();
                     a_to_b.heal();
                 } else {
                     psql(&pg, "lb", "ALTER SUBSCRIPTION anchor ENABLE");
@@ -364,7 +347,7 @@ fn main() {
                 if system == "postgres" {
                     disable();
                 } else {
-                    let after: Vec<(f64, u64)> = procs.iter().map(Proc::usage).collect();
+                    let after: Vec<(f64, u64)> = procs.iter().map(usage_of).collect();
                     eprintln!(
                         "  meridian a: {:.2} CPU s, {} page faults; meridian b: {:.2} CPU s, {} page faults (during the catch-up)",
                         after[0].0 - usage[0].0, after[0].1 - usage[0].1, after[1].0 - usage[1].0, after[1].1 - usage[1].1

@@ -18,17 +18,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{env_or, migrate, pgbench, psql};
+use common::{env_or, migrate, pgbench, psql, ProxyProcess};
 use meridian::cluster::postgres::{free_port, PgOptions, PgServer};
 use meridian::link::{self, LinkSettings, LinkState};
-
-struct Proc(std::process::Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn main() {
     let seconds = env_or("REPL_BENCH_SECONDS", 10);
@@ -93,7 +85,7 @@ fn main() {
         )
         .unwrap();
         migrate(&config);
-        procs.push(Proc(
+        procs.push(ProxyProcess::from(
             Command::new(env!("CARGO_BIN_EXE_meridian"))
                 .args(["run", "--config"])
                 .arg(&config)

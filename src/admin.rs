@@ -303,7 +303,7 @@ fn render_metrics(s: &AdminState, postgres_up: bool) -> String {
         "gauge",
         "Changes waiting in meridian.held now.",
     )
-    .sample(&region, n(&rep.held_now));
+    .sample(&region, rep.held_now() as f64);
     let f = m.family(
         "meridian_replication_held_changes_by_sqlstate",
         "gauge",

@@ -67,17 +67,34 @@ pub fn pgbench_env(url: &str, args: &[&str], env: &[(&str, &str)]) -> Result {
 /// Kills the proxy when dropped, also when the bench panics.
 pub struct ProxyProcess(Child);
 
+impl From<Child> for ProxyProcess {
+    fn from(child: Child) -> Self {
+        ProxyProcess(child)
+    }
+}
+
 impl ProxyProcess {
+    /// The fields of /proc/PID/stat after the command name (which is in
+    /// parentheses and may hold spaces).
+    fn stat(&self) -> Vec<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap();
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect()
+    }
+
     /// CPU time the process has used so far, all its threads, user and
     /// kernel (from /proc; the unit is the kernel's clock tick).
     pub fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap();
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        let fields = self.stat();
         // SAFETY: sysconf has no preconditions.
-        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+        (fields[11] + fields[12]) as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    /// Minor page faults of the process so far.
+    pub fn page_faults(&self) -> u64 {
+        self.stat()[7]
     }
 }
 

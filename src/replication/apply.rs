@@ -161,7 +161,7 @@ pub async fn apply(
     tracing::debug!(
         origin,
         changes = todo.len(),
-        set_wise = !in_order && outcome.phases.is_some(),
+        set_wise = outcome.phases.is_some(),
         phases = ?outcome.phases,
         body_ms = before_commit.as_secs_f64() * 1e3,
         commit_ms = (started.elapsed() - before_commit).as_secs_f64() * 1e3,

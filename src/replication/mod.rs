@@ -109,9 +109,8 @@ pub struct ReplicationStats {
     pub conflicts_by_rule: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
     /// Per peer region, by name: links, lag, backlog.
     pub peers: std::sync::Mutex<std::collections::BTreeMap<String, PeerState>>,
-    /// Changes waiting in `meridian.held` (read by housekeeping, once a second).
-    pub held_now: AtomicU64,
-    /// The same, by the SQLSTATE of the error that holds them.
+    /// Changes waiting in `meridian.held`, by the SQLSTATE of the error that
+    /// holds them (read by housekeeping, once a second).
     pub held_by_sqlstate: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// WAL the capture slot keeps, in bytes (housekeeping, once a second).
     pub capture_retained_bytes: AtomicU64,
@@ -206,6 +205,15 @@ impl Drop for LinkGuard {
 }
 
 impl ReplicationStats {
+    /// Changes waiting in `meridian.held` now.
+    pub fn held_now(&self) -> u64 {
+        self.held_by_sqlstate
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .sum()
+    }
+
     /// Runs `f` on the state of peer `name` (created if new).
     pub fn with_peer<T>(&self, name: &str, f: impl FnOnce(&mut PeerState) -> T) -> T {
         let mut peers = self.peers.lock().expect("not poisoned");
@@ -250,7 +258,7 @@ impl ReplicationStats {
             "peers_refused": n(&self.peers_refused),
             "tombstones_forgotten": n(&self.tombstones_forgotten),
             "conflicts": n(&self.conflicts),
-            "held_now": n(&self.held_now),
+            "held_now": self.held_now(),
             "peers": self.peers_snapshot(),
             "orphans": n(&self.orphans),
             "conflicts_by_rule": self
@@ -633,9 +641,6 @@ pub async fn maintain(
                 .iter()
                 .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
                 .collect();
-            stats
-                .held_now
-                .store(by_sqlstate.values().sum(), Ordering::Relaxed);
             *stats.held_by_sqlstate.lock().expect("not poisoned") = by_sqlstate;
             if let Some(slot) = crate::capture::wal::slot_state(c).await? {
                 stats

@@ -161,8 +161,8 @@ pub(super) async fn apply(
 }
 
 /// A table's keys in a batch: each distinct key once, in first-seen order,
-/// and for each the index of its newest change (one origin's versions of a
-/// row only grow, so the newest is the last).
+/// and beside each its newest change (one origin's versions of a row only
+/// grow, so the newest is the last).
 struct Keys<'a> {
     pks: Vec<&'a Value>,
     newest: Vec<&'a WireChange>,
@@ -238,17 +238,31 @@ async fn insert_only(
         .filter_map(|c| c.row.as_ref())
         .collect();
     let rows = with_defaults(tx, tbl, shape, rows).await?;
-    if !copy_rows(tx, tbl, shape, &rows).await? {
-        tx.execute(
-            &format!(
-                "INSERT INTO {tbl} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb)",
-                cols = shape.all_cols
-            ),
-            &[&Json(&rows)],
-        )
-        .await?;
-    }
+    insert_rows(tx, tbl, shape, &rows).await?;
     Ok((changes.len() as u64, 0))
+}
+
+/// The plain insert of `rows`, as written in their origin.
+fn insert_statement(tbl: &str, shape: &TableShape) -> String {
+    format!(
+        "INSERT INTO {tbl} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb)",
+        cols = shape.all_cols
+    )
+}
+
+/// Inserts `rows` through COPY, or, when COPY text cannot carry one of them,
+/// through `jsonb_populate_recordset`.
+async fn insert_rows(
+    tx: &Transaction<'_>,
+    tbl: &str,
+    shape: &TableShape,
+    rows: &[std::borrow::Cow<'_, Value>],
+) -> Result<(), tokio_postgres::Error> {
+    if !copy_rows(tx, tbl, shape, rows).await? {
+        tx.execute(&insert_statement(tbl, shape), &[&Json(rows)])
+            .await?;
+    }
+    Ok(())
 }
 
 /// Rows lacking a column the table has now (written before it was added in
@@ -358,7 +372,7 @@ async fn write_table(
         v.deleted.push(deleted);
     }
     let won = (new_versions.pks.len() + old_versions.pks.len()) as u64;
-    let (t_keys, d_keys, all) = (&shape.t_keys, &shape.d_keys, &shape.all_cols);
+    let (t_keys, d_keys) = (&shape.t_keys, &shape.d_keys);
     if !deletes.is_empty() {
         tx.execute(
             &format!("DELETE FROM {tbl} t USING jsonb_populate_recordset(NULL::{tbl}, $1::jsonb) d WHERE ({t_keys}) = ({d_keys})"),
@@ -366,26 +380,21 @@ async fn write_table(
         )
         .await?;
     }
-    let insert = format!(
-        "INSERT INTO {tbl} ({all}) OVERRIDING SYSTEM VALUE SELECT {all} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb)"
+    let upsert = format!(
+        "{} ON CONFLICT ({key_cols}) {}",
+        insert_statement(tbl, shape),
+        shape.on_conflict
     );
-    let upsert = format!("{insert} ON CONFLICT ({key_cols}) {}", shape.on_conflict);
     if !inserts.is_empty() {
         let rows = with_defaults(tx, tbl, shape, inserts).await?;
         if present.is_some() {
-            if !copy_rows(tx, tbl, shape, &rows).await? {
-                tx.execute(&insert, &[&Json(&rows)]).await?;
-            }
+            insert_rows(tx, tbl, shape, &rows).await?;
         } else {
             // A row without a version (from before capture) makes the
             // plain insert fail on the key: then the same rows as upserts.
             let sp = tx.savepoint("meridian_new_keys").await?;
-            let copied = match copy_rows(&sp, tbl, shape, &rows).await {
-                Ok(false) => sp.execute(&insert, &[&Json(&rows)]).await.map(|_| true),
-                other => other,
-            };
-            match copied {
-                Ok(_) => sp.commit().await?,
+            match insert_rows(&sp, tbl, shape, &rows).await {
+                Ok(()) => sp.commit().await?,
                 Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
                     sp.rollback().await?;
                     tx.execute(&upsert, &[&Json(&rows)]).await?;
@@ -399,24 +408,10 @@ async fn write_table(
         tx.execute(&upsert, &[&Json(&rows)]).await?;
     }
     if !new_versions.pks.is_empty() {
-        let mut text = Vec::with_capacity(new_versions.pks.len() * 64);
-        for ((pk, hlc), deleted) in new_versions
-            .pks
-            .iter()
-            .zip(&new_versions.hlcs)
-            .zip(&new_versions.deleted)
-        {
-            copy_text::escape(&mut text, tbl.as_bytes());
-            text.push(b'\t');
-            copy_text::escape(&mut text, pk.to_string().as_bytes());
-            text.extend_from_slice(
-                format!("\t{hlc}\t{origin}\t{}\n", if *deleted { 't' } else { 'f' }).as_bytes(),
-            );
-        }
         copy_in(
             tx,
             "COPY meridian.row_version (tbl, pk, hlc, origin, deleted) FROM STDIN",
-            text,
+            new_versions.copy_text(tbl, origin),
         )
         .await?;
     }
@@ -483,4 +478,19 @@ struct Versions<'a> {
     pks: Vec<&'a Value>,
     hlcs: Vec<i64>,
     deleted: Vec<bool>,
+}
+
+impl Versions<'_> {
+    /// As `meridian.row_version (tbl, pk, hlc, origin, deleted)` COPY text.
+    fn copy_text(&self, tbl: &str, origin: i32) -> Vec<u8> {
+        let mut text = Vec::with_capacity(self.pks.len() * 64);
+        for ((pk, hlc), deleted) in self.pks.iter().zip(&self.hlcs).zip(&self.deleted) {
+            copy_text::escape(&mut text, tbl.as_bytes());
+            text.push(b'\t');
+            copy_text::escape(&mut text, pk.to_string().as_bytes());
+            let deleted = if *deleted { 't' } else { 'f' };
+            text.extend_from_slice(format!("\t{hlc}\t{origin}\t{deleted}\n").as_bytes());
+        }
+        text
+    }
 }
