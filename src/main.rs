@@ -229,7 +229,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&config)?;
             let conflicts = runtime()?.block_on(async {
                 let client = capture::connect(&config).await?;
-                meridian::replication::resolve::recent_conflicts(
+                meridian::replication::conflict_log::recent_conflicts(
                     &client,
                     table.as_deref(),
                     since,
@@ -239,7 +239,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("reading meridian.conflict")
             })?;
             for c in &conflicts {
-                print!("{}", meridian::replication::resolve::describe(c));
+                print!("{}", meridian::replication::conflict_log::describe(c));
             }
             println!(
                 "{} conflict(s) in region {}{}{}",

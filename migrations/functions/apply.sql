@@ -25,7 +25,7 @@
 -- or constraint error) is not dropped and does not block anything else: it is
 -- kept in meridian.held with the error, and the batch goes on (a deadlock or
 -- serialization failure aborts the whole batch instead; the receiver retries
--- it). retry_held tries them again.
+-- it). src/replication/held.rs tries them again.
 --
 -- Re-applied by every `meridian migrate` (CREATE OR REPLACE, with
 -- check_function_bodies off, after the versioned migrations): each of
@@ -266,10 +266,7 @@ BEGIN
             WHEN deadlock_detected OR serialization_failure THEN
                 RAISE;
             WHEN OTHERS THEN
-                INSERT INTO meridian.held (origin, xid, seq, tbl, change, error, sqlstate)
-                VALUES (apply_each.origin, (c ->> 'xid')::bigint, (c ->> 'seq')::bigint,
-                        c ->> 'tbl', c, SQLERRM, SQLSTATE)
-                ON CONFLICT DO NOTHING;
+                PERFORM meridian.hold(apply_each.origin, jsonb_build_array(c), SQLERRM, SQLSTATE);
                 n_held := n_held + 1;
         END;
     END LOOP;
@@ -586,49 +583,26 @@ AS $$
 $$;
 
 
--- Retries held changes whose next try is due (back-off: 0014_held_backoff),
--- oldest first, under the same rules as apply_batch
--- (a change whose table now exists applies if its version is still the
--- newest). Applied or outdated ones leave meridian.held; the others keep
--- their latest error. Returns how many left. Held changes of engine tables
--- are retried by the engine, not here.
-CREATE OR REPLACE FUNCTION meridian.retry_held() RETURNS int
-LANGUAGE plpgsql
+-- Holds changes (a jsonb array, each as the receiver has it) that could not
+-- be applied, with the error: tried again at the next housekeeping round.
+-- A change held before (its retry failed) keeps its place and waits twice
+-- as long for its next try (1 s doubling up to 5 minutes: held_next_try).
+-- Every path that holds a change calls this; src/replication/held.rs retries.
+CREATE OR REPLACE FUNCTION meridian.hold(origin int, changes jsonb, error text, sqlstate text) RETURNS void
+LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
-#variable_conflict use_column
-DECLARE
-    h meridian.held;
-    n int := 0;
-BEGIN
-    PERFORM set_config('session_replication_role', 'replica', true);
-    PERFORM set_config('deadlock_timeout', '20ms', true);
-    FOR h IN SELECT * FROM meridian.held x
-              WHERE NOT (x.change ->> 'op' IN ('I', 'U', 'D') AND meridian.is_engine_table(x.tbl))
-                AND x.next_try <= now()
-              ORDER BY x.origin, x.xid, x.seq LIMIT 1000 LOOP
-        BEGIN
-            IF h.sqlstate = '23505' AND h.change ->> 'op' IN ('I', 'U')
-               AND meridian.resolve_unique(h.origin, h.change, NULL, NULL) = 'lost' THEN
-                DELETE FROM meridian.held x WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
-                n := n + 1;
-                CONTINUE;
-            END IF;
-            PERFORM meridian.apply_one(meridian.fill_defaults(jsonb_build_array(h.change)) -> 0, h.origin);
-            DELETE FROM meridian.held x WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
-            n := n + 1;
-        EXCEPTION
-            WHEN deadlock_detected OR serialization_failure THEN
-                RAISE;
-            WHEN OTHERS THEN
-                UPDATE meridian.held x SET error = SQLERRM, sqlstate = SQLSTATE, attempts = x.attempts + 1,
-                                           next_try = meridian.held_next_try(x.attempts + 1)
-                 WHERE x.origin = h.origin AND x.xid = h.xid AND x.seq = h.seq;
-        END;
-    END LOOP;
-    RETURN n;
-END
+    INSERT INTO meridian.held AS h (origin, xid, seq, tbl, change, error, sqlstate)
+    SELECT hold.origin, (c ->> 'xid')::bigint, (c ->> 'seq')::bigint, c ->> 'tbl', c, hold.error,
+           hold.sqlstate
+      FROM jsonb_array_elements(changes) c
+    ON CONFLICT (origin, xid, seq) DO UPDATE
+       SET error = excluded.error, sqlstate = excluded.sqlstate, attempts = h.attempts + 1,
+           next_try = meridian.held_next_try(h.attempts + 1)
 $$;
+
+-- Superseded by src/replication/held.rs (one retry for every held change).
+DROP FUNCTION IF EXISTS meridian.retry_held();
 
 
 -- Deletes the changes every one of peers has applied; returns how many. Does

@@ -19,7 +19,7 @@
 -- causal wait ran out), can leave regions with different counter values.
 --
 -- apply_table (the set-wise path) and apply_one (one change, used by the
--- change-by-change path and by retry_held) both do it the same way:
+-- change-by-change path and by held-change retries) both do it the same way:
 --   1. counter_deltas: per key, the sum of the deltas of the changes here,
 --      for keys whose changes here are all updates carrying old values;
 --   2. counter_finals: with the table's rows locked, each such existing

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::capture;
 use crate::config::Config;
-use crate::replication::resolve;
+use crate::replication::conflict_log;
 
 /// Builds the report. Errors only when neither the admin endpoint nor the
 /// database answers; each unreachable part is otherwise named in the text.
@@ -159,7 +159,7 @@ pub async fn report(config: &Config) -> Result<String, String> {
                 let _ = writeln!(out, "  capture slot: cannot read: {e}");
             }
         }
-        match resolve::recent_conflicts(c, None, None, 5).await {
+        match conflict_log::recent_conflicts(c, None, None, 5).await {
             Ok(list) if list.is_empty() => {
                 let _ = writeln!(out, "  conflicts: none logged");
             }
@@ -170,7 +170,7 @@ pub async fn report(config: &Config) -> Result<String, String> {
                     .map_or(0, |r| r.get(0));
                 let _ = writeln!(out, "  conflicts: {total} logged; the latest:");
                 for x in &list {
-                    for line in resolve::describe(x).lines() {
+                    for line in conflict_log::describe(x).lines() {
                         let _ = writeln!(out, "    {line}");
                     }
                 }

@@ -181,7 +181,7 @@ pub(super) async fn settle(barrier: Option<&Barrier>) -> Result<(), ApplyError> 
 /// The stream-order path: locks every key touched (`meridian.lock_keys`),
 /// then `meridian.apply_each` (change by change, holding what fails) for
 /// last-writer-wins tables and the engine for the others.
-async fn in_stream_order(
+pub(super) async fn in_stream_order(
     tx: &mut Transaction<'_>,
     barrier: Option<&Barrier>,
     engines: &resolve::Engines,

@@ -69,6 +69,11 @@ impl Engines {
         matches!(change.op.as_str(), "I" | "U" | "D") && self.tables.contains_key(&change.tbl)
     }
 
+    /// The engine of table `tbl`, if it has one.
+    pub fn get(&self, tbl: &str) -> Option<&Engine> {
+        self.tables.get(tbl)
+    }
+
     /// Whether the engine decides the conflicts of table `tbl`.
     pub fn decides(&self, tbl: &str) -> bool {
         self.tables.contains_key(tbl)
@@ -241,10 +246,7 @@ async fn hold(
     tracing::warn!(origin, table = %changes[0].tbl, error = %message, "changes held (see meridian.held)");
     let batch = serde_json::to_value(changes).expect("changes serialise");
     tx.execute(
-        "INSERT INTO meridian.held (origin, xid, seq, tbl, change, error, sqlstate)
-         SELECT $1, (c ->> 'xid')::bigint, (c ->> 'seq')::bigint, c ->> 'tbl', c, $3, $4
-           FROM jsonb_array_elements($2) c
-         ON CONFLICT DO NOTHING",
+        "SELECT meridian.hold($1, $2, $3, $4)",
         &[&i32::from(origin), &batch, &message, &sqlstate],
     )
     .await?;
@@ -485,201 +487,4 @@ async fn custom(
         }),
         changed,
     })
-}
-
-/// Retries held changes of engine tables (up to 1000, oldest first), one
-/// transaction per origin; those that apply leave `meridian.held`. Returns
-/// how many did.
-pub async fn retry_held(
-    client: &mut tokio_postgres::Client,
-    engines: &Engines,
-) -> Result<u64, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT origin, change, sqlstate FROM meridian.held h
-              WHERE h.change ->> 'op' IN ('I', 'U', 'D') AND meridian.is_engine_table(h.tbl)
-                AND h.next_try <= now()
-              ORDER BY origin, xid, seq LIMIT 1000",
-            &[],
-        )
-        .await?;
-    let mut by_origin: BTreeMap<i32, Vec<(WireChange, bool)>> = BTreeMap::new();
-    for r in &rows {
-        let change: Value = r.get(1);
-        let unique = r.get::<_, Option<&str>>(2) == Some("23505");
-        if let Ok(c) = serde_json::from_value::<WireChange>(change) {
-            by_origin.entry(r.get(0)).or_default().push((c, unique));
-        }
-    }
-    let mut unheld = 0;
-    for (origin, changes) in by_origin {
-        let mut tx = client.transaction().await?;
-        tx.batch_execute(super::apply::SETTINGS).await?;
-        // A change held on a unique value other than the key: the local
-        // row holding it and the change are compared as incarnations, by
-        // the table's policy; a losing change is dropped, a losing row
-        // deleted (both logged). See migrations/functions/engine.sql.
-        let mut lost = Vec::new();
-        for (c, _) in changes.iter().filter(|(c, unique)| *unique && c.op != "D") {
-            let Some(engine) = engines.tables.get(&c.tbl) else {
-                continue;
-            };
-            let priority: Vec<i32> = engine.priority.iter().map(|&r| i32::from(r)).collect();
-            let outcome: String = tx
-                .query_one(
-                    "SELECT meridian.resolve_unique($1, $2, $3, $4)",
-                    &[
-                        &origin,
-                        &serde_json::to_value(c).expect("serialises"),
-                        &engine.policy.name(),
-                        &priority,
-                    ],
-                )
-                .await?
-                .get(0);
-            if outcome == "lost" {
-                lost.push((c.xid, c.seq));
-            }
-        }
-        let refs: Vec<&WireChange> = changes
-            .iter()
-            .map(|(c, _)| c)
-            .filter(|c| !lost.contains(&(c.xid, c.seq)))
-            .collect();
-        let outcome = apply(&mut tx, engines, origin as u16, &refs).await?;
-        let done: Vec<&WireChange> = changes
-            .iter()
-            .map(|(c, _)| c)
-            .filter(|c| !outcome.held_tables.contains(&c.tbl))
-            .collect();
-        let xids: Vec<i64> = done.iter().map(|c| c.xid as i64).collect();
-        let seqs: Vec<i64> = done.iter().map(|c| c.seq).collect();
-        tx.execute(
-            "DELETE FROM meridian.held h USING unnest($2::bigint[], $3::bigint[]) AS d(xid, seq)
-              WHERE h.origin = $1 AND h.xid = d.xid AND h.seq = d.seq",
-            &[&origin, &xids, &seqs],
-        )
-        .await?;
-        // The others wait longer before their next try.
-        let (xids, seqs): (Vec<i64>, Vec<i64>) = changes
-            .iter()
-            .map(|(c, _)| c)
-            .filter(|c| outcome.held_tables.contains(&c.tbl))
-            .map(|c| (c.xid as i64, c.seq))
-            .unzip();
-        tx.execute(
-            "UPDATE meridian.held h SET attempts = h.attempts + 1, next_try = meridian.held_next_try(h.attempts + 1)
-               FROM unnest($2::bigint[], $3::bigint[]) AS d(xid, seq)
-              WHERE h.origin = $1 AND h.xid = d.xid AND h.seq = d.seq",
-            &[&origin, &xids, &seqs],
-        )
-        .await?;
-        tx.commit().await?;
-        unheld += done.len() as u64;
-    }
-    Ok(unheld)
-}
-
-/// One entry of the conflict log.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoggedConflict {
-    pub at: String,
-    pub table: String,
-    pub key: Value,
-    pub rule: String,
-    pub kept: String,
-    pub merged: Vec<String>,
-    pub local: Option<Value>,
-    pub local_version: (i64, i32),
-    pub remote: Option<Value>,
-    pub remote_version: (i64, i32),
-    pub result: Option<Value>,
-    /// The physical times of the two versions (UTC, time of day).
-    pub local_time: String,
-    pub remote_time: String,
-}
-
-/// The newest `limit` entries of the conflict log, optionally of one table
-/// and no older than `since`, newest first.
-pub async fn recent_conflicts(
-    client: &tokio_postgres::Client,
-    table: Option<&str>,
-    since: Option<std::time::Duration>,
-    limit: i64,
-) -> Result<Vec<LoggedConflict>, tokio_postgres::Error> {
-    let since_s = since.map(|d| d.as_secs_f64());
-    let rows = client
-        .query(
-            "SELECT to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS'), tbl, pk, rule, kept, merged,
-                    local_row, local_hlc, local_origin, remote_row, remote_hlc, remote_origin, result_row,
-                    to_char(meridian.hlc_time(local_hlc) AT TIME ZONE 'UTC', 'HH24:MI:SS.MS'),
-                    to_char(meridian.hlc_time(remote_hlc) AT TIME ZONE 'UTC', 'HH24:MI:SS.MS')
-               FROM meridian.conflict
-              WHERE ($1::text IS NULL OR tbl = $1 OR tbl = 'public.' || $1)
-                AND ($2::float8 IS NULL OR at >= now() - make_interval(secs => $2))
-              ORDER BY id DESC
-              LIMIT $3",
-            &[&table, &since_s, &limit],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| LoggedConflict {
-            at: r.get(0),
-            table: r.get(1),
-            key: r.get(2),
-            rule: r.get(3),
-            kept: r.get(4),
-            merged: r.get(5),
-            local: r.get(6),
-            local_version: (r.get(7), r.get(8)),
-            remote: r.get(9),
-            remote_version: (r.get(10), r.get(11)),
-            result: r.get(12),
-            local_time: r.get(13),
-            remote_time: r.get(14),
-        })
-        .collect())
-}
-
-/// A logged conflict as a few readable lines.
-pub fn describe(c: &LoggedConflict) -> String {
-    let text = |v: &Option<Value>| match v {
-        Some(v) => v.to_string(),
-        None => "(deleted)".into(),
-    };
-    let merged = if c.merged.is_empty() {
-        String::new()
-    } else {
-        format!("; merged {}", c.merged.join(", "))
-    };
-    format!(
-        "{} UTC  {} {}  decided by {}: kept the {} version{}\n    here:   {}  (region {}, written {})\n    remote: {}  (region {}, written {})\n    now:    {}\n",
-        c.at,
-        c.table,
-        c.key,
-        c.rule,
-        c.kept,
-        merged,
-        text(&c.local),
-        c.local_version.1,
-        c.local_time,
-        text(&c.remote),
-        c.remote_version.1,
-        c.remote_time,
-        text(&c.result),
-    )
-}
-
-/// Deletes conflict log entries older than `retention`; returns how many.
-pub async fn prune_conflicts(
-    client: &tokio_postgres::Client,
-    retention: std::time::Duration,
-) -> Result<u64, tokio_postgres::Error> {
-    client
-        .execute(
-            "DELETE FROM meridian.conflict WHERE at < now() - make_interval(secs => $1)",
-            &[&retention.as_secs_f64()],
-        )
-        .await
 }

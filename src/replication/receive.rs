@@ -1,0 +1,199 @@
+//! replication::receive: the receiving side of every peer link. Per
+//! connection: the handshake ([`super::handshake`]), then a loop of
+//!
+//! ```text
+//! inbox (decoded ahead) -> causal gate -> gather more batches -> drift hold
+//!   -> apply::apply (one transaction, with the origin's position) -> account -> ack
+//! ```
+//!
+//! Each step is a function of its own module; this file only strings them
+//! together, so the order of the steps is read here and nowhere else.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_postgres::Client;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::account::{acknowledge, Account};
+use super::gate::{hold_until_causally_ready, hold_until_within_drift};
+use super::inbox::{gather, Gathered, Inbox};
+use super::progress::{applied_position, note_floor};
+use super::protocol::{self, Message, WireChange};
+use super::{apply, handshake, resolve, send, tls, unexpected};
+use super::{Applied, ApplyError, ReplicationError, ReplicationStats, APPLY_RETRIES, IO_TIMEOUT};
+use crate::capture::{self, wal::Barrier};
+use crate::clock::Clock;
+use crate::config::Config;
+
+/// What every receiving connection of a region shares.
+#[derive(Clone)]
+pub struct Receiver {
+    pub config: Config,
+    /// Capture's barrier: applies decide on exact local state (see
+    /// `capture::wal::Barrier::settle`).
+    pub barrier: Arc<crate::capture::wal::Barrier>,
+    /// Rule engines of the tables whose conflicts they decide.
+    pub engines: resolve::EngineHandle,
+    pub tls: Option<tls::PeerTls>,
+    pub clock: Arc<Clock>,
+    pub stats: Arc<ReplicationStats>,
+}
+
+/// Accepts peers' shipments until `stop`.
+pub async fn receive(listener: TcpListener, receiver: Receiver, stop: CancellationToken) {
+    while let Some((stream, peer)) = crate::net::accept(&listener, &stop, "replication").await {
+        let (receiver, stop) = (receiver.clone(), stop.clone());
+        let span = tracing::info_span!("receive", %peer);
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    r = serve_peer(stream, peer, &receiver, &stop) => {
+                        if let Err(e) = r {
+                            tracing::info!(error = %e, "peer connection ended");
+                        }
+                    }
+                    _ = stop.cancelled() => {}
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_peer(
+    stream: TcpStream,
+    peer: SocketAddr,
+    receiver: &Receiver,
+    stop: &CancellationToken,
+) -> Result<(), ReplicationError> {
+    let Receiver {
+        config,
+        barrier,
+        engines,
+        tls,
+        clock,
+        stats,
+    } = receiver;
+    let me = config.region.id;
+    let stream = accept_tls(tls.as_ref(), stream, stats, peer).await?;
+    let mut conn = Framed::new(stream, protocol::codec());
+    let origin = handshake::admit(&mut conn, config, stats, peer).await?;
+    let mut client = capture::connect_apply(config).await?;
+    let position = applied_position(&client, origin).await?;
+    send(&mut conn, &Message::Welcome { position }).await?;
+    let (mut acks, stream) = conn.split();
+    let mut inbox = Inbox::new(stream);
+    tracing::info!(origin, ?position, "peer authenticated; receiving");
+    let mut account = Account::new(stats, config, origin);
+    // A message read while gathering that must wait for the next round.
+    let mut pending: Option<Message> = None;
+    loop {
+        // No timeout here: a shipper with nothing to ship is silent. A dead
+        // peer shows as a closed connection (TCP keepalive, or its restart).
+        let message = match pending.take() {
+            Some(m) => m,
+            None => inbox.next().await?,
+        };
+        let (changes, after, floor, origin_ms) = match message {
+            Message::Batch {
+                changes,
+                after,
+                floor,
+                caught_up,
+            } => (changes, after, floor, caught_up),
+            // Everything the origin sent before this is applied.
+            Message::Floor { hlc, caught_up } => {
+                note_floor(&client, origin, hlc).await?;
+                account.caught_up(caught_up, 0);
+                continue;
+            }
+            other => return Err(unexpected("Batch", &other)),
+        };
+        if !hold_until_causally_ready(&client, &after, me, origin, stats, stop).await? {
+            return Ok(());
+        }
+        let mut gathered = Gathered::new(changes, floor, origin_ms);
+        pending = gather(&mut inbox, &client, &mut gathered, me, origin).await?;
+        if gathered.ends.is_empty() {
+            continue;
+        }
+        if !hold_until_within_drift(clock, gathered.newest_stamp(), stats, stop).await {
+            return Ok(());
+        }
+        let engines = engines.current();
+        let outcome = apply_with_retries(
+            &mut client,
+            barrier,
+            &engines,
+            origin,
+            &gathered.changes,
+            stats,
+        )
+        .await?;
+        if let Some(hlc) = gathered.floor {
+            note_floor(&client, origin, hlc).await?;
+        }
+        account.applied(&outcome, &gathered);
+        acknowledge(&mut acks, &gathered.ends, &outcome).await?;
+    }
+}
+
+async fn accept_tls(
+    tls: Option<&tls::PeerTls>,
+    stream: TcpStream,
+    stats: &ReplicationStats,
+    peer: SocketAddr,
+) -> Result<tls::BoxedStream, ReplicationError> {
+    match tokio::time::timeout(IO_TIMEOUT, tls::accept(tls, stream)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => {
+            stats.peers_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, error = %e, "refused a peer: TLS handshake failed");
+            Err(ReplicationError::Tls(e))
+        }
+        Err(_) => Err(ReplicationError::Timeout(IO_TIMEOUT)),
+    }
+}
+
+/// Applies `changes` in one transaction, retrying what is worth retrying:
+/// an apply that gave way to capture (a local schema change queued behind
+/// it) once capture has caught up, and a lost deadlock or serialization
+/// race against local writes a few times.
+async fn apply_with_retries(
+    client: &mut Client,
+    barrier: &Barrier,
+    engines: &resolve::Engines,
+    origin: u16,
+    changes: &[WireChange],
+    stats: &ReplicationStats,
+) -> Result<Applied, ReplicationError> {
+    let mut attempt = 0;
+    loop {
+        match apply::apply(client, Some(barrier), engines, origin, changes).await {
+            Ok(done) => return Ok(done),
+            Err(ApplyError::GaveWay(limit)) => {
+                stats.batches_retried.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(origin, ?limit, "an apply gave way to capture (a local schema change may have queued behind it); retrying");
+                barrier
+                    .catch_up()
+                    .await
+                    .map_err(|e| ReplicationError::Apply(capture::describe(&e)))?;
+            }
+            Err(e) if attempt < APPLY_RETRIES && e.is_retryable() => {
+                attempt += 1;
+                stats.batches_retried.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5 * attempt)).await;
+            }
+            Err(ApplyError::Postgres(e)) => {
+                return Err(ReplicationError::Apply(capture::describe(&e)))
+            }
+        }
+    }
+}
