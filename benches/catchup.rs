@@ -23,6 +23,7 @@
 //!
 //! cargo bench --bench catchup
 //! CATCHUP_BACKLOG=300000 CATCHUP_KEYS=100000 CATCHUP_ENGINE_BACKLOG=30000 CATCHUP_ROUNDS=2 (defaults)
+//! CATCHUP_WORKER_THREADS=1 (each meridian's runtime threads; 0: one per CPU)
 //! CATCHUP_PROFILE=1: time per SQL function; CATCHUP_LOG=meridian::replication::apply=debug: each apply's phases
 
 mod common;
@@ -38,6 +39,51 @@ use meridian::link::{self, LinkSettings, LinkState};
 /// (CPU seconds, minor page faults) of a process so far.
 fn usage_of(p: &ProxyProcess) -> (f64, u64) {
     (p.cpu_seconds(), p.page_faults())
+}
+
+/// CPU seconds of every Postgres server process now, by pid, with what it
+/// serves (database, backend type, application name: `meridian capture` is
+/// a region's walsender, `meridian` its other sessions).
+fn postgres_cpu(pg: &PgServer) -> std::collections::HashMap<i32, (String, f64)> {
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let listing = psql(
+        pg,
+        "postgres",
+        "SELECT string_agg(format('%s|%s %s %s', pid, coalesce(datname, '-'), backend_type,
+                                  coalesce(nullif(application_name, ''), '-')), E'\n')
+           FROM pg_stat_activity",
+    );
+    listing
+        .lines()
+        .filter_map(|line| {
+            let (pid, what) = line.split_once('|')?;
+            let pid: i32 = pid.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let ticks: f64 =
+                fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+            Some((pid, (what.to_string(), ticks / tick)))
+        })
+        .collect()
+}
+
+/// Postgres CPU between two snapshots, by what the processes serve, busiest
+/// first (processes that ended in between are missing).
+fn postgres_cpu_between(
+    before: &std::collections::HashMap<i32, (String, f64)>,
+    after: &std::collections::HashMap<i32, (String, f64)>,
+) -> String {
+    let mut by: std::collections::BTreeMap<&str, f64> = Default::default();
+    for (pid, (what, cpu)) in after {
+        let earlier = before.get(pid).map_or(0.0, |b| b.1);
+        *by.entry(what.as_str()).or_default() += cpu - earlier;
+    }
+    let mut rows: Vec<_> = by.into_iter().filter(|(_, c)| *c >= 0.05).collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    rows.iter()
+        .map(|(w, c)| format!("    {c:6.2} s  {w}\n"))
+        .collect()
 }
 
 /// Tables of one round: fresh, so every round starts with the same share
@@ -206,6 +252,11 @@ fn main() {
         dir.path().join("rules").join("catchup.toml"),
     )
     .unwrap();
+    // Each meridian's threads (CATCHUP_WORKER_THREADS; 0: one per CPU, the default).
+    let workers = match env_or("CATCHUP_WORKER_THREADS", 1) {
+        0 => String::new(),
+        n => format!("worker_threads = {n}\n"),
+    };
     let mut procs = Vec::new();
     for (db, id, listen, peer_id, peer) in
         [("a", 1, rep_a, 2, &a_to_b), ("b", 2, rep_b, 1, &b_to_a)]
@@ -217,14 +268,15 @@ fn main() {
         std::fs::write(
             &config,
             format!(
-                "[region]\nname = \"{db}\"\nid = {id}\n[proxy]\nlisten = \"127.0.0.1:{port}\"\nworker_threads = 1\n\
+                "[region]\nname = \"{db}\"\nid = {id}\n[proxy]\nlisten = \"127.0.0.1:{port}\"\n{workers}\
                  [backend]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndatabase = \"{db}\"\n[auth]\nmethod = \"trust\"\n\
                  [replication]\nlisten = \"127.0.0.1:{listen}\"\nsecret = \"benchmark secret 0123456789\"\nrules = \"rules\"\n\
                  [[replication.peers]]\nname = \"peer\"\nid = {peer_id}\naddress = \"{}\"\n",
                 pg.socket_dir().display(),
                 pg.port,
                 pg.superuser(),
-                peer.listen
+                peer.listen,
+                workers = workers,
             ),
         )
         .unwrap();
@@ -320,6 +372,7 @@ fn main() {
                     &format!("INSERT INTO done VALUES ({marker}, '{kind}')"),
                 );
                 let changes = (n / 4) * 4 + 1;
+                let pg_before;
                 if system == "meridian" {
                     wait_for(
                         &pg,
@@ -333,8 +386,10 @@ fn main() {
                     );
                     eprintln!("healed: {kind} round {round}");
                     usage = procs.iter().map(usage_of).collect();
+                    pg_before = postgres_cpu(&pg);
                     a_to_b.heal();
                 } else {
+                    pg_before = postgres_cpu(&pg);
                     psql(&pg, "lb", "ALTER SUBSCRIPTION anchor ENABLE");
                 }
                 let took = wait_for(
@@ -343,6 +398,10 @@ fn main() {
                     &format!("SELECT EXISTS (SELECT 1 FROM done WHERE round = {marker})"),
                     "catch-up",
                     Duration::from_secs(900),
+                );
+                eprintln!(
+                    "  Postgres CPU during the catch-up ({system}):\n{}",
+                    postgres_cpu_between(&pg_before, &postgres_cpu(&pg))
                 );
                 if system == "postgres" {
                     disable();

@@ -16,21 +16,6 @@ use tokio::signal::unix::{signal, SignalKind};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `purge_delay` (option 15 of its `mi_option_e`, which the sys
-/// crate names no constant for).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// mimalloc gives freed memory back to the OS 10 ms after it is free, and
-/// takes it again, zeroed 2 MiB at a time, on the next batch: in a
-/// catch-up that was 63,000 page faults and half the shipper's CPU per
-/// 100,000 changes (BENCHMARKS.md, issue 16). Freed memory is kept for a
-/// second instead, so a steady stream reuses it and an idle proxy still
-/// returns it.
-fn keep_freed_memory_a_while() {
-    // SAFETY: mi_option_set only stores the value; any value is valid.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
-}
-
 use meridian::capture;
 use meridian::cluster::demo::{self, DemoOptions};
 use meridian::config::Config;
@@ -164,7 +149,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    keep_freed_memory_a_while();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")

@@ -15,14 +15,6 @@ use meridian::capture::reader::{read_changes, Operation, Position};
 use meridian::clock::physical_ms;
 use support::*;
 
-/// Runs `select` (one SELECT) as meridian's apply sessions do: with a
-/// replication origin, so what it applies is not captured again.
-fn as_applier(r: &Region, select: &str) -> Vec<String> {
-    r.query(&format!(
-        "WITH origin AS MATERIALIZED (SELECT meridian.apply_session_setup()) {select} FROM origin"
-    ))
-}
-
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, v text);
      CREATE TABLE parent (id int PRIMARY KEY);
      CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent ON DELETE CASCADE);
@@ -360,15 +352,7 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
             r#"{{"xid": 5, "seq": {seq}, "hlc": {hlc}, "tx_hlc": {hlc}, "tbl": "{tbl}", "op": "{op}", "pk": {{"id": 1}}, "row": {row}, "old": {old}}}"#
         )
     };
-    let apply = |changes: Vec<String>| {
-        as_applier(
-            &r,
-            &format!(
-                "SELECT meridian.apply_batch(9, '[{}]'::jsonb) ->> 'applied'",
-                changes.join(",")
-            ),
-        )
-    };
+    let apply = |changes: Vec<String>| r.apply_changes(9, &format!("[{}]", changes.join(",")));
     // Older than the local row: owner stays, the deltas (+10, -5) count.
     apply(vec![
         change(
@@ -410,25 +394,24 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
         ["175 bob"]
     );
     assert_eq!(r.query("SELECT count(*) FROM other"), ["0"]);
-    // The set-wise path itself works (apply_batch falls back to change by
-    // change when it fails, which is correct but ~30x slower, and silent).
-    assert_eq!(
-        as_applier(
-            &r,
-            &format!(
-                "SELECT meridian.apply_table('public.accounts', '[{}]'::jsonb, 9)::text",
-                change(
-                    6,
-                    newer + 3,
-                    "U",
-                    "public.accounts",
-                    r#"{"id": 1, "balance": 176, "owner": "bob"}"#,
-                    r#"{"balance": 175}"#
-                )
+    // The set-wise path itself works (the apply falls back to change by
+    // change when it fails, which is correct but much slower, and silent).
+    let set_wise = r.apply_changes(
+        9,
+        &format!(
+            "[{}]",
+            change(
+                5,
+                newer + 3,
+                "U",
+                "public.accounts",
+                r#"{"id": 1, "balance": 176, "owner": "bob"}"#,
+                r#"{"balance": 175}"#
             )
         ),
-        ["{\"older\": 0, \"applied\": 1}"]
     );
+    assert!(set_wise.phases.is_some(), "{set_wise:?}");
+    assert_eq!((set_wise.applied, set_wise.older), (1, 0));
     // A row captured before a column existed gets the column's default.
     psql(
         &r.app_direct(),
@@ -438,13 +421,12 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
         ],
         None,
     );
-    assert_eq!(
-        as_applier(
-            &r,
-            &format!(
-            "SELECT meridian.apply_batch(9, meridian.fill_defaults('[{}]'::jsonb)) ->> 'applied'",
+    let inserted = r.apply_changes(
+        9,
+        &format!(
+            "[{}]",
             change(
-                5,
+                6,
                 newer + 2,
                 "I",
                 "public.accounts",
@@ -452,10 +434,9 @@ fn applied_updates_add_their_counter_deltas_on_both_apply_paths() {
                 "null"
             )
             .replace(r#""pk": {"id": 1}"#, r#""pk": {"id": 2}"#)
-        )
         ),
-        ["1"]
     );
+    assert_eq!(inserted.applied, 1, "{inserted:?}");
     assert_eq!(r.query("SELECT tier FROM accounts WHERE id = 2"), ["basic"]);
     // The same batch again (a resend) changes nothing.
     apply(vec![change(
@@ -482,13 +463,13 @@ fn a_local_write_always_gets_a_larger_version_than_the_rows_current_one() {
     r.captured();
     let now = meridian::clock::Clock::start(0, Duration::from_millis(500)).now_ms();
     let ahead = meridian::clock::Clock::hlc_at(now + 30_000);
-    let applied = as_applier(
-        &r,
+    let applied = r.apply_changes(
+        9,
         &format!(
-            r#"SELECT meridian.apply_batch(9, '[{{"xid": 5, "seq": 1, "hlc": {ahead}, "tx_hlc": {ahead}, "tbl": "public.items", "op": "U", "pk": {{"id": 1}}, "row": {{"id": 1, "v": "from a peer"}}, "old": null}}]'::jsonb) ->> 'applied'"#
+            r#"[{{"xid": 5, "seq": 1, "hlc": {ahead}, "tx_hlc": {ahead}, "tbl": "public.items", "op": "U", "pk": {{"id": 1}}, "row": {{"id": 1, "v": "from a peer"}}, "old": null}}]"#
         ),
     );
-    assert_eq!(applied, ["1"]);
+    assert_eq!(applied.applied, 1, "{applied:?}");
     psql(
         &r.url(),
         &["-c", "UPDATE items SET v = 'local' WHERE id = 1"],

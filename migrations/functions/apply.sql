@@ -84,7 +84,7 @@ DECLARE
     t   text;
     pks jsonb;
 BEGIN
-    -- As apply_batch does: an apply that deadlocks with a local transaction
+    -- As every apply does: an apply that deadlocks with a local transaction
     -- is the one to give way (and is retried), and quickly.
     PERFORM set_config('deadlock_timeout', '20ms', true);
     FOR t, pks IN
@@ -144,99 +144,11 @@ AS $$
 $$;
 
 
--- Applies a batch of one origin's changes (a JSON array of objects with xid,
--- seq, tbl, op, pk, row, hlc) and records the position of its last change,
--- all in the caller's transaction. A batch at or below the recorded position
--- (a resend after a lost acknowledgement) changes nothing. Returns
--- {"applied": n, "older": n, "held": n, "duplicate": bool}.
-CREATE OR REPLACE FUNCTION meridian.apply_batch(origin int, changes jsonb) RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    c jsonb;
-    t record;
-    outcome_json jsonb;
-    pos meridian.applied;
-    last_xid bigint;
-    last_seq bigint;
-    outcome text;
-    n_applied int := 0;
-    n_older int := 0;
-    n_held int := 0;
-    has_pos bool;
-    n int := jsonb_array_length(changes);
-BEGIN
-    IF n = 0 THEN
-        RETURN jsonb_build_object('applied', 0, 'older', 0, 'held', 0, 'duplicate', false);
-    END IF;
-    PERFORM set_config('session_replication_role', 'replica', true);
-    -- If applying and a local transaction still deadlock (a remote insert
-    -- racing a local insert of the same key), let Postgres pick this
-    -- transaction, not the application's: the receiver retries the batch.
-    PERFORM set_config('deadlock_timeout', '20ms', true);
-    SELECT * INTO pos FROM meridian.applied a WHERE a.origin = apply_batch.origin FOR UPDATE;
-    has_pos := FOUND;
-    last_xid := (changes -> (n - 1) ->> 'xid')::bigint;
-    last_seq := (changes -> (n - 1) ->> 'seq')::bigint;
-    IF has_pos AND (last_xid, last_seq) <= (pos.xid, pos.seq) THEN
-        RETURN jsonb_build_object('applied', 0, 'older', 0, 'held', 0, 'duplicate', true);
-    END IF;
-    -- Fast path: the whole batch in one subtransaction. Only if something in
-    -- it fails is it redone change by change, each in its own subtransaction,
-    -- holding back just the changes that fail.
-    BEGIN
-        IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(changes) c WHERE c ->> 'op' IN ('T', 'S')) THEN
-            -- Set-wise, one table at a time (in name order, so two appliers
-            -- lock tables in the same order).
-            FOR t IN SELECT DISTINCT c ->> 'tbl' AS tbl FROM jsonb_array_elements(changes) c ORDER BY 1 LOOP
-                outcome_json := meridian.apply_table(
-                    t.tbl,
-                    (SELECT jsonb_agg(c ORDER BY (c ->> 'xid')::bigint, (c ->> 'seq')::bigint)
-                       FROM jsonb_array_elements(changes) c
-                      WHERE c ->> 'tbl' = t.tbl
-                        AND NOT (has_pos AND ((c ->> 'xid')::bigint, (c ->> 'seq')::bigint) <= (pos.xid, pos.seq))),
-                    apply_batch.origin);
-                n_applied := n_applied + (outcome_json ->> 'applied')::int;
-                n_older := n_older + (outcome_json ->> 'older')::int;
-            END LOOP;
-        ELSE
-        FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
-            IF has_pos AND ((c ->> 'xid')::bigint, (c ->> 'seq')::bigint) <= (pos.xid, pos.seq) THEN
-                CONTINUE;   -- part of an earlier batch
-            END IF;
-            outcome := meridian.apply_one(c, apply_batch.origin);
-            IF outcome = 'applied' THEN
-                n_applied := n_applied + 1;
-            ELSE
-                n_older := n_older + 1;
-            END IF;
-        END LOOP;
-        END IF;
-    EXCEPTION
-        WHEN deadlock_detected OR serialization_failure THEN
-            RAISE;   -- the receiver retries the whole batch
-        WHEN OTHERS THEN
-            -- Correct but much slower: say so (the receiver logs it).
-            RAISE WARNING 'meridian: applying a batch of % changes from region % change by change: %',
-                n, apply_batch.origin, SQLERRM;
-            outcome_json := meridian.apply_each(apply_batch.origin,
-                (SELECT coalesce(jsonb_agg(c ORDER BY o), '[]')
-                   FROM jsonb_array_elements(changes) WITH ORDINALITY AS x(c, o)
-                  WHERE NOT (has_pos AND ((c ->> 'xid')::bigint, (c ->> 'seq')::bigint) <= (pos.xid, pos.seq))));
-            n_applied := (outcome_json ->> 'applied')::int;
-            n_older := (outcome_json ->> 'older')::int;
-            n_held := (outcome_json ->> 'held')::int;
-    END;
-    INSERT INTO meridian.applied AS a (origin, xid, seq, changes, applied_at)
-    VALUES (apply_batch.origin, last_xid, last_seq, n, now())
-    ON CONFLICT (origin) DO UPDATE
-       SET xid = excluded.xid, seq = excluded.seq, changes = a.changes + excluded.changes,
-           applied_at = excluded.applied_at;
-    RETURN jsonb_build_object('applied', n_applied, 'older', n_older, 'held', n_held, 'duplicate', false);
-END
-$$;
+-- The batch and per-table apply of the first design (every decision in
+-- PL/pgSQL over the batch as one jsonb) are superseded by the receiver's
+-- apply in Rust (src/replication/apply.rs, set_wise.rs).
+DROP FUNCTION IF EXISTS meridian.apply_batch(int, jsonb);
+DROP FUNCTION IF EXISTS meridian.apply_table(text, jsonb, int);
 
 
 -- Applies changes (a JSON array, in stream order) one at a time, each in a
@@ -340,99 +252,6 @@ BEGIN
     IF n < jsonb_array_length(pks) THEN
         EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
     END IF;
-END
-$$;
-
-
--- Applies the changes of one batch for one table set-wise (no TRUNCATE
--- among them): a few statements per table instead of several per change,
--- with the same rules as apply_change: the newest change per key in the
--- batch, applied only if its version is above the row's current one;
--- counters add the batch's deltas. Rows and their versions are locked in key
--- order, each version looked up by index (as `pk IN (...)`, a table whose
--- statistics predate its growth was scanned whole per batch). Returns
--- {"applied", "older"}.
-CREATE OR REPLACE FUNCTION meridian.apply_table(tbl text, changes jsonb, origin int) RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    rel regclass := apply_table.tbl::regclass;
-    key_cols text;
-    t_keys text;
-    d_keys text;
-    all_cols text;
-    on_conflict text;
-    newest jsonb;
-    winners jsonb;
-    n_in int;
-    n_win int;
-    finals jsonb;
-BEGIN
-    IF changes IS NULL OR jsonb_array_length(changes) = 0 THEN
-        RETURN jsonb_build_object('applied', 0, 'older', 0);
-    END IF;
-    SELECT c.key_cols, c.t_keys, c.d_keys, c.all_cols, c.on_conflict
-      INTO key_cols, t_keys, d_keys, all_cols, on_conflict
-      FROM meridian.apply_columns(rel) c;
-
-    IF key_cols IS NULL THEN
-        -- Insert-only table: every row arrives once.
-        EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_recordset(NULL::%s, $1)',
-                       rel, all_cols, all_cols, rel)
-        USING (SELECT jsonb_agg(c -> 'row') FROM jsonb_array_elements(changes) c WHERE c ->> 'op' = 'I');
-        RETURN jsonb_build_object('applied', jsonb_array_length(changes), 'older', 0);
-    END IF;
-
-    -- The newest change per key in this batch (all from one origin, whose
-    -- versions of a row only grow).
-    SELECT jsonb_agg(x ORDER BY x.pk), count(*) INTO newest, n_in
-      FROM (SELECT DISTINCT ON (c -> 'pk') c -> 'pk' AS pk, c ->> 'op' AS op, c -> 'row' AS "row",
-                   (c ->> 'hlc')::bigint AS hlc
-              FROM jsonb_array_elements(changes) c
-             ORDER BY c -> 'pk', (c ->> 'hlc')::bigint DESC) x;
-
-    -- Lock the table's rows first, in key order (as local writes do).
-    EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM %1$s t WHERE (%2$s) IN (SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)) ORDER BY %2$s FOR UPDATE OF t) x',
-                   rel, key_cols)
-    USING (SELECT jsonb_agg(e -> 'pk') FROM jsonb_array_elements(newest) e);
-
-    -- Counter columns: every update's delta adds up, whichever version wins
-    -- the rest of the row (taken from the locked rows, before they change).
-    finals := meridian.counter_finals(rel, meridian.counter_deltas(apply_table.tbl, changes));
-
-    -- Then the row versions; keep the changes above them.
-    SELECT jsonb_agg(w), count(*) INTO winners, n_win
-      FROM (SELECT i.pk, i.op, i."row", i.hlc
-              FROM jsonb_to_recordset(newest) AS i(pk jsonb, op text, "row" jsonb, hlc bigint)
-              -- Each key's version by index, locked in key order.
-              LEFT JOIN (SELECT v.pk, v.hlc, v.origin
-                           FROM (SELECT DISTINCT e -> 'pk' AS pk FROM jsonb_array_elements(newest) e ORDER BY 1) k
-                           CROSS JOIN LATERAL (SELECT v.pk, v.hlc, v.origin FROM meridian.row_version v
-                                                WHERE v.tbl = apply_table.tbl AND v.pk = k.pk
-                                                LIMIT 1 FOR UPDATE) v) cur ON cur.pk = i.pk
-             WHERE cur.pk IS NULL OR (i.hlc, apply_table.origin) > (cur.hlc, cur.origin)) w;
-    IF n_win = 0 THEN
-        PERFORM meridian.set_counters(rel, finals);
-        RETURN jsonb_build_object('applied', 0, 'older', n_in);
-    END IF;
-
-    EXECUTE format('DELETE FROM %1$s t USING jsonb_populate_recordset(NULL::%1$s, $1) d WHERE (%2$s) = (%3$s)',
-                   rel, t_keys, d_keys)
-    USING (SELECT jsonb_agg(w -> 'pk') FROM jsonb_array_elements(winners) w WHERE w ->> 'op' = 'D');
-    EXECUTE format('INSERT INTO %1$s (%2$s) OVERRIDING SYSTEM VALUE SELECT %2$s FROM jsonb_populate_recordset(NULL::%1$s, $1)
-                    ON CONFLICT (%3$s) %4$s',
-                   rel, all_cols, key_cols, on_conflict)
-    USING (SELECT jsonb_agg(w -> 'row') FROM jsonb_array_elements(winners) w WHERE w ->> 'op' <> 'D');
-
-    INSERT INTO meridian.row_version AS v (tbl, pk, hlc, origin, deleted)
-    SELECT apply_table.tbl, w.pk, w.hlc, apply_table.origin, w.op = 'D'
-      FROM jsonb_to_recordset(winners) AS w(pk jsonb, op text, hlc bigint)
-    ON CONFLICT (tbl, pk) DO UPDATE
-       SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted;
-    PERFORM meridian.set_counters(rel, finals);
-    RETURN jsonb_build_object('applied', n_win, 'older', n_in - n_win);
 END
 $$;
 
@@ -555,9 +374,8 @@ END
 $$;
 
 
--- The receiver hands apply_batch only the changes of last-writer-wins tables
--- and gives the others to the engine; the batch's position is then recorded
--- here (apply_batch records the position of the last change it was given).
+-- The receiver applies a batch (last-writer-wins tables and the engine's)
+-- and then records its position here, in the same transaction.
 -- Moves origin's position forward to (xid, seq) (never back) and counts n
 -- more changes.
 CREATE OR REPLACE FUNCTION meridian.advance_applied(origin int, xid bigint, seq bigint, n bigint) RETURNS void

@@ -18,7 +18,8 @@
 -- update overtaking the insert it was made on (only when the receiver's
 -- causal wait ran out), can leave regions with different counter values.
 --
--- apply_table (the set-wise path) and apply_one (one change, used by the
+-- the set-wise apply (src/replication/set_wise.rs: counter_finals, then
+-- set_counters) and apply_one (one change, used by the
 -- change-by-change path and by held-change retries) both do it the same way:
 --   1. counter_deltas: per key, the sum of the deltas of the changes here,
 --      for keys whose changes here are all updates carrying old values;

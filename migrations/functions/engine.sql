@@ -4,7 +4,7 @@
 -- For them the receiver decides conflicts in meridian itself (rules::merge):
 -- it reads the local state of the batch's keys (engine_read), decides, and
 -- writes the outcome (engine_write) in the same transaction as the other
--- changes (apply_batch) and advance_applied. Conflicts it detects are logged
+-- changes (src/replication/apply.rs) and advance_applied. Conflicts it detects are logged
 -- in meridian.conflict. Also here: unique keys other than the primary key
 -- (resolve_unique) and foreign-key orphans (handle_orphans), for every table.
 --
@@ -48,7 +48,7 @@ $$;
 
 -- The engine's view of some keys of a table: the row (locked), its version
 -- (locked) and winner. Rows first, then versions, in key order: the order
--- local writes and apply_table take them.
+-- local writes and the set-wise apply take them.
 CREATE OR REPLACE FUNCTION meridian.engine_read(tbl text, pks jsonb)
 RETURNS TABLE (pk jsonb, "row" jsonb, hlc bigint, origin int, deleted bool,
                winner_hlc bigint, winner_origin int,

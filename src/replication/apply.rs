@@ -7,9 +7,10 @@
 //! written in bulk ([`set_wise`](super::set_wise)).
 //!
 //! **In stream order** (batches holding a TRUNCATE or a schema change, and
-//! when a set-wise statement fails): `meridian.apply_batch`, which applies
+//! when a set-wise statement fails): `meridian.apply_each`, which applies
 //! change by change and keeps a change that cannot be applied in
-//! `meridian.held` with its error, so nothing else waits for it.
+//! `meridian.held` with its error, so nothing else waits for it. Held
+//! changes are retried through the same path (`replication::held`).
 
 use std::time::Duration;
 

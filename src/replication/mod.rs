@@ -41,6 +41,7 @@ mod progress;
 pub mod protocol;
 mod receive;
 pub mod resolve;
+mod rows;
 mod set_wise;
 mod ship;
 mod stats;

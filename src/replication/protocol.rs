@@ -139,7 +139,8 @@ pub struct OriginPosition {
     pub position: WirePosition,
 }
 
-/// One change on the wire; field names are what `meridian.apply_batch` reads.
+/// One change on the wire; field names are what the SQL apply functions
+/// (`meridian.apply_each`, `lock_keys`, `hold`, the engine's) read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireChange {

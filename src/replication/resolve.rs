@@ -1,7 +1,7 @@
 //! replication::resolve: applying the changes of tables whose conflicts the
 //! rule engine decides (`rules::merge`), inside the receiver's transaction,
-//! after `meridian.apply_batch` has applied the batch's other changes; the
-//! receiver then records the batch's position.
+//! after the batch's other changes are applied (`replication::apply`),
+//! which then records the batch's position.
 //!
 //! Per table of a batch: lock and read the keys' rows and versions
 //! (`meridian.engine_read`), fold the changes through the table's engine in

@@ -7,10 +7,10 @@
 //! [`ROW_LOCKS_UP_TO`] keys, the table alone; after capture has passed a
 //! sync point, the keys' row versions are read by index; each change above
 //! its row's version wins, and Postgres gets one statement per table and
-//! kind: a DELETE, a COPY of the rows for new keys (a plain INSERT through
-//! `jsonb_populate_recordset` for rows COPY text cannot carry; an upsert
-//! costs 2.4x a plain insert here), an upsert for keys that have a row, a
-//! COPY of the new row versions and an UPDATE of the others. Counter
+//! kind: a DELETE, a COPY of the rows for new keys (an upsert costs 2.4x a
+//! plain insert here), an upsert for keys that have a row (COPY into a
+//! staging table, then one upsert from it), a COPY of the new row versions
+//! and an UPDATE of the others (how rows are written: [`super::rows`]). Counter
 //! columns (`functions/counters.sql`) keep their SQL, called only for
 //! tables that have them; rule-engine tables go to [`resolve::apply`].
 //!
@@ -28,20 +28,8 @@ use super::apply::{settle, Applied, ApplyError, Phases};
 use super::copy_text;
 use super::protocol::WireChange;
 use super::resolve;
+use super::rows::{copy_in, insert_rows, upsert_rows, with_defaults, TableShape};
 use crate::capture::wal::Barrier;
-
-/// What `meridian.apply_tables` says of one table.
-struct TableShape {
-    key_cols: Option<String>,
-    t_keys: String,
-    d_keys: String,
-    all_cols: String,
-    on_conflict: String,
-    columns: Vec<String>,
-    json: Vec<bool>,
-    counters: Vec<String>,
-    has_fk: bool,
-}
 
 /// The set-wise path, and whether a foreign key touches its tables (so
 /// orphans are to be looked for); `None` when it cannot be used for this
@@ -242,67 +230,6 @@ async fn insert_only(
     Ok((changes.len() as u64, 0))
 }
 
-/// The plain insert of `rows`, as written in their origin.
-fn insert_statement(tbl: &str, shape: &TableShape) -> String {
-    format!(
-        "INSERT INTO {tbl} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb)",
-        cols = shape.all_cols
-    )
-}
-
-/// Inserts `rows` through COPY, or, when COPY text cannot carry one of them,
-/// through `jsonb_populate_recordset`.
-async fn insert_rows(
-    tx: &Transaction<'_>,
-    tbl: &str,
-    shape: &TableShape,
-    rows: &[std::borrow::Cow<'_, Value>],
-) -> Result<(), tokio_postgres::Error> {
-    if !copy_rows(tx, tbl, shape, rows).await? {
-        tx.execute(&insert_statement(tbl, shape), &[&Json(rows)])
-            .await?;
-    }
-    Ok(())
-}
-
-/// Rows lacking a column the table has now (written before it was added in
-/// their origin) get its default, as the origin's own rows did.
-async fn with_defaults<'a>(
-    tx: &Transaction<'_>,
-    tbl: &str,
-    shape: &TableShape,
-    rows: Vec<&'a Value>,
-) -> Result<Vec<std::borrow::Cow<'a, Value>>, tokio_postgres::Error> {
-    let lacking = rows.iter().any(|r| {
-        r.as_object()
-            .is_some_and(|o| shape.columns.iter().any(|c| !o.contains_key(c)))
-    });
-    let defaults: Option<Value> = if lacking {
-        tx.query_one(
-            "SELECT meridian.missing_defaults($1::text::regclass, $2::jsonb)",
-            &[&tbl, &Json(&rows)],
-        )
-        .await?
-        .get(0)
-    } else {
-        None
-    };
-    let Some(Value::Object(defaults)) = defaults else {
-        return Ok(rows.into_iter().map(std::borrow::Cow::Borrowed).collect());
-    };
-    Ok(rows
-        .into_iter()
-        .map(|r| match r {
-            Value::Object(o) if defaults.keys().any(|k| !o.contains_key(k)) => {
-                let mut filled = defaults.clone();
-                filled.extend(o.iter().map(|(k, v)| (k.clone(), v.clone())));
-                std::borrow::Cow::Owned(Value::Object(filled))
-            }
-            _ => std::borrow::Cow::Borrowed(r),
-        })
-        .collect())
-}
-
 /// One last-writer-wins table's changes: versions read, winners decided,
 /// then a few statements. Returns (applied, older).
 #[allow(clippy::too_many_arguments)]
@@ -316,11 +243,23 @@ async fn write_table(
     origin: u16,
     changes: &[&WireChange],
 ) -> Result<(u64, u64), tokio_postgres::Error> {
+    let started = std::time::Instant::now();
+    let mut steps: Vec<(&str, usize, f64)> = Vec::new();
+    let mut lap = {
+        let mut at = started;
+        move |steps: &mut Vec<(&'static str, usize, f64)>, step: &'static str, n: usize| {
+            steps.push((step, n, at.elapsed().as_secs_f64() * 1e3));
+            at = std::time::Instant::now();
+        }
+    };
     // Each key's version here, by index.
+    // Each key's version here, and where it is (its ctid: the version is
+    // then updated without looking the key up again).
     let mut version: Vec<Option<(i64, i32)>> = vec![None; keys.pks.len()];
+    let mut place: Vec<String> = vec![String::new(); keys.pks.len()];
     for r in tx
         .query(
-            "SELECT k.ord, v.hlc, v.origin FROM unnest($2::jsonb[]) WITH ORDINALITY AS k(pk, ord)
+            "SELECT k.ord, v.hlc, v.origin, v.ctid::text FROM unnest($2::jsonb[]) WITH ORDINALITY AS k(pk, ord)
                JOIN meridian.row_version v ON v.tbl = $1 AND v.pk = k.pk",
             &[&tbl, &keys.pks],
         )
@@ -328,7 +267,9 @@ async fn write_table(
     {
         let i: i64 = r.get(0);
         version[(i - 1) as usize] = Some((r.get(1), r.get(2)));
+        place[(i - 1) as usize] = r.get(3);
     }
+    lap(&mut steps, "versions", keys.pks.len());
     let origin = i32::from(origin);
     let wins = |i: usize| version[i].map_or(true, |v| (keys.newest[i].hlc, origin) > v);
     // Counters add every update's delta, whichever version wins the rest
@@ -343,6 +284,7 @@ async fn write_table(
         .await?
         .get(0)
     };
+    lap(&mut steps, "counter_finals", finals.is_some() as usize);
     let (mut deletes, mut inserts, mut upserts) = (Vec::new(), Vec::new(), Vec::new());
     let (mut new_versions, mut old_versions) = (Versions::default(), Versions::default());
     for i in (0..keys.pks.len()).filter(|&i| wins(i)) {
@@ -363,6 +305,7 @@ async fn write_table(
             _ => {}
         }
         let v = if version[i].is_some() {
+            old_versions.places.push(std::mem::take(&mut place[i]));
             &mut old_versions
         } else {
             &mut new_versions
@@ -379,12 +322,9 @@ async fn write_table(
             &[&Json(&deletes)],
         )
         .await?;
+        lap(&mut steps, "delete", deletes.len());
     }
-    let upsert = format!(
-        "{} ON CONFLICT ({key_cols}) {}",
-        insert_statement(tbl, shape),
-        shape.on_conflict
-    );
+    let inserts_n = inserts.len();
     if !inserts.is_empty() {
         let rows = with_defaults(tx, tbl, shape, inserts).await?;
         if present.is_some() {
@@ -397,15 +337,17 @@ async fn write_table(
                 Ok(()) => sp.commit().await?,
                 Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
                     sp.rollback().await?;
-                    tx.execute(&upsert, &[&Json(&rows)]).await?;
+                    upsert_rows(tx, tbl, key_cols, shape, &rows).await?;
                 }
                 Err(e) => return Err(e),
             }
         }
+        lap(&mut steps, "insert", inserts_n);
     }
     if !upserts.is_empty() {
         let rows = with_defaults(tx, tbl, shape, upserts).await?;
-        tx.execute(&upsert, &[&Json(&rows)]).await?;
+        upsert_rows(tx, tbl, key_cols, shape, &rows).await?;
+        lap(&mut steps, "upsert", rows.len());
     }
     if !new_versions.pks.is_empty() {
         copy_in(
@@ -414,21 +356,11 @@ async fn write_table(
             new_versions.copy_text(tbl, origin),
         )
         .await?;
+        lap(&mut steps, "new_versions", new_versions.pks.len());
     }
     if !old_versions.pks.is_empty() {
-        tx.execute(
-            "UPDATE meridian.row_version v SET hlc = x.hlc, origin = $2, deleted = x.deleted
-               FROM unnest($3::jsonb[], $4::int8[], $5::bool[]) AS x(pk, hlc, deleted)
-              WHERE v.tbl = $1 AND v.pk = x.pk",
-            &[
-                &tbl,
-                &origin,
-                &old_versions.pks,
-                &old_versions.hlcs,
-                &old_versions.deleted,
-            ],
-        )
-        .await?;
+        old_versions.update(tx, tbl, origin).await?;
+        lap(&mut steps, "old_versions", old_versions.pks.len());
     }
     if finals.is_some() {
         tx.execute(
@@ -436,40 +368,15 @@ async fn write_table(
             &[&tbl, &finals],
         )
         .await?;
+        lap(&mut steps, "set_counters", 1);
     }
+    tracing::debug!(
+        table = tbl,
+        ?steps,
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "table written (step, rows, ms)"
+    );
     Ok((won, keys.pks.len() as u64 - won))
-}
-
-/// New rows through COPY (see [`copy_text`]); false, with nothing written,
-/// when some row holds a value COPY text cannot carry as it is.
-async fn copy_rows(
-    tx: &Transaction<'_>,
-    tbl: &str,
-    shape: &TableShape,
-    rows: &[std::borrow::Cow<'_, Value>],
-) -> Result<bool, tokio_postgres::Error> {
-    let mut text = Vec::with_capacity(rows.len() * 128);
-    for row in rows {
-        if !copy_text::encode_row(&mut text, row, &shape.columns, &shape.json) {
-            return Ok(false);
-        }
-    }
-    let statement = format!("COPY {tbl} ({}) FROM STDIN", shape.all_cols);
-    copy_in(tx, &statement, text).await?;
-    Ok(true)
-}
-
-async fn copy_in(
-    tx: &Transaction<'_>,
-    statement: &str,
-    text: Vec<u8>,
-) -> Result<(), tokio_postgres::Error> {
-    use futures_util::SinkExt;
-    let sink = tx.copy_in::<_, bytes::Bytes>(statement).await?;
-    futures_util::pin_mut!(sink);
-    sink.send(bytes::Bytes::from(text)).await?;
-    sink.finish().await?;
-    Ok(())
 }
 
 /// Row versions to write, as the columns of an `unnest`.
@@ -478,9 +385,50 @@ struct Versions<'a> {
     pks: Vec<&'a Value>,
     hlcs: Vec<i64>,
     deleted: Vec<bool>,
+    /// Versions that exist: where each one is (ctid, as text).
+    places: Vec<String>,
 }
 
 impl Versions<'_> {
+    /// Updates existing versions where the lookup found them. By ctid, as
+    /// a TID scan: the same UPDATE joined on the key (an index descent
+    /// comparing `jsonb` keys per row) took 6-10x as long (227-404 ms
+    /// against 25-38 ms for 8,000 versions). A version moved since the
+    /// lookup cannot happen while the apply holds its locks; should one not
+    /// be found where it was, the update is done again by key.
+    async fn update(
+        &self,
+        tx: &Transaction<'_>,
+        tbl: &str,
+        origin: i32,
+    ) -> Result<(), tokio_postgres::Error> {
+        let by_place = tx
+            .execute(
+                "UPDATE meridian.row_version v SET hlc = x.hlc, origin = $2, deleted = x.deleted
+                   FROM unnest($3::text[], $4::jsonb[], $5::int8[], $6::bool[]) AS x(place, pk, hlc, deleted)
+                  WHERE v.ctid = x.place::tid AND v.tbl = $1 AND v.pk = x.pk",
+                &[&tbl, &origin, &self.places, &self.pks, &self.hlcs, &self.deleted],
+            )
+            .await?;
+        if by_place as usize == self.pks.len() {
+            return Ok(());
+        }
+        tracing::debug!(
+            table = tbl,
+            expected = self.pks.len(),
+            found = by_place,
+            "row versions moved; updating by key"
+        );
+        tx.execute(
+            "UPDATE meridian.row_version v SET hlc = x.hlc, origin = $2, deleted = x.deleted
+               FROM unnest($3::jsonb[], $4::int8[], $5::bool[]) AS x(pk, hlc, deleted)
+              WHERE v.tbl = $1 AND v.pk = x.pk",
+            &[&tbl, &origin, &self.pks, &self.hlcs, &self.deleted],
+        )
+        .await?;
+        Ok(())
+    }
+
     /// As `meridian.row_version (tbl, pk, hlc, origin, deleted)` COPY text.
     fn copy_text(&self, tbl: &str, origin: i32) -> Vec<u8> {
         let mut text = Vec::with_capacity(self.pks.len() * 64);

@@ -671,6 +671,29 @@ impl Region {
         client
     }
 
+    /// Applies `changes` (a JSON array of changes as a peer ships them) as
+    /// region `origin`'s, through the receiver's apply entry point, in a
+    /// session marked as the receiver's.
+    pub fn apply_changes(&self, origin: u16, changes: &str) -> meridian::replication::Applied {
+        let changes: Vec<meridian::replication::protocol::WireChange> =
+            serde_json::from_str(changes).expect("changes as a peer ships them");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut client = self.direct_client().await;
+            client
+                .execute("SELECT meridian.apply_session_setup()", &[])
+                .await
+                .unwrap();
+            let engines = meridian::replication::resolve::Engines::default();
+            meridian::replication::apply::apply(&mut client, None, &engines, origin, &changes)
+                .await
+                .unwrap()
+        })
+    }
+
     /// Waits until capture has recorded every transaction committed so far
     /// (capture reads the WAL after commit): a sync point is placed in the
     /// WAL and capture's progress must pass it.
