@@ -510,8 +510,8 @@ async fn sixteen_concurrent_clients_every_committed_change_read_once_in_a_safe_o
                 let horizon = done.load(std::sync::atomic::Ordering::Acquire);
                 let batch = read_changes(&reader, pos, 50).await.unwrap();
                 for c in &batch {
-                    assert!(c.position > pos, "read position went backwards");
-                    pos = c.position;
+                    assert!(c.position() > pos, "read position went backwards");
+                    pos = c.position();
                     seen.push(c.clone());
                 }
                 if batch.is_empty() {
@@ -582,15 +582,15 @@ async fn sixteen_concurrent_clients_every_committed_change_read_once_in_a_safe_o
     // Exactly once: an insert and an update per committed id, nothing else.
     let mut per_id: BTreeMap<i64, Vec<Operation>> = BTreeMap::new();
     for c in &seen {
-        let id = c.key.as_ref().unwrap()["id"].as_i64().unwrap();
-        per_id.entry(id).or_default().push(c.operation);
+        let id = c.pk.as_ref().unwrap()["id"].as_i64().unwrap();
+        per_id.entry(id).or_default().push(c.op);
     }
     let ids: BTreeSet<i32> = per_id.keys().map(|&i| i as i32).collect();
     assert_eq!(ids, committed, "read ids differ from committed ids");
     for (id, ops) in &per_id {
         assert_eq!(ops, &[Operation::Insert, Operation::Update], "id {id}");
     }
-    let distinct: BTreeSet<Position> = seen.iter().map(|c| c.position).collect();
+    let distinct: BTreeSet<Position> = seen.iter().map(|c| c.position()).collect();
     assert_eq!(distinct.len(), seen.len(), "a change was read twice");
 }
 

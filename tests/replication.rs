@@ -707,7 +707,7 @@ fn concurrent_edits_of_different_columns_of_one_row_both_survive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_set_of_changes_applied_in_many_orders_gives_identical_tables() {
     use meridian::capture::reader::{read_changes, Position};
-    use meridian::replication::protocol::WireChange;
+    use meridian::replication::protocol::Change;
     use meridian::replication::resolve::Engines;
 
     let schema = "CREATE TABLE acct (id int PRIMARY KEY, owner text, note text, balance int NOT NULL DEFAULT 0,
@@ -745,22 +745,17 @@ async fn one_set_of_changes_applied_in_many_orders_gives_identical_tables() {
         client: &tokio_postgres::Client,
         after: Position,
         expected: usize,
-    ) -> Vec<WireChange> {
+    ) -> Vec<Change> {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let changes: Vec<WireChange> = read_changes(client, after, 10_000)
-                .await
-                .unwrap()
-                .iter()
-                .map(WireChange::from)
-                .collect();
+            let changes: Vec<Change> = read_changes(client, after, 10_000).await.unwrap();
             if changes.len() >= expected || std::time::Instant::now() > deadline {
                 return changes;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    async fn apply(r: &Region, engines: &Engines, origin: u16, batch: &[WireChange]) {
+    async fn apply(r: &Region, engines: &Engines, origin: u16, batch: &[Change]) {
         let mut client = r.direct_client().await;
         // As the receiver's own sessions: applied, so not captured again.
         client
@@ -1894,7 +1889,7 @@ fn values_of_every_common_type_arrive_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_batch_of_every_kind_of_change_applies_as_the_changes_one_at_a_time() {
     use meridian::capture::reader::{read_changes, Position};
-    use meridian::replication::protocol::WireChange;
+    use meridian::replication::protocol::Change;
     use meridian::replication::resolve::Engines;
 
     let schema = "CREATE TABLE item (id int PRIMARY KEY, name text, qty int NOT NULL DEFAULT 0,
@@ -1959,7 +1954,6 @@ async fn one_batch_of_every_kind_of_change_applies_as_the_changes_one_at_a_time(
     let first = read_changes(&ca, Position::default(), 100_000)
         .await
         .unwrap();
-    let first: Vec<WireChange> = first.iter().map(WireChange::from).collect();
     assert!(first.len() > 350, "{}", first.len());
     let after = Position {
         xid: first.last().unwrap().xid,
@@ -1976,14 +1970,22 @@ async fn one_batch_of_every_kind_of_change_applies_as_the_changes_one_at_a_time(
     .unwrap();
     a.captured();
     let second = read_changes(&ca, after, 100_000).await.unwrap();
-    let second: Vec<WireChange> = second.iter().map(WireChange::from).collect();
-    let ops: std::collections::BTreeSet<&str> =
-        first.iter().chain(&second).map(|c| c.op.as_str()).collect();
+    let ops: std::collections::BTreeSet<String> = first
+        .iter()
+        .chain(&second)
+        .map(|c| {
+            serde_json::to_value(c.op)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
     assert_eq!(
         ops.into_iter().collect::<Vec<_>>(),
         ["D", "I", "S", "T", "U"]
     );
-    let apply = |r: &Region, batches: Vec<Vec<WireChange>>| {
+    let apply = |r: &Region, batches: Vec<Vec<Change>>| {
         let config = r.config.clone();
         let url = r.direct();
         async move {
@@ -2007,7 +2009,7 @@ async fn one_batch_of_every_kind_of_change_applies_as_the_changes_one_at_a_time(
             set_wise
         }
     };
-    let all: Vec<WireChange> = first.iter().chain(&second).cloned().collect();
+    let all: Vec<Change> = first.iter().chain(&second).cloned().collect();
     assert_eq!(apply(&whole, vec![all.clone()]).await, [false]);
     apply(&single, all.iter().map(|c| vec![c.clone()]).collect()).await;
     // The stream up to the collision: one set-wise apply (a receiver takes

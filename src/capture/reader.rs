@@ -9,25 +9,35 @@
 //! The price: one long-running writing transaction holds back everything that
 //! started after it until it ends.
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_postgres::GenericClient;
 
 use super::CaptureError;
 
-/// Where a reader is: the last change it has read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// Where a reader is: the last change it has read. Also what the peer
+/// protocol carries as a position in an origin's stream.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Position {
     pub xid: u64,
     pub seq: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a change does; on the wire and in SQL the letter of `meridian.change.op`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Operation {
+    #[serde(rename = "I")]
     Insert,
+    #[serde(rename = "U")]
     Update,
+    #[serde(rename = "D")]
     Delete,
+    #[serde(rename = "T")]
     Truncate,
     /// A schema change (DDL); `row` holds the statement and its search_path.
+    #[serde(rename = "S")]
     Schema,
 }
 
@@ -42,39 +52,77 @@ impl Operation {
             _ => return None,
         })
     }
+
+    /// An insert, update or delete of one row (not a TRUNCATE or schema change).
+    pub fn is_row(self) -> bool {
+        matches!(
+            self,
+            Operation::Insert | Operation::Update | Operation::Delete
+        )
+    }
 }
 
-/// One captured row change.
-#[derive(Debug, Clone, PartialEq)]
+/// One captured row change: the one shape a change has from the log
+/// (`meridian.change`, read here) to the peer protocol and the apply. Its
+/// serde form is what the peer protocol carries and what the SQL apply
+/// functions read (`meridian.apply_each`, `lock_keys`, `hold`, the rule
+/// engine's), so the field names are theirs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Change {
-    pub position: Position,
-    /// Region id where the write was made.
+    /// Where the change is in its origin's stream: (transaction, sequence).
+    pub xid: u64,
+    pub seq: i64,
+    /// Region id where the write was made. Not on the wire: a receiver
+    /// knows it from the connection's handshake.
+    #[serde(skip)]
     pub origin: i32,
     /// The row version given to this change: `max(tx_hlc, previous version + 1)`.
     pub hlc: i64,
     /// The writing transaction's stamp.
     pub tx_hlc: i64,
-    /// False when the write bypassed the proxy and Postgres made the stamp.
+    /// False when the write bypassed the proxy and Postgres made the
+    /// stamp. Not on the wire (the origin's own diagnostics).
+    #[serde(skip)]
     pub via_proxy: bool,
     /// `schema.table`.
-    pub table: String,
-    pub operation: Operation,
+    pub tbl: String,
+    pub op: Operation,
     /// Primary key columns as a JSON object (none for TRUNCATE).
-    pub key: Option<Value>,
+    pub pk: Option<Value>,
     /// The new row for inserts and updates.
     pub row: Option<Value>,
     /// Old values of counter columns, for updates of tables with counters.
     pub old: Option<Value>,
-    /// The version (hlc, region) the row had when this change was written
-    /// on it; None for a key new in the origin.
-    pub base: Option<(i64, i32)>,
+    /// The version (hlc, region) the row had at the origin when this
+    /// change was written on it; none for a key new there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_hlc: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_origin: Option<i32>,
     /// Rule-engine tables only: the write's epoch, lineage (the version of
     /// the insert that started the row) and last-writer-wins column versions
     /// (see `rules::merge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gen: Option<i32>,
-    pub tag: Option<(i64, i32)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_hlc: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_origin: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cols: Option<Value>,
+}
+
+impl Change {
+    /// Where this change is in its origin's stream.
+    pub fn position(&self) -> Position {
+        Position {
+            xid: self.xid,
+            seq: self.seq,
+        }
+    }
 }
 
 /// Reads up to `limit` changes after `after`, in safe order.
@@ -97,26 +145,26 @@ pub async fn read_changes(
         })?;
     rows.iter()
         .map(|r| {
-            let op: &str = r.get(7);
-            let operation = Operation::from_code(op)
-                .ok_or_else(|| CaptureError::Corrupt(format!("unknown operation {op:?}")))?;
+            let code: &str = r.get(7);
+            let op = Operation::from_code(code)
+                .ok_or_else(|| CaptureError::Corrupt(format!("unknown operation {code:?}")))?;
             Ok(Change {
-                position: Position {
-                    xid: r.get::<_, String>(0).parse().unwrap_or(0),
-                    seq: r.get(1),
-                },
+                xid: r.get::<_, String>(0).parse().unwrap_or(0),
+                seq: r.get(1),
                 origin: r.get(2),
                 hlc: r.get(3),
                 tx_hlc: r.get(4),
                 via_proxy: r.get(5),
-                table: r.get(6),
-                operation,
-                key: r.get(8),
+                tbl: r.get(6),
+                op,
+                pk: r.get(8),
                 row: r.get(9),
                 old: r.get(10),
-                base: r.get::<_, Option<i64>>(11).zip(r.get::<_, Option<i32>>(12)),
+                base_hlc: r.get(11),
+                base_origin: r.get(12),
                 epoch: r.get(13),
-                tag: r.get::<_, Option<i64>>(14).zip(r.get::<_, Option<i32>>(15)),
+                tag_hlc: r.get(14),
+                tag_origin: r.get(15),
                 cols: r.get(16),
                 gen: r.get(17),
             })

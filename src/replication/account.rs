@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::inbox::Gathered;
-use super::protocol::{Message, WirePosition};
+use super::protocol::{Message, Position};
 use super::{wall_ms, Applied, Conn, ReplicationError, ReplicationStats};
 use crate::config::Config;
 
@@ -132,7 +132,7 @@ impl<'a> Account<'a> {
 /// with the last (the shipper matches positions only).
 pub(super) async fn acknowledge(
     acks: &mut futures_util::stream::SplitSink<Conn, bytes::Bytes>,
-    ends: &[WirePosition],
+    ends: &[Position],
     outcome: &Applied,
 ) -> Result<(), ReplicationError> {
     let Some((&last, earlier)) = ends.split_last() else {

@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, Transaction};
 
-use super::protocol::WireChange;
+use super::protocol::Change;
 use super::resolve;
 use super::set_wise;
 use crate::capture::wal::{Barrier, SETTLE_LIMIT};
@@ -97,12 +97,12 @@ pub async fn apply(
     barrier: Option<&Barrier>,
     engines: &resolve::Engines,
     origin: u16,
-    changes: &[WireChange],
+    changes: &[Change],
 ) -> Result<Applied, ApplyError> {
     let Some(last) = changes.last() else {
         return Ok(Applied::default());
     };
-    let in_order = changes.iter().any(|c| matches!(c.op.as_str(), "T" | "S"));
+    let in_order = changes.iter().any(|c| !c.op.is_row());
     let turn = match barrier {
         Some(b) => Some(b.turn().await),
         None => None,
@@ -124,7 +124,7 @@ pub async fn apply(
             ..Applied::default()
         });
     }
-    let todo: Vec<&WireChange> = changes
+    let todo: Vec<&Change> = changes
         .iter()
         .filter(|c| position.map_or(true, |p| (c.xid as i64, c.seq) > p))
         .collect();
@@ -187,14 +187,14 @@ pub(super) async fn in_stream_order(
     barrier: Option<&Barrier>,
     engines: &resolve::Engines,
     origin: u16,
-    todo: &[&WireChange],
+    todo: &[&Change],
 ) -> Result<Applied, ApplyError> {
     if barrier.is_some() {
         tx.execute("SELECT meridian.lock_keys($1::jsonb)", &[&Json(todo)])
             .await?;
         settle(barrier).await?;
     }
-    let (for_engine, plain): (Vec<&WireChange>, Vec<&WireChange>) =
+    let (for_engine, plain): (Vec<&Change>, Vec<&Change>) =
         todo.iter().partition(|c| engines.handles(c));
     let mut outcome = Applied::default();
     if !plain.is_empty() {

@@ -121,12 +121,12 @@ pub(super) async fn hold_until_within_drift(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replication::protocol::WirePosition;
+    use crate::replication::protocol::Position;
 
     fn at(origin: u16, xid: u64, seq: i64) -> OriginPosition {
         OriginPosition {
             origin,
-            position: WirePosition { xid, seq },
+            position: Position { xid, seq },
         }
     }
 

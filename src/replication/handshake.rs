@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use super::protocol::{self, Message, ProtocolError, WirePosition};
+use super::protocol::{self, Message, Position, ProtocolError};
 use super::{recv, send, unexpected, Conn, ReplicationError, ReplicationStats};
 use crate::config::Config;
 
@@ -19,7 +19,7 @@ pub(super) async fn introduce(
     conn: &mut Conn,
     secret: &str,
     origin: u16,
-) -> Result<WirePosition, ReplicationError> {
+) -> Result<Position, ReplicationError> {
     let nonce = match recv(conn).await? {
         Message::Challenge { version, nonce, .. } if version == protocol::VERSION => nonce,
         Message::Challenge { version, .. } => {

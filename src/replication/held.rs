@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use tokio_postgres::{Client, Transaction};
 
-use super::protocol::WireChange;
+use super::protocol::{Change, Operation};
 use super::{apply, resolve::Engines};
 
 /// Held changes one round takes at most.
@@ -23,7 +23,7 @@ const PER_ROUND: i64 = 1000;
 
 /// A held change as read back.
 struct Held {
-    change: WireChange,
+    change: Change,
     /// Held on a unique value other than the key (SQLSTATE 23505).
     unique: bool,
     /// Failed retries so far: a retry that fails again increments it.
@@ -43,7 +43,7 @@ pub async fn retry(client: &mut Client, engines: &Engines) -> Result<u64, apply:
     let mut by_origin: BTreeMap<i32, Vec<Held>> = BTreeMap::new();
     for r in &rows {
         let origin: i32 = r.get(0);
-        match serde_json::from_value::<WireChange>(r.get(1)) {
+        match serde_json::from_value::<Change>(r.get(1)) {
             Ok(change) => by_origin.entry(origin).or_default().push(Held {
                 change,
                 unique: r.get::<_, &str>(2) == "23505",
@@ -59,7 +59,7 @@ pub async fn retry(client: &mut Client, engines: &Engines) -> Result<u64, apply:
         let mut tx = client.transaction().await?;
         tx.batch_execute(apply::SETTINGS).await?;
         let lost = unique_losers(&tx, engines, origin, &held).await?;
-        let todo: Vec<&WireChange> = held
+        let todo: Vec<&Change> = held
             .iter()
             .map(|h| &h.change)
             .filter(|c| !lost.contains(&c.position()))
@@ -92,11 +92,11 @@ async fn unique_losers(
     engines: &Engines,
     origin: i32,
     held: &[Held],
-) -> Result<Vec<super::protocol::WirePosition>, tokio_postgres::Error> {
+) -> Result<Vec<super::protocol::Position>, tokio_postgres::Error> {
     let mut lost = Vec::new();
     for h in held
         .iter()
-        .filter(|h| h.unique && matches!(h.change.op.as_str(), "I" | "U"))
+        .filter(|h| h.unique && matches!(h.change.op, Operation::Insert | Operation::Update))
     {
         let (policy, priority) = match engines.get(&h.change.tbl) {
             Some(e) => (

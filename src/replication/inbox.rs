@@ -7,7 +7,7 @@ use tokio_postgres::Client;
 
 use super::gate::dependencies_met;
 use super::progress::applied_vector;
-use super::protocol::{Message, OriginPosition, ProtocolError, WireChange, WirePosition};
+use super::protocol::{Change, Message, OriginPosition, Position, ProtocolError};
 use super::{Conn, ReplicationError, APPLY_MAX};
 
 /// Messages decoded ahead of the receiver, at most this many.
@@ -65,9 +65,9 @@ impl Drop for Inbox {
 
 /// Batches received together, applied in one transaction.
 pub(super) struct Gathered {
-    pub changes: Vec<WireChange>,
+    pub changes: Vec<Change>,
     /// Each batch's last position, in order (each gets its acknowledgement).
-    pub ends: Vec<WirePosition>,
+    pub ends: Vec<Position>,
     /// The last batch's floor and caught-up time that were set.
     pub floor: Option<i64>,
     pub origin_ms: Option<i64>,
@@ -75,16 +75,12 @@ pub(super) struct Gathered {
 
 impl Gathered {
     pub(super) fn new(
-        changes: Vec<WireChange>,
+        changes: Vec<Change>,
         floor: Option<i64>,
         origin_ms: Option<i64>,
     ) -> Gathered {
         Gathered {
-            ends: changes
-                .last()
-                .map(WireChange::position)
-                .into_iter()
-                .collect(),
+            ends: changes.last().map(Change::position).into_iter().collect(),
             changes,
             floor,
             origin_ms,
@@ -141,9 +137,7 @@ pub(super) async fn gather(
             };
             return Ok(Some(message));
         }
-        gathered
-            .ends
-            .extend(changes.last().map(WireChange::position));
+        gathered.ends.extend(changes.last().map(Change::position));
         gathered.changes.extend(changes);
         gathered.floor = floor.or(gathered.floor);
         gathered.origin_ms = caught_up.or(gathered.origin_ms);

@@ -3,7 +3,7 @@
 
 use tokio_postgres::Client;
 
-use super::protocol::{OriginPosition, WirePosition};
+use super::protocol::{OriginPosition, Position};
 use super::ReplicationError;
 use crate::capture::CaptureError;
 
@@ -41,7 +41,7 @@ pub(super) async fn applied_vector(
         .iter()
         .map(|r| OriginPosition {
             origin: r.get::<_, i32>(0) as u16,
-            position: WirePosition {
+            position: Position {
                 xid: r.get::<_, i64>(1) as u64,
                 seq: r.get(2),
             },
@@ -52,7 +52,7 @@ pub(super) async fn applied_vector(
 pub(super) async fn applied_position(
     client: &Client,
     origin: u16,
-) -> Result<WirePosition, ReplicationError> {
+) -> Result<Position, ReplicationError> {
     let row = client
         .query_opt(
             "SELECT xid, seq FROM meridian.applied WHERE origin = $1",
@@ -63,7 +63,7 @@ pub(super) async fn applied_position(
             context: "reading meridian.applied".into(),
             source,
         })?;
-    Ok(row.map_or(WirePosition::default(), |r| WirePosition {
+    Ok(row.map_or(Position::default(), |r| Position {
         xid: r.get::<_, i64>(0) as u64,
         seq: r.get(1),
     }))

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio_util::codec::LengthDelimitedCodec;
 
-use crate::capture::reader::{Change, Operation, Position};
+pub use crate::capture::reader::{Change, Operation, Position};
 
 /// Protocol version spoken by this build.
 pub const VERSION: u32 = 3;
@@ -49,13 +49,13 @@ pub enum Message {
         proof: String,
     },
     Welcome {
-        position: WirePosition,
+        position: Position,
     },
     Refused {
         reason: String,
     },
     Batch {
-        changes: Vec<WireChange>,
+        changes: Vec<Change>,
         /// How far the origin had applied each other region when it read the
         /// batch: the receiver applies the batch only once it has applied at
         /// least as much of each (causal order).
@@ -79,7 +79,7 @@ pub enum Message {
         caught_up: Option<i64>,
     },
     Ack {
-        position: WirePosition,
+        position: Position,
         applied: u64,
         older: u64,
         held: u64,
@@ -93,7 +93,7 @@ pub enum Message {
 struct BatchFrame {
     #[serde(rename = "type")]
     _kind: BatchTag,
-    changes: Vec<WireChange>,
+    changes: Vec<Change>,
     #[serde(default)]
     after: Vec<OriginPosition>,
     #[serde(default)]
@@ -107,116 +107,12 @@ enum BatchTag {
     Batch,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct WirePosition {
-    pub xid: u64,
-    pub seq: i64,
-}
-
-impl From<Position> for WirePosition {
-    fn from(p: Position) -> Self {
-        WirePosition {
-            xid: p.xid,
-            seq: p.seq,
-        }
-    }
-}
-
-impl From<WirePosition> for Position {
-    fn from(p: WirePosition) -> Self {
-        Position {
-            xid: p.xid,
-            seq: p.seq,
-        }
-    }
-}
-
 /// A position in another origin's change stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OriginPosition {
     pub origin: u16,
-    pub position: WirePosition,
-}
-
-/// One change on the wire; field names are what the SQL apply functions
-/// (`meridian.apply_each`, `lock_keys`, `hold`, the engine's) read.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WireChange {
-    pub xid: u64,
-    pub seq: i64,
-    pub hlc: i64,
-    pub tx_hlc: i64,
-    pub tbl: String,
-    pub op: String,
-    pub pk: Option<serde_json::Value>,
-    pub row: Option<serde_json::Value>,
-    pub old: Option<serde_json::Value>,
-    /// The version the row had at the origin when this change was written
-    /// on it (none for a key new there).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_hlc: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_origin: Option<i32>,
-    /// Rule-engine tables only (see `rules::merge`): the write's epoch,
-    /// lineage and per-column versions.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub epoch: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gen: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tag_hlc: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tag_origin: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cols: Option<serde_json::Value>,
-}
-
-impl WireChange {
-    /// Where this change is in its origin's stream.
-    pub fn position(&self) -> WirePosition {
-        WirePosition {
-            xid: self.xid,
-            seq: self.seq,
-        }
-    }
-}
-
-impl From<&Change> for WireChange {
-    fn from(c: &Change) -> Self {
-        WireChange::from(c.clone())
-    }
-}
-
-impl From<Change> for WireChange {
-    fn from(c: Change) -> Self {
-        let op = match c.operation {
-            Operation::Insert => "I",
-            Operation::Update => "U",
-            Operation::Delete => "D",
-            Operation::Truncate => "T",
-            Operation::Schema => "S",
-        };
-        WireChange {
-            xid: c.position.xid,
-            seq: c.position.seq,
-            hlc: c.hlc,
-            tx_hlc: c.tx_hlc,
-            tbl: c.table,
-            op: op.into(),
-            pk: c.key,
-            row: c.row,
-            old: c.old,
-            base_hlc: c.base.map(|b| b.0),
-            base_origin: c.base.map(|b| b.1),
-            epoch: c.epoch,
-            gen: c.gen,
-            tag_hlc: c.tag.map(|t| t.0),
-            tag_origin: c.tag.map(|t| t.1),
-            cols: c.cols,
-        }
-    }
+    pub position: Position,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -340,12 +236,12 @@ mod tests {
     proptest! {
         #[test]
         fn messages_round_trip(xid in any::<u64>(), seq in any::<i64>(), hlc in any::<i64>(), tbl in "[a-z_.]{1,20}", v in any::<i32>()) {
-            let m = Message::Batch { changes: vec![WireChange {
-                xid, seq, hlc, tx_hlc: hlc, tbl, op: "U".into(),
+            let m = Message::Batch { changes: vec![Change {
+                xid, seq, origin: 0, via_proxy: false, hlc, tx_hlc: hlc, tbl, op: Operation::Update,
                 pk: Some(serde_json::json!({"id": v})), row: Some(serde_json::json!({"id": v, "t": "x"})), old: None,
                 base_hlc: Some(hlc), base_origin: None, epoch: Some(v), gen: Some(v), tag_hlc: Some(hlc), tag_origin: Some(v),
                 cols: Some(serde_json::json!({"t": [hlc, v]})),
-            }], after: vec![OriginPosition { origin: 3, position: WirePosition { xid, seq } }], floor: Some(hlc),
+            }], after: vec![OriginPosition { origin: 3, position: Position { xid, seq } }], floor: Some(hlc),
                 caught_up: Some(hlc) };
             let frame = m.encode();
             let tagged_first = frame.starts_with(br#"{"type":"Batch","#);

@@ -25,7 +25,7 @@ use super::account::{acknowledge, Account};
 use super::gate::{hold_until_causally_ready, hold_until_within_drift};
 use super::inbox::{gather, Gathered, Inbox};
 use super::progress::{applied_position, note_floor};
-use super::protocol::{self, Message, WireChange};
+use super::protocol::{self, Change, Message};
 use super::{apply, handshake, resolve, send, tls, unexpected};
 use super::{Applied, ApplyError, ReplicationError, ReplicationStats, APPLY_RETRIES, IO_TIMEOUT};
 use crate::capture::{self, wal::Barrier};
@@ -171,7 +171,7 @@ async fn apply_with_retries(
     barrier: &Barrier,
     engines: &resolve::Engines,
     origin: u16,
-    changes: &[WireChange],
+    changes: &[Change],
     stats: &ReplicationStats,
 ) -> Result<Applied, ReplicationError> {
     let mut attempt = 0;

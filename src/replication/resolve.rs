@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Transaction;
 
-use super::protocol::WireChange;
+use super::protocol::{Change, Operation};
 use crate::clock::Version;
 use crate::config::Config;
 use crate::rules::merge::{
@@ -65,8 +65,8 @@ impl Engines {
 
     /// Whether `change` is for the engine (an insert, update or delete of an
     /// engine table).
-    pub fn handles(&self, change: &WireChange) -> bool {
-        matches!(change.op.as_str(), "I" | "U" | "D") && self.tables.contains_key(&change.tbl)
+    pub fn handles(&self, change: &Change) -> bool {
+        change.op.is_row() && self.tables.contains_key(&change.tbl)
     }
 
     /// The engine of table `tbl`, if it has one.
@@ -156,9 +156,9 @@ pub async fn apply(
     tx: &mut Transaction<'_>,
     engines: &Engines,
     origin: u16,
-    changes: &[&WireChange],
+    changes: &[&Change],
 ) -> Result<Outcome, tokio_postgres::Error> {
-    let mut by_table: BTreeMap<&str, Vec<&WireChange>> = BTreeMap::new();
+    let mut by_table: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
     for c in changes {
         by_table.entry(c.tbl.as_str()).or_default().push(c);
     }
@@ -173,7 +173,7 @@ pub async fn apply(
         let held_before = outcome.held;
         // The table's changes failed together: one key at a time, so a row
         // that cannot be written holds only its own key's changes.
-        let mut by_key: Vec<(String, Vec<&WireChange>)> = Vec::new();
+        let mut by_key: Vec<(String, Vec<&Change>)> = Vec::new();
         for c in changes {
             let key = c.pk.as_ref().map(|k| k.to_string()).unwrap_or_default();
             match by_key.iter_mut().find(|(k, _)| *k == key) {
@@ -199,7 +199,7 @@ async fn apply_group(
     engine: &Engine,
     tbl: &str,
     origin: u16,
-    changes: &[&WireChange],
+    changes: &[&Change],
     outcome: &mut Outcome,
     hold_failed: bool,
 ) -> Result<bool, tokio_postgres::Error> {
@@ -236,7 +236,7 @@ pub(crate) fn is_retryable(e: &tokio_postgres::Error) -> bool {
 async fn hold(
     tx: &Transaction<'_>,
     origin: u16,
-    changes: &[&WireChange],
+    changes: &[&Change],
     error: &tokio_postgres::Error,
 ) -> Result<(), tokio_postgres::Error> {
     let (message, sqlstate) = match error.as_db_error() {
@@ -260,7 +260,7 @@ async fn apply_table(
     engine: &Engine,
     tbl: &str,
     origin: u16,
-    changes: &[&WireChange],
+    changes: &[&Change],
 ) -> Result<(u64, Vec<&'static str>), tokio_postgres::Error> {
     // Keys in first-seen order; local state per key.
     let mut keys: Vec<Value> = Vec::new();
@@ -325,7 +325,7 @@ async fn apply_table(
     for c in changes {
         let pk = c.pk.clone().unwrap_or(Value::Null);
         let i = index[&pk.to_string()];
-        let deleted = c.op == "D";
+        let deleted = c.op == Operation::Delete;
         let v = version(c.hlc, i32::from(origin));
         let remote = Incoming {
             version: v,

@@ -26,7 +26,7 @@ use tokio_postgres::Transaction;
 
 use super::apply::{settle, Applied, ApplyError, Phases};
 use super::copy_text;
-use super::protocol::WireChange;
+use super::protocol::{Change, Operation};
 use super::resolve;
 use super::rows::{copy_in, insert_rows, upsert_rows, with_defaults, TableShape};
 use crate::capture::wal::Barrier;
@@ -40,7 +40,7 @@ pub(super) async fn apply(
     barrier: Option<&Barrier>,
     engines: &resolve::Engines,
     origin: u16,
-    todo: &[&WireChange],
+    todo: &[&Change],
 ) -> Result<Option<(Applied, bool)>, ApplyError> {
     let mut clock = std::time::Instant::now();
     let mut lap = || {
@@ -49,7 +49,7 @@ pub(super) async fn apply(
         ms
     };
     let mut phases = Phases::default();
-    let mut by_table: BTreeMap<&str, Vec<&WireChange>> = BTreeMap::new();
+    let mut by_table: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
     for c in todo {
         by_table.entry(c.tbl.as_str()).or_default().push(c);
     }
@@ -137,7 +137,7 @@ pub(super) async fn apply(
     }
     sp.commit().await?;
     phases.write_ms = lap();
-    let for_engine: Vec<&WireChange> = todo
+    let for_engine: Vec<&Change> = todo
         .iter()
         .copied()
         .filter(|c| engines.handles(c))
@@ -153,11 +153,11 @@ pub(super) async fn apply(
 /// grow, so the newest is the last).
 struct Keys<'a> {
     pks: Vec<&'a Value>,
-    newest: Vec<&'a WireChange>,
+    newest: Vec<&'a Change>,
 }
 
 impl<'a> Keys<'a> {
-    fn of(changes: &[&'a WireChange]) -> Keys<'a> {
+    fn of(changes: &[&'a Change]) -> Keys<'a> {
         let mut index: HashMap<String, usize> = HashMap::new();
         let mut keys = Keys {
             pks: Vec::new(),
@@ -218,11 +218,11 @@ async fn insert_only(
     tx: &Transaction<'_>,
     tbl: &str,
     shape: &TableShape,
-    changes: &[&WireChange],
+    changes: &[&Change],
 ) -> Result<(u64, u64), tokio_postgres::Error> {
     let rows: Vec<&Value> = changes
         .iter()
-        .filter(|c| c.op == "I")
+        .filter(|c| c.op == Operation::Insert)
         .filter_map(|c| c.row.as_ref())
         .collect();
     let rows = with_defaults(tx, tbl, shape, rows).await?;
@@ -241,7 +241,7 @@ async fn write_table(
     keys: &Keys<'_>,
     present: &Option<Vec<bool>>,
     origin: u16,
-    changes: &[&WireChange],
+    changes: &[&Change],
 ) -> Result<(u64, u64), tokio_postgres::Error> {
     let started = std::time::Instant::now();
     let mut steps: Vec<(&str, usize, f64)> = Vec::new();
@@ -289,7 +289,7 @@ async fn write_table(
     let (mut new_versions, mut old_versions) = (Versions::default(), Versions::default());
     for i in (0..keys.pks.len()).filter(|&i| wins(i)) {
         let c = keys.newest[i];
-        let deleted = c.op == "D";
+        let deleted = c.op == Operation::Delete;
         // A key new here gets a plain insert. Not knowing which rows
         // exist (the table is locked instead), a key without a version is
         // taken as new: after the sync point every row written here has

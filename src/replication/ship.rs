@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::progress::applied_vector;
-use super::protocol::{self, Message, ProtocolError, WireChange, WirePosition};
+use super::protocol::{self, Message, Position, ProtocolError};
 use super::stats::LinkGuard;
 use super::{handshake, tls, unexpected, wall_ms, ReplicationError, ReplicationStats};
 use super::{
@@ -90,7 +90,7 @@ async fn ship_once(
     // Up to WINDOW batches in flight: sending does not wait for the previous
     // batch's acknowledgement (a round trip over the WAN), acknowledgements
     // are matched in order as they come.
-    let mut in_flight: std::collections::VecDeque<(WirePosition, u64, tokio::time::Instant)> =
+    let mut in_flight: std::collections::VecDeque<(Position, u64, tokio::time::Instant)> =
         Default::default();
     let mut sent = position;
     let mut last_send = tokio::time::Instant::now();
@@ -118,7 +118,7 @@ async fn ship_once(
                 None
             };
             let read_at = wall_ms();
-            let changes = read_changes(&client, sent.into(), limit).await?;
+            let changes = read_changes(&client, sent, limit).await?;
             // Only a read that reached the end of what is committed leaves
             // nothing older behind it.
             let complete = (changes.len() as i64) < limit;
@@ -144,8 +144,8 @@ async fn ship_once(
                     }
                     continue;
                 };
-                let last = WirePosition::from(last.position);
-                let wire: Vec<WireChange> = changes.into_iter().map(WireChange::from).collect();
+                let last = last.position();
+                let wire = changes;
                 let n = wire.len() as u64;
                 let frame = Message::Batch { changes: wire, after, floor, caught_up }.encode();
                 if frame.len() > TARGET_FRAME && n > 1 {
@@ -205,11 +205,7 @@ async fn ship_once(
 
 /// Records (durably, on this side) how far `peer` has applied this region's
 /// changes, for pruning.
-async fn record_shipped(
-    client: &Client,
-    peer: u16,
-    at: WirePosition,
-) -> Result<(), ReplicationError> {
+async fn record_shipped(client: &Client, peer: u16, at: Position) -> Result<(), ReplicationError> {
     client
         .execute(
             "INSERT INTO meridian.shipped AS s (peer, xid, seq, acked_at) VALUES ($1, $2, $3, now())

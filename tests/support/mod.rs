@@ -675,7 +675,7 @@ impl Region {
     /// region `origin`'s, through the receiver's apply entry point, in a
     /// session marked as the receiver's.
     pub fn apply_changes(&self, origin: u16, changes: &str) -> meridian::replication::Applied {
-        let changes: Vec<meridian::replication::protocol::WireChange> =
+        let changes: Vec<meridian::replication::protocol::Change> =
             serde_json::from_str(changes).expect("changes as a peer ships them");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
