@@ -94,6 +94,7 @@ async fn ship_once(
         Default::default();
     let mut sent = position;
     let mut last_send = tokio::time::Instant::now();
+    let mut last_ack = last_send;
     let mut limit = BATCH;
     let grace_ms = config.replication.tombstone_grace.as_millis() as i64;
     let mut last_floor = tokio::time::Instant::now() - FLOOR_EVERY;
@@ -188,14 +189,20 @@ async fn ship_once(
                     }
                     other => return Err(unexpected("Ack", &other)),
                 }
+                last_ack = tokio::time::Instant::now();
                 stats.batches_sent.fetch_add(1, Ordering::Relaxed);
                 stats.changes_sent.fetch_add(n, Ordering::Relaxed);
                 record_shipped(&client, peer.id, expected).await?;
             }
             _ = stop.cancelled() => return Ok(()),
-            // The oldest unacknowledged batch has waited too long.
+            // The peer has acknowledged nothing for too long while batches
+            // wait. Counted from its last acknowledgement, not from when the
+            // oldest batch was sent: with WINDOW batches in flight in a
+            // catch-up, the last one sent waits for all before it to be
+            // applied (at 15,000 rows/s, 11 s for 160,000 changes), and
+            // timing that out dropped a busy peer's connection mid-backlog.
             _ = tokio::time::sleep_until(
-                in_flight.front().map_or_else(tokio::time::Instant::now, |f| f.2) + IO_TIMEOUT
+                in_flight.front().map_or_else(tokio::time::Instant::now, |f| f.2.max(last_ack)) + IO_TIMEOUT
             ), if !in_flight.is_empty() => {
                 return Err(ReplicationError::Timeout(IO_TIMEOUT));
             }
