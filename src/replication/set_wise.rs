@@ -252,26 +252,9 @@ async fn write_table(
             at = std::time::Instant::now();
         }
     };
-    // Each key's version here, by index.
-    // Each key's version here, and where it is (its ctid: the version is
-    // then updated without looking the key up again).
-    let mut version: Vec<Option<(i64, i32)>> = vec![None; keys.pks.len()];
-    let mut place: Vec<String> = vec![String::new(); keys.pks.len()];
-    for r in tx
-        .query(
-            "SELECT k.ord, v.hlc, v.origin, v.ctid::text FROM unnest($2::jsonb[]) WITH ORDINALITY AS k(pk, ord)
-               JOIN meridian.row_version v ON v.tbl = $1 AND v.pk = k.pk",
-            &[&tbl, &keys.pks],
-        )
-        .await?
-    {
-        let i: i64 = r.get(0);
-        version[(i - 1) as usize] = Some((r.get(1), r.get(2)));
-        place[(i - 1) as usize] = r.get(3);
-    }
+    let found = read_versions(tx, tbl, keys).await?;
     lap(&mut steps, "versions", keys.pks.len());
     let origin = i32::from(origin);
-    let wins = |i: usize| version[i].map_or(true, |v| (keys.newest[i].hlc, origin) > v);
     // Counters add every update's delta, whichever version wins the rest
     // of the row (taken from the locked rows before they change).
     let finals: Option<Value> = if shape.counters.is_empty() {
@@ -285,35 +268,13 @@ async fn write_table(
         .get(0)
     };
     lap(&mut steps, "counter_finals", finals.is_some() as usize);
-    let (mut deletes, mut inserts, mut upserts) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut new_versions, mut old_versions) = (Versions::default(), Versions::default());
-    for i in (0..keys.pks.len()).filter(|&i| wins(i)) {
-        let c = keys.newest[i];
-        let deleted = c.op == Operation::Delete;
-        // A key new here gets a plain insert. Not knowing which rows
-        // exist (the table is locked instead), a key without a version is
-        // taken as new: after the sync point every row written here has
-        // one, but rows from before capture do not (see below).
-        let new = match present {
-            Some(p) => !p[i],
-            None => version[i].is_none(),
-        };
-        match (deleted, new, c.row.as_ref()) {
-            (true, _, _) => deletes.push(keys.pks[i]),
-            (false, true, Some(row)) => inserts.push(row),
-            (false, false, Some(row)) => upserts.push(row),
-            _ => {}
-        }
-        let v = if version[i].is_some() {
-            old_versions.places.push(std::mem::take(&mut place[i]));
-            &mut old_versions
-        } else {
-            &mut new_versions
-        };
-        v.pks.push(keys.pks[i]);
-        v.hlcs.push(c.hlc);
-        v.deleted.push(deleted);
-    }
+    let Decision {
+        deletes,
+        inserts,
+        upserts,
+        new_versions,
+        old_versions,
+    } = decide(keys, found, present.as_deref(), origin);
     let won = (new_versions.pks.len() + old_versions.pks.len()) as u64;
     let (t_keys, d_keys) = (&shape.t_keys, &shape.d_keys);
     if !deletes.is_empty() {
@@ -379,6 +340,94 @@ async fn write_table(
     Ok((won, keys.pks.len() as u64 - won))
 }
 
+/// A key's version here, and where it is (its ctid: the version is then
+/// updated without looking the key up again).
+struct Found {
+    version: (i64, i32),
+    place: String,
+}
+
+/// The versions of a table's keys here, by the keys' index.
+async fn read_versions(
+    tx: &Transaction<'_>,
+    tbl: &str,
+    keys: &Keys<'_>,
+) -> Result<Vec<Option<Found>>, tokio_postgres::Error> {
+    let mut found: Vec<Option<Found>> = (0..keys.pks.len()).map(|_| None).collect();
+    for r in tx
+        .query(
+            "SELECT k.ord, v.hlc, v.origin, v.ctid::text FROM unnest($2::jsonb[]) WITH ORDINALITY AS k(pk, ord)
+               JOIN meridian.row_version v ON v.tbl = $1 AND v.pk = k.pk",
+            &[&tbl, &keys.pks],
+        )
+        .await?
+    {
+        let i: i64 = r.get(0);
+        found[(i - 1) as usize] = Some(Found {
+            version: (r.get(1), r.get(2)),
+            place: r.get(3),
+        });
+    }
+    Ok(found)
+}
+
+/// What one table's apply writes: the rows to delete, insert (keys new
+/// here) and upsert, and the versions to add and to update.
+struct Decision<'a> {
+    deletes: Vec<&'a Value>,
+    inserts: Vec<&'a Value>,
+    upserts: Vec<&'a Value>,
+    new_versions: Versions<'a>,
+    old_versions: Versions<'a>,
+}
+
+/// Decides, for each key, whether its newest change wins over the version
+/// here (by (hlc, region), the change's region being `origin`), and how it
+/// is written. `present` says which keys have a row when the rows were
+/// locked one by one; with the table locked instead, a key without a
+/// version is taken as new: after the sync point every row written here has
+/// one, but rows from before capture do not (the insert then fails on the
+/// key, and the rows are upserted: see `write_table`).
+fn decide<'a>(
+    keys: &Keys<'a>,
+    mut found: Vec<Option<Found>>,
+    present: Option<&[bool]>,
+    origin: i32,
+) -> Decision<'a> {
+    let mut d = Decision {
+        deletes: Vec::new(),
+        inserts: Vec::new(),
+        upserts: Vec::new(),
+        new_versions: Versions::default(),
+        old_versions: Versions::default(),
+    };
+    for (i, here) in found.iter_mut().enumerate() {
+        let c = keys.newest[i];
+        if here.as_ref().is_some_and(|f| (c.hlc, origin) <= f.version) {
+            continue;
+        }
+        let deleted = c.op == Operation::Delete;
+        let new = present.map_or(here.is_none(), |p| !p[i]);
+        match (deleted, new, c.row.as_ref()) {
+            (true, _, _) => d.deletes.push(keys.pks[i]),
+            (false, true, Some(row)) => d.inserts.push(row),
+            (false, false, Some(row)) => d.upserts.push(row),
+            _ => {}
+        }
+        let v = match here.take() {
+            Some(f) => {
+                d.old_versions.places.push(f.place);
+                &mut d.old_versions
+            }
+            None => &mut d.new_versions,
+        };
+        v.pks.push(keys.pks[i]);
+        v.hlcs.push(c.hlc);
+        v.deleted.push(deleted);
+    }
+    d
+}
+
 /// Row versions to write, as the columns of an `unnest`.
 #[derive(Default)]
 struct Versions<'a> {
@@ -442,3 +491,6 @@ impl Versions<'_> {
         text
     }
 }
+
+#[cfg(test)]
+mod tests;
