@@ -1821,6 +1821,45 @@ fn an_apply_waiting_for_capture_gives_way_to_a_schema_change_queued_behind_it() 
     assert_eq!(p.a.query("SELECT id FROM other"), ["1"]);
 }
 
+/// A receiver keeps one session, and in it a staging table per table shape
+/// for the rows it upserts: a column's type changed by a replicated
+/// ALTER TABLE (here a numeric's scale) must not leave rows applied after it
+/// going through a staging table of the old type (which would round them).
+#[test]
+fn rows_applied_after_a_column_type_change_keep_the_new_types_precision() {
+    let p = pair_of(
+        "rep_retype",
+        "CREATE TABLE prices (id int PRIMARY KEY, p numeric(10,2) NOT NULL);",
+        &[],
+        "",
+        &[],
+    );
+    let prices = |r: &Region| r.query("SELECT format('%s=%s', id, p) FROM prices ORDER BY id");
+    let arrived = |what: &str, want: &[&str]| {
+        eventually(what, Duration::from_secs(60), || prices(&p.b) == want)
+    };
+    psql(
+        &p.a.url(),
+        &["-c", "INSERT INTO prices VALUES (1, 1.00), (2, 1.00)"],
+        None,
+    );
+    arrived("the rows", &["1=1.00", "2=1.00"]);
+    // Updates of rows B has: applied as upserts through the staging table.
+    psql(&p.a.url(), &["-c", "UPDATE prices SET p = 2.50"], None);
+    arrived("the updates", &["1=2.50", "2=2.50"]);
+    psql(
+        &p.a.url(),
+        &["-c", "ALTER TABLE prices ALTER COLUMN p TYPE numeric(12,4)"],
+        None,
+    );
+    psql(&p.a.url(), &["-c", "UPDATE prices SET p = 1.2345"], None);
+    arrived(
+        "the updates after the type change",
+        &["1=1.2345", "2=1.2345"],
+    );
+    assert_eq!(prices(&p.a), prices(&p.b));
+}
+
 /// Values replicate exactly, whatever their type: numbers the JSON carrying
 /// them could round (numeric beyond a double's 17 digits, trailing zeros of
 /// a scale, float8's last bit, bigint extremes), in a last-writer-wins table

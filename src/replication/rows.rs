@@ -25,11 +25,21 @@ pub(super) struct TableShape {
     pub has_fk: bool,
 }
 
-/// The plain insert of `rows`, as written in their origin.
-fn insert_statement(tbl: &str, shape: &TableShape) -> String {
+/// The plain insert of the rows of `source` (a relation with the table's
+/// columns), as written in their origin.
+fn insert_from(tbl: &str, shape: &TableShape, source: &str) -> String {
     format!(
-        "INSERT INTO {tbl} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM jsonb_populate_recordset(NULL::{tbl}, $1::jsonb)",
+        "INSERT INTO {tbl} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {source}",
         cols = shape.all_cols
+    )
+}
+
+/// The plain insert of `rows` given as JSON (`$1`).
+fn insert_statement(tbl: &str, shape: &TableShape) -> String {
+    insert_from(
+        tbl,
+        shape,
+        &format!("jsonb_populate_recordset(NULL::{tbl}, $1::jsonb)"),
     )
 }
 
@@ -110,16 +120,11 @@ pub(super) async fn upsert_rows(
         return Ok(());
     };
     let cols = &shape.all_cols;
-    let stage = stage_name(tbl, cols);
-    // Made once per session (and again after a rolled-back apply); its
-    // rows go at commit, and the upsert below deletes what it moves.
-    let exists: bool = tx
-        .query_one(
-            "SELECT to_regclass('pg_temp.' || $1) IS NOT NULL",
-            &[&stage],
-        )
-        .await?
-        .get(0);
+    // Made once per session and table shape (and again after a rolled-back
+    // apply); its rows go at commit, and the upsert below deletes what it
+    // moves.
+    let stage = tx.query_one(STAGE, &[&tbl]).await?;
+    let (stage, exists): (String, bool) = (stage.get(0), stage.get(1));
     if !exists {
         tx.batch_execute(&format!(
             "CREATE TEMP TABLE {stage} ON COMMIT DELETE ROWS AS SELECT {cols} FROM {tbl} WITH NO DATA"
@@ -129,9 +134,8 @@ pub(super) async fn upsert_rows(
     copy_in(tx, &format!("COPY {stage} ({cols}) FROM STDIN"), text).await?;
     tx.execute(
         &format!(
-            "WITH moved AS (DELETE FROM {stage} RETURNING *)
-             INSERT INTO {tbl} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM moved
-             ON CONFLICT ({key_cols}) {}",
+            "WITH moved AS (DELETE FROM {stage} RETURNING *) {} ON CONFLICT ({key_cols}) {}",
+            insert_from(tbl, shape, "moved"),
             shape.on_conflict
         ),
         &[],
@@ -140,14 +144,18 @@ pub(super) async fn upsert_rows(
     Ok(())
 }
 
-/// The staging table of `tbl` with columns `cols` (a schema change makes
-/// another one).
-fn stage_name(tbl: &str, cols: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (tbl, cols).hash(&mut h);
-    format!("meridian_stage_{:016x}", h.finish())
-}
+/// The name of table `$1`'s staging table, and whether this session has it.
+/// The name is a digest of the table and its stored columns' names and types
+/// with their modifiers: a staging table kept from before a schema change
+/// would otherwise take, say, `numeric(10,2)` values for a column that is
+/// `numeric(12,4)` now, and round them.
+const STAGE: &str = "SELECT s.name, to_regclass('pg_temp.' || s.name) IS NOT NULL
+                       FROM (SELECT 'meridian_stage_' || left(md5($1::text || ':' || string_agg(
+                                        quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod),
+                                        ',' ORDER BY a.attnum)), 24) AS name
+                               FROM pg_attribute a
+                              WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
+                                AND a.attgenerated = '') s";
 
 /// New rows through COPY (see [`copy_text`]); false, with nothing written,
 /// when some row holds a value COPY text cannot carry as it is.

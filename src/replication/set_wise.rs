@@ -245,15 +245,13 @@ async fn write_table(
 ) -> Result<(u64, u64), tokio_postgres::Error> {
     let started = std::time::Instant::now();
     let mut steps: Vec<(&str, usize, f64)> = Vec::new();
-    let mut lap = {
-        let mut at = started;
-        move |steps: &mut Vec<(&'static str, usize, f64)>, step: &'static str, n: usize| {
-            steps.push((step, n, at.elapsed().as_secs_f64() * 1e3));
-            at = std::time::Instant::now();
-        }
+    let mut at = started;
+    let mut lap = |step: &'static str, n: usize| {
+        steps.push((step, n, at.elapsed().as_secs_f64() * 1e3));
+        at = std::time::Instant::now();
     };
     let found = read_versions(tx, tbl, keys).await?;
-    lap(&mut steps, "versions", keys.pks.len());
+    lap("versions", keys.pks.len());
     let origin = i32::from(origin);
     // Counters add every update's delta, whichever version wins the rest
     // of the row (taken from the locked rows before they change).
@@ -267,7 +265,7 @@ async fn write_table(
         .await?
         .get(0)
     };
-    lap(&mut steps, "counter_finals", finals.is_some() as usize);
+    lap("counter_finals", finals.is_some() as usize);
     let Decision {
         deletes,
         inserts,
@@ -283,7 +281,7 @@ async fn write_table(
             &[&Json(&deletes)],
         )
         .await?;
-        lap(&mut steps, "delete", deletes.len());
+        lap("delete", deletes.len());
     }
     let inserts_n = inserts.len();
     if !inserts.is_empty() {
@@ -303,12 +301,12 @@ async fn write_table(
                 Err(e) => return Err(e),
             }
         }
-        lap(&mut steps, "insert", inserts_n);
+        lap("insert", inserts_n);
     }
     if !upserts.is_empty() {
         let rows = with_defaults(tx, tbl, shape, upserts).await?;
         upsert_rows(tx, tbl, key_cols, shape, &rows).await?;
-        lap(&mut steps, "upsert", rows.len());
+        lap("upsert", rows.len());
     }
     if !new_versions.pks.is_empty() {
         copy_in(
@@ -317,11 +315,11 @@ async fn write_table(
             new_versions.copy_text(tbl, origin),
         )
         .await?;
-        lap(&mut steps, "new_versions", new_versions.pks.len());
+        lap("new_versions", new_versions.pks.len());
     }
     if !old_versions.pks.is_empty() {
         old_versions.update(tx, tbl, origin).await?;
-        lap(&mut steps, "old_versions", old_versions.pks.len());
+        lap("old_versions", old_versions.pks.len());
     }
     if finals.is_some() {
         tx.execute(
@@ -329,7 +327,7 @@ async fn write_table(
             &[&tbl, &finals],
         )
         .await?;
-        lap(&mut steps, "set_counters", 1);
+        lap("set_counters", 1);
     }
     tracing::debug!(
         table = tbl,
