@@ -582,7 +582,7 @@ async fn sixteen_concurrent_clients_every_committed_change_read_once_in_a_safe_o
     // Exactly once: an insert and an update per committed id, nothing else.
     let mut per_id: BTreeMap<i64, Vec<Operation>> = BTreeMap::new();
     for c in &seen {
-        let id = c.pk.as_ref().unwrap()["id"].as_i64().unwrap();
+        let id = c.pk.as_ref().unwrap().to_value()["id"].as_i64().unwrap();
         per_id.entry(id).or_default().push(c.op);
     }
     let ids: BTreeSet<i32> = per_id.keys().map(|&i| i as i32).collect();

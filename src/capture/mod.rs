@@ -18,6 +18,7 @@
 
 mod assemble;
 pub mod clock_store;
+pub mod image;
 mod migrate;
 pub mod pgoutput;
 pub mod reader;

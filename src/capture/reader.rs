@@ -9,8 +9,8 @@
 //! The price: one long-running writing transaction holds back everything that
 //! started after it until it ends.
 
+use super::image::Image;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio_postgres::GenericClient;
 
 use super::CaptureError;
@@ -88,12 +88,12 @@ pub struct Change {
     /// `schema.table`.
     pub tbl: String,
     pub op: Operation,
-    /// Primary key columns as a JSON object (none for TRUNCATE).
-    pub pk: Option<Value>,
+    /// Primary key columns (none for TRUNCATE).
+    pub pk: Option<Image>,
     /// The new row for inserts and updates.
-    pub row: Option<Value>,
+    pub row: Option<Image>,
     /// Old values of counter columns, for updates of tables with counters.
-    pub old: Option<Value>,
+    pub old: Option<Image>,
     /// The version (hlc, region) the row had at the origin when this
     /// change was written on it; none for a key new there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -112,7 +112,7 @@ pub struct Change {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag_origin: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cols: Option<Value>,
+    pub cols: Option<Image>,
 }
 
 impl Change {

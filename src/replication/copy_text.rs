@@ -1,55 +1,61 @@
-//! Rows for `COPY ... FROM STDIN` (text format), made from the JSON row
-//! images changes carry, so new rows reach a table without being parsed as
+//! Rows for `COPY ... FROM STDIN` (text format), made from the row images
+//! changes carry, so new rows reach a table without being parsed as
 //! `jsonb` and taken apart by `jsonb_populate_recordset` first.
 //!
-//! An image is `to_jsonb` of the row at its origin: every scalar column's
-//! value is its type's text form as a JSON string, except numbers (JSON
-//! numbers, kept exact: serde_json's `arbitrary_precision`) and booleans;
-//! `json`/`jsonb` columns hold their JSON. Those map to COPY text directly.
-//! Arrays and composite values are JSON arrays and objects there, whose
-//! text forms would need their element types: a row holding one is not
-//! encoded (the caller inserts such rows through `jsonb_populate_recordset`).
-//! A missing column is NULL, as `jsonb_populate_recordset` makes it.
+//! An image is `to_jsonb` of the row at its origin (see
+//! [`crate::capture::image`]): every scalar column's value is its type's
+//! text form, except numbers (kept exact) and booleans; `json`/`jsonb`
+//! columns hold their JSON. Those map to COPY text directly. Arrays and
+//! composite values are JSON arrays and objects there, whose text forms
+//! would need their element types: a row holding one is not encoded (the
+//! caller inserts such rows through `jsonb_populate_recordset`). A missing
+//! column is NULL, as `jsonb_populate_recordset` makes it.
 //!
 //! Written by hand: COPY's text format is four escapes and two separators,
 //! and no crate maps JSON images to it.
 
-use serde_json::Value;
+use crate::capture::image::{Cell, Image};
 
-/// Appends one COPY text line for `row` (a JSON object) with `columns` in
-/// order; `json[i]` says column i is `json`/`jsonb`. Returns false (and
-/// leaves `out` as it was) for a row it cannot express.
-pub fn encode_row(out: &mut Vec<u8>, row: &Value, columns: &[String], json: &[bool]) -> bool {
-    let Value::Object(map) = row else {
-        return false;
-    };
+/// Appends one COPY text line for `row` with `columns` in order; `json[i]`
+/// says column i is `json`/`jsonb`. Returns false (and leaves `out` as it
+/// was) for a row it cannot express.
+pub fn encode_row(out: &mut Vec<u8>, row: &Image, columns: &[String], json: &[bool]) -> bool {
     let start = out.len();
     for (i, column) in columns.iter().enumerate() {
         if i > 0 {
             out.push(b'\t');
         }
-        let ok = match map.get(column) {
-            None | Some(Value::Null) => {
+        let is_json = json.get(i).copied().unwrap_or(false);
+        let ok = match row.get(column) {
+            None | Some(Cell::Null) => {
                 out.extend_from_slice(b"\\N");
                 true
             }
-            Some(v) if json.get(i).copied().unwrap_or(false) => {
-                escape(out, v.to_string().as_bytes());
+            Some(Cell::Text(s)) if is_json => {
+                escape(out, serde_json::to_string(s).expect("a string").as_bytes());
                 true
             }
-            Some(Value::String(s)) => {
+            Some(Cell::Text(s)) => {
                 escape(out, s.as_bytes());
                 true
             }
-            Some(Value::Number(n)) => {
-                out.extend_from_slice(n.to_string().as_bytes());
+            Some(Cell::Bool(b)) if is_json => {
+                out.extend_from_slice(if b { b"true" } else { b"false" });
                 true
             }
-            Some(Value::Bool(b)) => {
-                out.extend_from_slice(if *b { b"t" } else { b"f" });
+            Some(Cell::Bool(b)) => {
+                out.extend_from_slice(if b { b"t" } else { b"f" });
                 true
             }
-            Some(Value::Array(_) | Value::Object(_)) => false,
+            Some(Cell::Number(n)) => {
+                out.extend_from_slice(n.as_bytes());
+                true
+            }
+            Some(Cell::Json(j)) if is_json => {
+                escape(out, j.as_bytes());
+                true
+            }
+            Some(Cell::Json(_)) => false,
         };
         if !ok {
             out.truncate(start);
@@ -78,7 +84,11 @@ pub fn escape(out: &mut Vec<u8>, text: &[u8]) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    fn image(v: Value) -> Image {
+        Image::from_value(&v).expect("an object")
+    }
 
     /// COPY's reading of one text field (the inverse of `escape`).
     fn unescape(field: &[u8]) -> Vec<u8> {
@@ -106,7 +116,7 @@ mod tests {
 
     #[test]
     fn scalars_nulls_and_json_columns_become_copy_text() {
-        let row: Value = serde_json::from_str(
+        let row: Image = serde_json::from_str(
             r#"{"id": 1, "n": 9.6666666666666667, "t": "a\tb\\c\nd", "ok": false, "j": {"a": [1, null]}, "gone": null}"#,
         )
         .unwrap();
@@ -130,26 +140,20 @@ mod tests {
         let columns = cols(&["id", "arr"]);
         assert!(!encode_row(
             &mut out,
-            &json!({"id": 1, "arr": [1, 2]}),
+            &image(json!({"id": 1, "arr": [1, 2]})),
             &columns,
             &[false, false]
         ));
         assert!(!encode_row(
             &mut out,
-            &json!({"id": 1, "arr": {"x": 1}}),
-            &columns,
-            &[false, false]
-        ));
-        assert!(!encode_row(
-            &mut out,
-            &json!([1]),
+            &image(json!({"id": 1, "arr": {"x": 1}})),
             &columns,
             &[false, false]
         ));
         assert_eq!(out, b"kept");
         assert!(encode_row(
             &mut out,
-            &json!({"id": 1, "arr": [1, 2]}),
+            &image(json!({"id": 1, "arr": [1, 2]})),
             &columns,
             &[false, true]
         ));
@@ -158,7 +162,7 @@ mod tests {
     proptest! {
         #[test]
         fn any_text_reads_back_as_itself(text in ".*", other in ".*") {
-            let row = json!({"a": text, "b": other});
+            let row = image(json!({"a": text, "b": other}));
             let mut out = Vec::new();
             prop_assert!(encode_row(&mut out, &row, &cols(&["a", "b"]), &[false, false]));
             prop_assert_eq!(out.last(), Some(&b'\n'));

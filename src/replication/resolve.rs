@@ -20,6 +20,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Transaction;
 
 use super::protocol::{Change, Operation};
+use crate::capture::image::Image;
 use crate::clock::Version;
 use crate::config::Config;
 use crate::rules::merge::{
@@ -175,7 +176,7 @@ pub async fn apply(
         // that cannot be written holds only its own key's changes.
         let mut by_key: Vec<(String, Vec<&Change>)> = Vec::new();
         for c in changes {
-            let key = c.pk.as_ref().map(|k| k.to_string()).unwrap_or_default();
+            let key = c.pk.as_ref().map(Image::to_json).unwrap_or_default();
             match by_key.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, group)) => group.push(c),
                 None => by_key.push((key, vec![c])),
@@ -266,7 +267,7 @@ async fn apply_table(
     let mut keys: Vec<Value> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     for c in changes {
-        let pk = c.pk.clone().unwrap_or(Value::Null);
+        let pk = c.pk.as_ref().map_or(Value::Null, Image::to_value);
         index.entry(pk.to_string()).or_insert_with(|| {
             keys.push(pk);
             keys.len() - 1
@@ -323,7 +324,7 @@ async fn apply_table(
     let mut rules = Vec::new();
     let mut applied = 0u64;
     for c in changes {
-        let pk = c.pk.clone().unwrap_or(Value::Null);
+        let pk = c.pk.as_ref().map_or(Value::Null, Image::to_value);
         let i = index[&pk.to_string()];
         let deleted = c.op == Operation::Delete;
         let v = version(c.hlc, i32::from(origin));
@@ -336,12 +337,12 @@ async fn apply_table(
                 .tag_hlc
                 .zip(c.tag_origin)
                 .map_or(v, |(h, o)| version(h, o)),
-            cols: cols_from_json(c.cols.as_ref()),
+            cols: cols_from_json(c.cols.as_ref().map(Image::to_value).as_ref()),
             deleted,
             row: if deleted {
                 Row::new()
             } else {
-                object(c.row.as_ref())
+                object(c.row.as_ref().map(Image::to_value).as_ref())
             },
         };
         let local = state[i].take();

@@ -7,6 +7,8 @@
 use std::borrow::Cow;
 
 use serde_json::Value;
+
+use crate::capture::image::Image;
 use tokio_postgres::types::Json;
 use tokio_postgres::Transaction;
 
@@ -49,7 +51,7 @@ pub(super) async fn insert_rows(
     tx: &Transaction<'_>,
     tbl: &str,
     shape: &TableShape,
-    rows: &[Cow<'_, Value>],
+    rows: &[Cow<'_, Image>],
 ) -> Result<(), tokio_postgres::Error> {
     if !copy_rows(tx, tbl, shape, rows).await? {
         tx.execute(&insert_statement(tbl, shape), &[&Json(rows)])
@@ -64,12 +66,11 @@ pub(super) async fn with_defaults<'a>(
     tx: &Transaction<'_>,
     tbl: &str,
     shape: &TableShape,
-    rows: Vec<&'a Value>,
-) -> Result<Vec<Cow<'a, Value>>, tokio_postgres::Error> {
-    let lacking = rows.iter().any(|r| {
-        r.as_object()
-            .is_some_and(|o| shape.columns.iter().any(|c| !o.contains_key(c)))
-    });
+    rows: Vec<&'a Image>,
+) -> Result<Vec<Cow<'a, Image>>, tokio_postgres::Error> {
+    let lacking = rows
+        .iter()
+        .any(|r| shape.columns.iter().any(|c| !r.contains(c)));
     let defaults: Option<Value> = if lacking {
         tx.query_one(
             "SELECT meridian.missing_defaults($1::text::regclass, $2::jsonb)",
@@ -80,18 +81,20 @@ pub(super) async fn with_defaults<'a>(
     } else {
         None
     };
-    let Some(Value::Object(defaults)) = defaults else {
+    let Some(defaults) = defaults.as_ref().and_then(Image::from_value) else {
         return Ok(rows.into_iter().map(Cow::Borrowed).collect());
     };
     Ok(rows
         .into_iter()
-        .map(|r| match r {
-            Value::Object(o) if defaults.keys().any(|k| !o.contains_key(k)) => {
-                let mut filled = defaults.clone();
-                filled.extend(o.iter().map(|(k, v)| (k.clone(), v.clone())));
-                Cow::Owned(Value::Object(filled))
+        .map(|r| {
+            if defaults.iter().all(|(k, _)| r.contains(k)) {
+                return Cow::Borrowed(r);
             }
-            _ => Cow::Borrowed(r),
+            let mut filled = r.clone();
+            for (k, v) in defaults.iter().filter(|(k, _)| !r.contains(k)) {
+                filled.push(k, v);
+            }
+            Cow::Owned(filled)
         })
         .collect())
 }
@@ -108,7 +111,7 @@ pub(super) async fn upsert_rows(
     tbl: &str,
     key_cols: &str,
     shape: &TableShape,
-    rows: &[Cow<'_, Value>],
+    rows: &[Cow<'_, Image>],
 ) -> Result<(), tokio_postgres::Error> {
     let Some(text) = copy_text_of(rows, shape) else {
         let upsert = format!(
@@ -163,7 +166,7 @@ async fn copy_rows(
     tx: &Transaction<'_>,
     tbl: &str,
     shape: &TableShape,
-    rows: &[Cow<'_, Value>],
+    rows: &[Cow<'_, Image>],
 ) -> Result<bool, tokio_postgres::Error> {
     let Some(text) = copy_text_of(rows, shape) else {
         return Ok(false);
@@ -188,7 +191,7 @@ pub(super) async fn copy_in(
 
 /// `rows` as COPY text of the table's columns; None when a value cannot be
 /// carried as it is (see [`copy_text`]).
-fn copy_text_of(rows: &[Cow<'_, Value>], shape: &TableShape) -> Option<Vec<u8>> {
+fn copy_text_of(rows: &[Cow<'_, Image>], shape: &TableShape) -> Option<Vec<u8>> {
     let mut text = Vec::with_capacity(rows.len() * 128);
     for row in rows {
         if !copy_text::encode_row(&mut text, row, &shape.columns, &shape.json) {

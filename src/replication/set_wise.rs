@@ -21,6 +21,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
+
+use crate::capture::image::Image;
 use tokio_postgres::types::Json;
 use tokio_postgres::Transaction;
 
@@ -152,20 +154,20 @@ pub(super) async fn apply(
 /// and beside each its newest change (one origin's versions of a row only
 /// grow, so the newest is the last).
 struct Keys<'a> {
-    pks: Vec<&'a Value>,
+    pks: Vec<&'a Image>,
     newest: Vec<&'a Change>,
 }
 
 impl<'a> Keys<'a> {
     fn of(changes: &[&'a Change]) -> Keys<'a> {
-        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut index: HashMap<&[u8], usize> = HashMap::new();
         let mut keys = Keys {
             pks: Vec::new(),
             newest: Vec::new(),
         };
         for c in changes {
             let Some(pk) = c.pk.as_ref() else { continue };
-            match index.entry(pk.to_string()) {
+            match index.entry(pk.as_bytes()) {
                 std::collections::hash_map::Entry::Occupied(e) => keys.newest[*e.get()] = c,
                 std::collections::hash_map::Entry::Vacant(e) => {
                     e.insert(keys.pks.len());
@@ -220,7 +222,7 @@ async fn insert_only(
     shape: &TableShape,
     changes: &[&Change],
 ) -> Result<(u64, u64), tokio_postgres::Error> {
-    let rows: Vec<&Value> = changes
+    let rows: Vec<&Image> = changes
         .iter()
         .filter(|c| c.op == Operation::Insert)
         .filter_map(|c| c.row.as_ref())
@@ -372,9 +374,9 @@ async fn read_versions(
 /// What one table's apply writes: the rows to delete, insert (keys new
 /// here) and upsert, and the versions to add and to update.
 struct Decision<'a> {
-    deletes: Vec<&'a Value>,
-    inserts: Vec<&'a Value>,
-    upserts: Vec<&'a Value>,
+    deletes: Vec<&'a Image>,
+    inserts: Vec<&'a Image>,
+    upserts: Vec<&'a Image>,
     new_versions: Versions<'a>,
     old_versions: Versions<'a>,
 }
@@ -429,7 +431,7 @@ fn decide<'a>(
 /// Row versions to write, as the columns of an `unnest`.
 #[derive(Default)]
 struct Versions<'a> {
-    pks: Vec<&'a Value>,
+    pks: Vec<&'a Image>,
     hlcs: Vec<i64>,
     deleted: Vec<bool>,
     /// Versions that exist: where each one is (ctid, as text).
@@ -482,7 +484,7 @@ impl Versions<'_> {
         for ((pk, hlc), deleted) in self.pks.iter().zip(&self.hlcs).zip(&self.deleted) {
             copy_text::escape(&mut text, tbl.as_bytes());
             text.push(b'\t');
-            copy_text::escape(&mut text, pk.to_string().as_bytes());
+            copy_text::escape(&mut text, pk.to_json().as_bytes());
             let deleted = if *deleted { 't' } else { 'f' };
             text.extend_from_slice(format!("\t{hlc}\t{origin}\t{deleted}\n").as_bytes());
         }

@@ -1,5 +1,7 @@
 use serde_json::json;
 
+use crate::capture::image::Image;
+
 use super::*;
 
 fn change(seq: i64, hlc: i64, op: Operation, id: i64) -> Change {
@@ -12,8 +14,10 @@ fn change(seq: i64, hlc: i64, op: Operation, id: i64) -> Change {
         via_proxy: false,
         tbl: "public.t".into(),
         op,
-        pk: Some(json!({ "id": id })),
-        row: (op != Operation::Delete).then(|| json!({ "id": id, "v": seq })),
+        pk: Image::from_value(&json!({ "id": id })),
+        row: (op != Operation::Delete)
+            .then(|| Image::from_value(&json!({ "id": id, "v": seq })))
+            .flatten(),
         old: None,
         base_hlc: None,
         base_origin: None,
@@ -55,13 +59,17 @@ fn each_key_newest_change_wins_only_above_its_version_here() {
         found(100, 2, "(0,6)"),
     ];
     let d = decide(&keys, here, None, 2);
-    let ids = |rows: &[&Value]| {
+    let ids = |rows: &[&Image]| {
         rows.iter()
-            .map(|r| r["id"].as_i64().unwrap())
+            .map(|r| r.to_value()["id"].as_i64().unwrap())
             .collect::<Vec<_>>()
     };
     assert_eq!(ids(&d.inserts), [2]);
-    assert_eq!(d.inserts[0]["v"], 7, "the newest change of key 2");
+    assert_eq!(
+        d.inserts[0].to_value()["v"],
+        7,
+        "the newest change of key 2"
+    );
     assert_eq!(ids(&d.upserts), [3, 5]);
     assert_eq!(ids(&d.deletes), [4]);
     assert_eq!(ids(&d.new_versions.pks), [2]);
@@ -82,8 +90,8 @@ fn with_rows_locked_one_by_one_presence_decides_insert_or_upsert() {
     let keys = Keys::of(&refs);
     let d = decide(&keys, vec![None, None], Some(&[true, false]), 1);
     assert_eq!(d.upserts.len(), 1);
-    assert_eq!(d.upserts[0]["id"], 1);
+    assert_eq!(d.upserts[0].to_value()["id"], 1);
     assert_eq!(d.inserts.len(), 1);
-    assert_eq!(d.inserts[0]["id"], 2);
+    assert_eq!(d.inserts[0].to_value()["id"], 2);
     assert_eq!(d.new_versions.pks.len(), 2, "neither had a version");
 }
