@@ -44,7 +44,7 @@ fn batches(c: &mut Criterion) {
     let changes = changes();
     let message = Message::Batch {
         changes: changes.clone(),
-        after: Vec::new(),
+        deps: Vec::new(),
         floor: None,
         caught_up: None,
     };

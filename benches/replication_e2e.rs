@@ -89,7 +89,10 @@ fn main() {
             Command::new(env!("CARGO_BIN_EXE_meridian"))
                 .args(["run", "--config"])
                 .arg(&config)
-                .env("MERIDIAN_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()))
+                .env(
+                    "MERIDIAN_LOG",
+                    std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .spawn()
                 .unwrap(),
         ));

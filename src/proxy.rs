@@ -312,6 +312,7 @@ impl Region {
                 tls: self.peer_tls.clone(),
                 clock: self.clock.clone(),
                 stats: stats.clone(),
+                applied: Default::default(),
             };
             replication.push(tokio::spawn(crate::replication::receive(
                 listener,

@@ -445,6 +445,7 @@ BEGIN
     DELETE FROM meridian.change c
      WHERE (c.xid, c.seq) <= (lo.xid::text::xid8, lo.seq);
     GET DIAGNOSTICS n = ROW_COUNT;
+    DELETE FROM meridian.change_deps d WHERE d.xid < lo.xid::text::xid8;
     RETURN n;
 END
 $$;

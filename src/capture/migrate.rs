@@ -51,6 +51,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "held_backoff",
         sql: include_str!("../../migrations/0014_held_backoff.sql"),
     },
+    Migration {
+        version: 15,
+        name: "change_deps",
+        sql: include_str!("../../migrations/0015_change_deps.sql"),
+    },
 ];
 
 /// The files applied on every run after the migrations: every function

@@ -25,6 +25,23 @@ pub struct Position {
     pub seq: i64,
 }
 
+/// A position in another origin's change stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginPosition {
+    pub origin: u16,
+    pub position: Position,
+}
+
+/// The causal dependencies of the changes of one capture transaction
+/// (`xid`): how much of each origin this region had applied when capture
+/// recorded them (`meridian.change_deps`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deps {
+    pub xid: u64,
+    pub after: Vec<OriginPosition>,
+}
+
 /// What a change does; on the wire and in SQL the letter of `meridian.change.op`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Operation {
@@ -168,6 +185,49 @@ pub async fn read_changes(
                 cols: r.get(16),
                 gen: r.get(17),
             })
+        })
+        .collect()
+}
+
+/// The dependencies of the capture transactions `first..=last` (the xids of
+/// changes [`read_changes`] returned), in xid order.
+pub async fn read_deps(
+    client: &impl GenericClient,
+    first: u64,
+    last: u64,
+) -> Result<Vec<Deps>, CaptureError> {
+    let rows = client
+        .query(
+            "SELECT xid::text, origins, xids, seqs FROM meridian.change_deps
+              WHERE xid BETWEEN $1::text::xid8 AND $2::text::xid8 ORDER BY xid",
+            &[&first.to_string(), &last.to_string()],
+        )
+        .await
+        .map_err(|source| CaptureError::Postgres {
+            context: "reading meridian.change_deps".into(),
+            source,
+        })?;
+    rows.iter()
+        .map(|r| {
+            let xid: String = r.get(0);
+            let (origins, xids, seqs): (Vec<i32>, Vec<i64>, Vec<i64>) =
+                (r.get(1), r.get(2), r.get(3));
+            let after = origins
+                .iter()
+                .zip(&xids)
+                .zip(&seqs)
+                .map(|((&o, &x), &s)| OriginPosition {
+                    origin: o as u16,
+                    position: Position {
+                        xid: x as u64,
+                        seq: s,
+                    },
+                })
+                .collect();
+            let xid = xid
+                .parse()
+                .map_err(|_| CaptureError::Corrupt(format!("change_deps xid {xid:?}")))?;
+            Ok(Deps { xid, after })
         })
         .collect()
 }

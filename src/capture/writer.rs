@@ -5,7 +5,8 @@
 //! (`meridian.capture_<oid>`, written by `meridian.enable_capture`) in one
 //! statement, in stream order; a schema change or a TRUNCATE ends every
 //! group, so they keep their place among the row changes. The slot
-//! position reached is written in the same transaction.
+//! position reached and the batch's causal dependencies (this region's
+//! applied vector) are written in the same transaction.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -108,6 +109,18 @@ pub async fn record(
     } else {
         last.commit_lsn
     };
+    // What this region has applied of every origin now: the dependencies
+    // of everything recorded in this transaction (see
+    // migrations/0015_change_deps.sql).
+    tx.execute(
+        "INSERT INTO meridian.change_deps (xid, origins, xids, seqs)
+         SELECT pg_current_xact_id(), array_agg(origin ORDER BY origin),
+                array_agg(xid ORDER BY origin), array_agg(seq ORDER BY origin)
+           FROM meridian.applied HAVING count(*) > 0",
+        &[],
+    )
+    .await
+    .map_err(super::pg("recording the batch's dependencies"))?;
     tx.execute(
         "UPDATE meridian.capture_progress
             SET lsn = $1::text::pg_lsn, done = $2, committed_at = to_timestamp($3::float8 / 1000)",

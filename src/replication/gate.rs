@@ -1,18 +1,17 @@
-//! replication::gate: what holds a batch back before it is applied. Causal
-//! order (a batch waits, bounded by [`CAUSAL_WAIT`], until this region has
-//! applied from every third region what the origin had applied when it
-//! read the batch) and the clock (a batch stamped further ahead than the
-//! maximum drift waits until it is within bounds: held, never dropped).
+//! replication::gate: what holds changes back before they are applied.
+//! Causal order (a change waits until this region has applied, from every
+//! third region, what its origin had applied when it captured the change:
+//! [`dependencies_met`], used over a queue of batches by
+//! `replication::queue`) and the clock (a batch stamped further ahead than
+//! the maximum drift waits until it is within bounds: held, never dropped).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::progress::applied_vector;
 use super::protocol::OriginPosition;
-use super::{ReplicationError, ReplicationStats, CAUSAL_WAIT};
+use super::ReplicationStats;
 use crate::clock::{Clock, ClockError};
 
 /// Whether `have` (this region's applied vector) holds, from every third
@@ -32,61 +31,6 @@ pub(super) fn dependencies_met(
                     && (h.position.xid, h.position.seq) >= (need.position.xid, need.position.seq)
             })
         })
-}
-
-/// Causal order: a batch from `origin` waits until this region has applied,
-/// from every third region, at least what `origin` had applied when it read
-/// the batch, so a row never arrives before one it was written against.
-///
-/// The wait is bounded by [`CAUSAL_WAIT`]: the vector is read after the
-/// batch, so it can ask for more than the batch's transactions saw, and when
-/// a third region is cut off from this one but not from `origin`, its changes
-/// cannot arrive here at all. Waiting forever would stall `origin` for the
-/// whole partition (or, with two slow shippers waiting on each other, for
-/// ever). After the bound the batch is applied and counted in
-/// `batches_applied_before_dependencies`; convergence does not depend on
-/// order (versions decide), only the momentary view does.
-/// Returns false if asked to stop while waiting.
-pub(super) async fn hold_until_causally_ready(
-    client: &Client,
-    after: &[OriginPosition],
-    me: u16,
-    origin: u16,
-    stats: &ReplicationStats,
-    stop: &CancellationToken,
-) -> Result<bool, ReplicationError> {
-    if dependencies_met(after, &[], me, origin) {
-        return Ok(true);
-    }
-    let mut counted = false;
-    let deadline = tokio::time::Instant::now() + CAUSAL_WAIT;
-    loop {
-        let have = applied_vector(client).await?;
-        if dependencies_met(after, &have, me, origin) {
-            return Ok(true);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            stats
-                .batches_applied_before_dependencies
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(origin, "applying a batch before changes its origin had seen (they have not arrived within the causal wait)");
-            return Ok(true);
-        }
-        if !counted {
-            stats
-                .batches_held_for_causality
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                origin,
-                "batch waits for changes its origin had already applied"
-            );
-            counted = true;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            _ = stop.cancelled() => return Ok(false),
-        }
-    }
 }
 
 /// The receive event for a batch: the clock moves past its newest stamp. A

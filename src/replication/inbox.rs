@@ -1,14 +1,11 @@
 //! replication::inbox: a peer's messages read and decoded by a task of their
-//! own (at most [`DECODE_AHEAD`] ahead), and the gathering of batches that
-//! have already arrived into one apply.
+//! own (at most [`DECODE_AHEAD`] ahead), and what one apply takes
+//! ([`Gathered`], from `replication::queue`).
 
 use futures_util::StreamExt;
-use tokio_postgres::Client;
 
-use super::gate::dependencies_met;
-use super::progress::applied_vector;
-use super::protocol::{Change, Message, OriginPosition, Position, ProtocolError};
-use super::{Conn, ReplicationError, APPLY_MAX};
+use super::protocol::{Change, Message, Position, ProtocolError};
+use super::{Conn, ReplicationError};
 
 /// Messages decoded ahead of the receiver, at most this many.
 const DECODE_AHEAD: usize = 8;
@@ -46,7 +43,7 @@ impl Inbox {
     }
 
     /// The next message if one has arrived.
-    fn ready(&mut self) -> Result<Option<Message>, ReplicationError> {
+    pub(super) fn ready(&mut self) -> Result<Option<Message>, ReplicationError> {
         match self.rx.try_recv() {
             Ok(m) => Ok(Some(m?)),
             Err(tokio::sync::mpsc::error::TryRecvError::Empty) => Ok(None),
@@ -63,7 +60,9 @@ impl Drop for Inbox {
     }
 }
 
-/// Batches received together, applied in one transaction.
+/// What one apply takes from the queue: changes in stream order, applied in
+/// one transaction, and the batches they complete.
+#[derive(Default)]
 pub(super) struct Gathered {
     pub changes: Vec<Change>,
     /// Each batch's last position, in order (each gets its acknowledgement).
@@ -74,17 +73,9 @@ pub(super) struct Gathered {
 }
 
 impl Gathered {
-    pub(super) fn new(
-        changes: Vec<Change>,
-        floor: Option<i64>,
-        origin_ms: Option<i64>,
-    ) -> Gathered {
-        Gathered {
-            ends: changes.last().map(Change::position).into_iter().collect(),
-            changes,
-            floor,
-            origin_ms,
-        }
+    /// Nothing to apply, acknowledge or record.
+    pub(super) fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.ends.is_empty() && self.floor.is_none()
     }
 
     /// The newest stamp among the changes (the clock's receive event).
@@ -95,52 +86,4 @@ impl Gathered {
             .max()
             .unwrap_or(0) as u64
     }
-}
-
-/// Adds to `gathered` the batches that have already arrived behind it (and
-/// whose causal dependencies are met), up to [`APPLY_MAX`] changes: one apply
-/// transaction then carries them all. An apply waits for this region's
-/// capture (a sync point) and commits, so per batch it costs more than the
-/// shipper spends to read one; applied one by one, a steady stream of small
-/// batches would queue up to the shipper's whole window. Returns a message
-/// read that has to wait for the next round.
-pub(super) async fn gather(
-    inbox: &mut Inbox,
-    client: &Client,
-    gathered: &mut Gathered,
-    me: u16,
-    origin: u16,
-) -> Result<Option<Message>, ReplicationError> {
-    let mut have: Option<Vec<OriginPosition>> = None;
-    while gathered.changes.len() < APPLY_MAX {
-        let Some(message) = inbox.ready()? else {
-            return Ok(None);
-        };
-        let Message::Batch {
-            changes,
-            after,
-            floor,
-            caught_up,
-        } = message
-        else {
-            return Ok(Some(message));
-        };
-        if have.is_none() {
-            have = Some(applied_vector(client).await?);
-        }
-        if !dependencies_met(&after, have.as_deref().unwrap_or_default(), me, origin) {
-            let message = Message::Batch {
-                changes,
-                after,
-                floor,
-                caught_up,
-            };
-            return Ok(Some(message));
-        }
-        gathered.ends.extend(changes.last().map(Change::position));
-        gathered.changes.extend(changes);
-        gathered.floor = floor.or(gathered.floor);
-        gathered.origin_ms = caught_up.or(gathered.origin_ms);
-    }
-    Ok(None)
 }

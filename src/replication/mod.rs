@@ -17,8 +17,9 @@
 //! - [`handshake`]: the receiver's challenge, the shipper's proof of the
 //!   cluster secret, refusals with a reason.
 //! - [`receive`]: per connection, the order of the steps; [`inbox`] decodes
-//!   ahead and gathers batches into one apply; [`gate`] holds a batch for
-//!   causal order (bounded by [`CAUSAL_WAIT`]) and clock drift;
+//!   ahead; [`queue`] holds batches until their dependencies are met (the
+//!   checks in [`gate`], bounded by [`CAUSAL_WAIT`]) and gathers what is
+//!   ready into one apply; [`gate`] also holds batches for clock drift;
 //!   [`apply`] is the one apply entry point (settings, resend check,
 //!   position, typed outcome); [`account`] counts and acknowledges.
 //! - [`held`]: changes that could not be applied are retried with back-off,
@@ -39,6 +40,7 @@ mod housekeeping;
 mod inbox;
 mod progress;
 pub mod protocol;
+mod queue;
 mod receive;
 pub mod resolve;
 mod rows;
@@ -83,7 +85,7 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 pub const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Times a batch is retried after losing a deadlock to local writes.
 const APPLY_RETRIES: u64 = 20;
-/// Longest a batch waits for changes its origin had already applied.
+/// Longest changes wait for changes their origin had already applied.
 pub const CAUSAL_WAIT: Duration = Duration::from_secs(2);
 /// How often a shipper takes its region's floor (see [`Message::Floor`]).
 pub const FLOOR_EVERY: Duration = Duration::from_secs(1);

@@ -1,6 +1,9 @@
 //! replication::progress: reading and recording how far this region has
-//! applied each origin (`meridian.applied`) and each origin's floor.
+//! applied each origin (`meridian.applied`) and each origin's floor, and the
+//! applied vector every receiver of this process sees move
+//! ([`AppliedVector`]).
 
+use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use super::protocol::{OriginPosition, Position};
@@ -67,4 +70,48 @@ pub(super) async fn applied_position(
         xid: r.get::<_, i64>(0) as u64,
         seq: r.get(1),
     }))
+}
+
+/// This region's applied vector as the receivers of this process know it:
+/// each advances it after an apply commits, and a receiver whose changes
+/// wait for another origin's wakes when it moves. (Applies made elsewhere,
+/// by another process or `meridian.apply`, are merged in from
+/// `meridian.applied` by the waiting receiver now and then.)
+pub struct AppliedVector {
+    tx: watch::Sender<Vec<OriginPosition>>,
+}
+
+impl Default for AppliedVector {
+    fn default() -> Self {
+        AppliedVector {
+            tx: watch::Sender::new(Vec::new()),
+        }
+    }
+}
+
+impl AppliedVector {
+    pub fn subscribe(&self) -> watch::Receiver<Vec<OriginPosition>> {
+        self.tx.subscribe()
+    }
+
+    /// Raises the entries of `positions` that are ahead of what is known.
+    pub fn merge(&self, positions: &[OriginPosition]) {
+        self.tx.send_if_modified(|have| {
+            let mut moved = false;
+            for p in positions {
+                match have.iter_mut().find(|h| h.origin == p.origin) {
+                    Some(h) if h.position < p.position => {
+                        h.position = p.position;
+                        moved = true;
+                    }
+                    Some(_) => {}
+                    None => {
+                        have.push(*p);
+                        moved = true;
+                    }
+                }
+            }
+            moved
+        });
+    }
 }

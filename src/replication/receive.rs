@@ -2,8 +2,10 @@
 //! connection: the handshake ([`super::handshake`]), then a loop of
 //!
 //! ```text
-//! inbox (decoded ahead) -> causal gate -> gather more batches -> drift hold
-//!   -> apply::apply (one transaction, with the origin's position) -> account -> ack
+//! inbox (decoded ahead) -> queue -> what the causal gate lets through
+//!   (whole batches, a prefix of the one that waits) -> drift hold
+//!   -> apply::apply (one transaction, with the origin's position)
+//!   -> applied vector moves (wakes the other receivers) -> account -> ack
 //! ```
 //!
 //! Each step is a function of its own module; this file only strings them
@@ -22,12 +24,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::account::{acknowledge, Account};
-use super::gate::{hold_until_causally_ready, hold_until_within_drift};
-use super::inbox::{gather, Gathered, Inbox};
-use super::progress::{applied_position, note_floor};
-use super::protocol::{self, Change, Message};
+use super::gate::hold_until_within_drift;
+use super::inbox::Inbox;
+use super::progress::{applied_position, applied_vector, note_floor, AppliedVector};
+use super::protocol::{self, Change, Message, OriginPosition};
+use super::queue::Queue;
 use super::{apply, handshake, resolve, send, tls, unexpected};
 use super::{Applied, ApplyError, ReplicationError, ReplicationStats, APPLY_RETRIES, IO_TIMEOUT};
+use super::{APPLY_MAX, CAUSAL_WAIT};
 use crate::capture::{self, wal::Barrier};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -44,6 +48,8 @@ pub struct Receiver {
     pub tls: Option<tls::PeerTls>,
     pub clock: Arc<Clock>,
     pub stats: Arc<ReplicationStats>,
+    /// The applied vector the receivers share (the causal gate's view).
+    pub applied: Arc<AppliedVector>,
 }
 
 /// Accepts peers' shipments until `stop`.
@@ -80,6 +86,7 @@ async fn serve_peer(
         tls,
         clock,
         stats,
+        applied,
     } = receiver;
     let me = config.region.id;
     let stream = accept_tls(tls.as_ref(), stream, stats, peer).await?;
@@ -92,36 +99,61 @@ async fn serve_peer(
     let mut inbox = Inbox::new(stream);
     tracing::info!(origin, ?position, "peer authenticated; receiving");
     let mut account = Account::new(stats, config, origin);
-    // A message read while gathering that must wait for the next round.
-    let mut pending: Option<Message> = None;
+    applied.merge(&applied_vector(&client).await?);
+    let mut have = applied.subscribe();
+    let mut queue = Queue::default();
+    // Since when the front of the queue has waited for its dependencies.
+    let mut waiting: Option<tokio::time::Instant> = None;
     loop {
-        // No timeout here: a shipper with nothing to ship is silent. A dead
-        // peer shows as a closed connection (TCP keepalive, or its restart).
-        let message = match pending.take() {
-            Some(m) => m,
-            None => inbox.next().await?,
-        };
-        let (changes, after, floor, origin_ms) = match message {
-            Message::Batch {
-                changes,
-                after,
-                floor,
-                caught_up,
-            } => (changes, after, floor, caught_up),
-            // Everything the origin sent before this is applied.
-            Message::Floor { hlc, caught_up } => {
-                note_floor(&client, origin, hlc).await?;
-                account.caught_up(caught_up, 0);
+        while queue.changes() < QUEUE_MAX {
+            match inbox.ready()? {
+                Some(m) => enqueue(&mut queue, m)?,
+                None => break,
+            }
+        }
+        let ready = queue.take_ready(&have.borrow_and_update(), me, origin, APPLY_MAX);
+        let gathered = match ready {
+            Some(g) => g,
+            // No timeout here: a shipper with nothing to ship is silent. A
+            // dead peer shows as a closed connection (TCP keepalive, or its
+            // restart).
+            None if queue.is_empty() => {
+                waiting = None;
+                enqueue(&mut queue, inbox.next().await?)?;
                 continue;
             }
-            other => return Err(unexpected("Batch", &other)),
+            None => {
+                let since = *waiting.get_or_insert_with(|| {
+                    stats
+                        .batches_held_for_causality
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(origin, "changes wait for changes their origin had applied");
+                    tokio::time::Instant::now()
+                });
+                match wait_for_dependencies(&mut inbox, &mut have, &mut queue, since + CAUSAL_WAIT)
+                    .await?
+                {
+                    Waited::Moved => continue,
+                    Waited::Recheck => {
+                        applied.merge(&applied_vector(&client).await?);
+                        continue;
+                    }
+                    Waited::TimedOut => {
+                        stats
+                            .batches_applied_before_dependencies
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(origin, "applying changes before changes their origin had seen (they have not arrived within the causal wait)");
+                        queue.take_front().unwrap_or_default()
+                    }
+                }
+            }
         };
-        if !hold_until_causally_ready(&client, &after, me, origin, stats, stop).await? {
-            return Ok(());
-        }
-        let mut gathered = Gathered::new(changes, floor, origin_ms);
-        pending = gather(&mut inbox, &client, &mut gathered, me, origin).await?;
-        if gathered.ends.is_empty() {
+        waiting = None;
+        if gathered.changes.is_empty() {
+            if let Some(hlc) = gathered.floor {
+                note_floor(&client, origin, hlc).await?;
+            }
+            account.caught_up(gathered.origin_ms, 0);
             continue;
         }
         if !hold_until_within_drift(clock, gathered.newest_stamp(), stats, stop).await {
@@ -137,11 +169,68 @@ async fn serve_peer(
             stats,
         )
         .await?;
+        if let Some(last) = gathered.changes.last() {
+            applied.merge(&[OriginPosition {
+                origin,
+                position: last.position(),
+            }]);
+        }
         if let Some(hlc) = gathered.floor {
             note_floor(&client, origin, hlc).await?;
         }
         account.applied(&outcome, &gathered);
         acknowledge(&mut acks, &gathered.ends, &outcome).await?;
+    }
+}
+
+/// Changes queued beyond this many are left in the inbox (and the shipper
+/// waits for acknowledgements): the queue's bound.
+const QUEUE_MAX: usize = 2 * APPLY_MAX;
+/// How often a receiver whose changes wait reads `meridian.applied` for
+/// applies this process did not make.
+const RECHECK: Duration = Duration::from_millis(250);
+
+fn enqueue(queue: &mut Queue, message: Message) -> Result<(), ReplicationError> {
+    match message {
+        Message::Batch {
+            changes,
+            deps,
+            floor,
+            caught_up,
+        } => queue.push_batch(changes, deps, floor, caught_up),
+        Message::Floor { hlc, caught_up } => queue.push_floor(hlc, caught_up),
+        other => return Err(unexpected("Batch", &other)),
+    }
+    Ok(())
+}
+
+enum Waited {
+    /// The applied vector moved, or a message arrived.
+    Moved,
+    /// Time to read `meridian.applied` again.
+    Recheck,
+    /// The causal wait ran out.
+    TimedOut,
+}
+
+/// Waits, while the queue's front waits for its dependencies, for the
+/// applied vector to move, a message to arrive (if the queue has room), a
+/// recheck, or `deadline`.
+async fn wait_for_dependencies(
+    inbox: &mut Inbox,
+    have: &mut tokio::sync::watch::Receiver<Vec<OriginPosition>>,
+    queue: &mut Queue,
+    deadline: tokio::time::Instant,
+) -> Result<Waited, ReplicationError> {
+    let room = queue.changes() < QUEUE_MAX;
+    tokio::select! {
+        m = inbox.next(), if room => {
+            enqueue(queue, m?)?;
+            Ok(Waited::Moved)
+        }
+        _ = have.changed() => Ok(Waited::Moved),
+        _ = tokio::time::sleep(RECHECK) => Ok(Waited::Recheck),
+        _ = tokio::time::sleep_until(deadline) => Ok(Waited::TimedOut),
     }
 }
 

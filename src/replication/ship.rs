@@ -14,14 +14,14 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::progress::applied_vector;
 use super::protocol::{self, Message, Position, ProtocolError};
 use super::stats::LinkGuard;
 use super::{handshake, tls, unexpected, wall_ms, ReplicationError, ReplicationStats};
 use super::{
     BACKOFF_MAX, BACKOFF_MIN, BATCH, FLOOR_EVERY, GATHER, IO_TIMEOUT, POLL, TARGET_FRAME, WINDOW,
 };
-use crate::capture::{self, reader::read_changes, CaptureError};
+use crate::capture::reader::{read_changes, read_deps};
+use crate::capture::{self, CaptureError};
 use crate::config::{Config, PeerConfig};
 
 /// Ships this region's changes to `peer` until `stop`, reconnecting as needed.
@@ -128,13 +128,15 @@ async fn ship_once(
             if changes.is_empty() && floor.is_none() {
                 tokio::time::sleep(POLL).await;
             }
-            // Read after the changes: at least what their transactions had seen.
-            let after = applied_vector(&client).await?;
-            Ok::<_, ReplicationError>((changes, after, floor, caught_up))
+            let deps = match (changes.first(), changes.last()) {
+                (Some(first), Some(last)) => read_deps(&client, first.xid, last.xid).await?,
+                _ => Vec::new(),
+            };
+            Ok::<_, ReplicationError>((changes, deps, floor, caught_up))
         };
         tokio::select! {
             read = next => {
-                let (changes, after, floor, caught_up) = read?;
+                let (changes, deps, floor, caught_up) = read?;
                 let Some(last) = changes.last() else {
                     if let Some(hlc) = floor {
                         tokio::time::timeout(IO_TIMEOUT, sink.send(Message::Floor { hlc, caught_up }.encode()))
@@ -148,7 +150,7 @@ async fn ship_once(
                 let last = last.position();
                 let wire = changes;
                 let n = wire.len() as u64;
-                let frame = Message::Batch { changes: wire, after, floor, caught_up }.encode();
+                let frame = Message::Batch { changes: wire, deps, floor, caught_up }.encode();
                 if frame.len() > TARGET_FRAME && n > 1 {
                     // Wide rows: fewer changes per batch, so frames stay bounded.
                     limit = (n as i64 / 2).max(1);

@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! batch   = MARK u8:flags [i64:floor if flags&1] [i64:caught_up if flags&2]
-//!           u32:n (u16:origin u64:xid i64:seq)*n           -- after
+//!           u32:n (u64:xid u32:m (u16:origin u64:xid i64:seq)*m)*n  -- deps
 //!           u32:n (str)*n                                  -- tables
 //!           u32:n change*n
 //! change  = u64:xid i64:seq i64:hlc i64:tx_hlc u32:table u8:op u16:present
@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 
-use super::{Change, Message, Operation, OriginPosition, Position, ProtocolError};
+use super::{Change, Deps, Message, Operation, OriginPosition, Position, ProtocolError};
 use crate::capture::image::Image;
 
 /// First byte of a binary batch (JSON messages start with `{`).
@@ -36,7 +36,7 @@ const CHANGE_MIN: usize = 8 * 4 + 4 + 1 + 2;
 
 pub fn encode(
     changes: &[Change],
-    after: &[OriginPosition],
+    deps: &[Deps],
     floor: Option<i64>,
     caught_up: Option<i64>,
 ) -> Vec<u8> {
@@ -52,11 +52,15 @@ pub fn encode(
     for v in floor.iter().chain(&caught_up) {
         out.extend_from_slice(&v.to_le_bytes());
     }
-    put_len(&mut out, after.len());
-    for a in after {
-        out.extend_from_slice(&a.origin.to_le_bytes());
-        out.extend_from_slice(&a.position.xid.to_le_bytes());
-        out.extend_from_slice(&a.position.seq.to_le_bytes());
+    put_len(&mut out, deps.len());
+    for d in deps {
+        out.extend_from_slice(&d.xid.to_le_bytes());
+        put_len(&mut out, d.after.len());
+        for a in &d.after {
+            out.extend_from_slice(&a.origin.to_le_bytes());
+            out.extend_from_slice(&a.position.xid.to_le_bytes());
+            out.extend_from_slice(&a.position.seq.to_le_bytes());
+        }
     }
     let mut tables: HashMap<&str, u32> = HashMap::new();
     let mut names: Vec<&str> = Vec::new();
@@ -147,15 +151,21 @@ pub fn decode(frame: &[u8]) -> Result<Message, ProtocolError> {
     }
     let floor = (flags & FLOOR != 0).then(|| r.i64()).transpose()?;
     let caught_up = (flags & CAUGHT_UP != 0).then(|| r.i64()).transpose()?;
-    let n = r.count(2 + 8 + 8)?;
-    let mut after = Vec::with_capacity(n);
+    let n = r.count(8 + 4)?;
+    let mut deps = Vec::with_capacity(n);
     for _ in 0..n {
-        let origin = u16::from_le_bytes(r.take()?);
-        let position = Position {
-            xid: r.i64()? as u64,
-            seq: r.i64()?,
-        };
-        after.push(OriginPosition { origin, position });
+        let xid = r.i64()? as u64;
+        let m = r.count(2 + 8 + 8)?;
+        let mut after = Vec::with_capacity(m);
+        for _ in 0..m {
+            let origin = u16::from_le_bytes(r.take()?);
+            let position = Position {
+                xid: r.i64()? as u64,
+                seq: r.i64()?,
+            };
+            after.push(OriginPosition { origin, position });
+        }
+        deps.push(Deps { xid, after });
     }
     let n = r.count(4)?;
     let mut tables = Vec::with_capacity(n);
@@ -173,7 +183,7 @@ pub fn decode(frame: &[u8]) -> Result<Message, ProtocolError> {
     }
     Ok(Message::Batch {
         changes,
-        after,
+        deps,
         floor,
         caught_up,
     })

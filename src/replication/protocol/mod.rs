@@ -7,7 +7,7 @@
 //! receiver -> shipper   Challenge { version, region, nonce }
 //! shipper  -> receiver  Hello { version, origin, proof = HMAC-SHA256(secret, nonce || origin) }
 //! receiver -> shipper   Welcome { position }            (or Refused { reason }, then close)
-//! shipper  -> receiver  Batch { changes, after, floor, caught_up } (in capture order, after position)
+//! shipper  -> receiver  Batch { changes, deps, floor, caught_up } (in capture order, after position)
 //! receiver -> shipper   Ack { position, applied, older, held, duplicate }
 //! shipper  -> receiver  Floor { hlc, caught_up }        (when idle, about once a second; no reply)
 //! ```
@@ -29,10 +29,11 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio_util::codec::LengthDelimitedCodec;
 
-pub use crate::capture::reader::{Change, Operation, Position};
+pub use crate::capture::reader::{Change, Deps, Operation, OriginPosition, Position};
 
-/// Protocol version spoken by this build (4: binary batches, row images).
-pub const VERSION: u32 = 4;
+/// Protocol version spoken by this build (4: binary batches, row images;
+/// 5: dependencies per capture transaction).
+pub const VERSION: u32 = 5;
 /// Largest message, either way.
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -65,11 +66,12 @@ pub enum Message {
     #[serde(skip)]
     Batch {
         changes: Vec<Change>,
-        /// How far the origin had applied each other region when it read the
-        /// batch: the receiver applies the batch only once it has applied at
-        /// least as much of each (causal order).
-        #[serde(default)]
-        after: Vec<OriginPosition>,
+        /// The causal dependencies of the batch's capture transactions
+        /// (those that have any), in order: a receiver applies a change only
+        /// once it has applied, of every third region, as much as its
+        /// transaction's entry asks for (and a transaction without an entry
+        /// depends on nothing).
+        deps: Vec<Deps>,
         /// Set when the batch reaches the end of what the origin had
         /// committed: every later change has a row version above it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,14 +98,6 @@ pub enum Message {
     },
 }
 
-/// A position in another origin's change stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OriginPosition {
-    pub origin: u16,
-    pub position: Position,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     #[error("connection closed")]
@@ -125,10 +119,10 @@ impl Message {
         match self {
             Message::Batch {
                 changes,
-                after,
+                deps,
                 floor,
                 caught_up,
-            } => binary::encode(changes, after, *floor, *caught_up).into(),
+            } => binary::encode(changes, deps, *floor, *caught_up).into(),
             m => serde_json::to_vec(m)
                 .expect("messages always serialise")
                 .into(),
@@ -226,7 +220,7 @@ mod tests {
         assert!(Message::decode(br#"{"type":"Batch","changes":[]}"#).is_err());
         let m = Message::Batch {
             changes: Vec::new(),
-            after: Vec::new(),
+            deps: Vec::new(),
             floor: None,
             caught_up: None,
         };
@@ -291,14 +285,22 @@ mod tests {
         #[test]
         fn batches_round_trip(
             changes in proptest::collection::vec(any_change(), 0..6),
-            after in proptest::collection::vec((any::<u16>(), any::<u64>(), any::<i64>()), 0..3),
+            deps in proptest::collection::vec(
+                (any::<u64>(), proptest::collection::vec((any::<u16>(), any::<u64>(), any::<i64>()), 0..3)),
+                0..3,
+            ),
             floor in proptest::option::of(any::<i64>()),
             caught_up in proptest::option::of(any::<i64>()),
         ) {
-            let after = after.into_iter()
-                .map(|(origin, xid, seq)| OriginPosition { origin, position: Position { xid, seq } })
+            let deps = deps.into_iter()
+                .map(|(xid, after)| Deps {
+                    xid,
+                    after: after.into_iter()
+                        .map(|(origin, xid, seq)| OriginPosition { origin, position: Position { xid, seq } })
+                        .collect(),
+                })
                 .collect();
-            let m = Message::Batch { changes, after, floor, caught_up };
+            let m = Message::Batch { changes, deps, floor, caught_up };
             let frame = m.encode();
             prop_assert_eq!(Message::decode(&frame).unwrap(), m);
             // Every cut of a frame is refused, not misread.

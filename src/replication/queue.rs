@@ -1,0 +1,140 @@
+//! replication::queue: one origin's batches received and not yet applied,
+//! in stream order, and the causal gate over them. What can be applied is
+//! taken from the front: whole batches, and of the first batch whose
+//! changes wait for their dependencies the part before them, so a batch
+//! never waits for what only its later transactions need (two streams
+//! waiting on each other's later parts would otherwise wait for ever; see
+//! migrations/0015_change_deps.sql for why exact dependencies leave no
+//! cycle). Pure: the receiver feeds it messages and the applied vector.
+
+use std::collections::VecDeque;
+
+use super::gate::dependencies_met;
+use super::inbox::Gathered;
+use super::protocol::{Change, Deps, OriginPosition, Position};
+
+/// A batch, or a floor (no changes), waiting in the queue.
+struct Queued {
+    changes: Vec<Change>,
+    deps: Vec<Deps>,
+    floor: Option<i64>,
+    caught_up: Option<i64>,
+    /// The batch's last position (none for a floor).
+    end: Option<Position>,
+}
+
+#[derive(Default)]
+pub(super) struct Queue {
+    items: VecDeque<Queued>,
+    changes: usize,
+}
+
+impl Queue {
+    pub(super) fn push_batch(
+        &mut self,
+        changes: Vec<Change>,
+        deps: Vec<Deps>,
+        floor: Option<i64>,
+        caught_up: Option<i64>,
+    ) {
+        self.changes += changes.len();
+        let end = changes.last().map(Change::position);
+        self.items.push_back(Queued {
+            changes,
+            deps,
+            floor,
+            caught_up,
+            end,
+        });
+    }
+
+    /// A floor holds once everything queued before it is applied.
+    pub(super) fn push_floor(&mut self, hlc: i64, caught_up: Option<i64>) {
+        self.push_batch(Vec::new(), Vec::new(), Some(hlc), caught_up);
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Changes queued.
+    pub(super) fn changes(&self) -> usize {
+        self.changes
+    }
+
+    /// Takes from the front everything whose dependencies `have` (this
+    /// region's applied vector) meets, up to about `max` changes (whole
+    /// batches, and a prefix of the first that waits). None if the front
+    /// waits (or the queue is empty).
+    pub(super) fn take_ready(
+        &mut self,
+        have: &[OriginPosition],
+        me: u16,
+        origin: u16,
+        max: usize,
+    ) -> Option<Gathered> {
+        let mut gathered = Gathered::default();
+        while let Some(front) = self.items.front_mut() {
+            if !gathered.changes.is_empty() && gathered.changes.len() + front.changes.len() > max {
+                break;
+            }
+            let ready = ready_prefix(&front.changes, &front.deps, have, me, origin);
+            if ready < front.changes.len() {
+                gathered.changes.extend(front.changes.drain(..ready));
+                self.changes -= ready;
+                break;
+            }
+            self.take_front_into(&mut gathered);
+        }
+        (!gathered.is_empty()).then_some(gathered)
+    }
+
+    /// Takes the front batch whatever it waits for (the causal wait ran out).
+    pub(super) fn take_front(&mut self) -> Option<Gathered> {
+        let mut gathered = Gathered::default();
+        self.take_front_into(&mut gathered);
+        (!gathered.is_empty()).then_some(gathered)
+    }
+
+    fn take_front_into(&mut self, gathered: &mut Gathered) {
+        let Some(q) = self.items.pop_front() else {
+            return;
+        };
+        self.changes -= q.changes.len();
+        gathered.changes.extend(q.changes);
+        gathered.ends.extend(q.end);
+        gathered.floor = q.floor.or(gathered.floor);
+        gathered.origin_ms = q.caught_up.or(gathered.origin_ms);
+    }
+}
+
+/// How many of `changes` (in stream order) lead with their dependencies
+/// met; `deps` are their capture transactions' dependencies, in xid order.
+pub(super) fn ready_prefix(
+    changes: &[Change],
+    deps: &[Deps],
+    have: &[OriginPosition],
+    me: u16,
+    origin: u16,
+) -> usize {
+    let mut deps = deps.iter().peekable();
+    let mut checked = None;
+    for (i, c) in changes.iter().enumerate() {
+        if checked == Some(c.xid) {
+            continue;
+        }
+        while deps.peek().is_some_and(|d| d.xid < c.xid) {
+            deps.next();
+        }
+        if let Some(d) = deps.peek().filter(|d| d.xid == c.xid) {
+            if !dependencies_met(&d.after, have, me, origin) {
+                return i;
+            }
+        }
+        checked = Some(c.xid);
+    }
+    changes.len()
+}
+
+#[cfg(test)]
+mod tests;
