@@ -211,6 +211,45 @@ fn demo_replicates_between_regions_and_heals_after_a_partition() {
         Duration::from_secs(30),
         || count(&urls[2]) == "3",
     );
+    // One link, both directions: A-C cut, A-B and B-C up.
+    let first = demo.regions[0].0.clone();
+    let second = demo.regions[1].0.clone();
+    let cut = http(&control, "POST", &format!("/cut?from={first}&to={third}"));
+    assert!(cut.starts_with("HTTP/1.0 200"), "{cut}");
+    let links = http(&control, "GET", "/links");
+    let body = &links[links.find("\r\n\r\n").unwrap() + 4..];
+    let links: serde_json::Value = serde_json::from_str(body).unwrap();
+    for l in links.as_array().unwrap() {
+        let pair = [l["from"].as_str().unwrap(), l["to"].as_str().unwrap()];
+        let between = pair.contains(&first.as_str()) && pair.contains(&third.as_str());
+        assert_eq!(l["partitioned"], between, "{l}");
+    }
+    for bad in [
+        format!("/cut?from={first}&to=nowhere"),
+        format!("/cut?from={first}&to={first}"),
+        format!("/cut?region={first}&to={second}"),
+        "/heal?region=nowhere".to_string(),
+    ] {
+        let refused = http(&control, "POST", &bad);
+        assert!(refused.starts_with("HTTP/1.0 400"), "{bad}: {refused}");
+    }
+    psql(
+        &urls[0],
+        &["-c", "INSERT INTO notes VALUES (4, 'with one link cut')"],
+        None,
+    );
+    eventually(
+        "the region behind an open link gets it",
+        Duration::from_secs(30),
+        || count(&urls[1]) == "4",
+    );
+    let healed = http(&control, "POST", &format!("/heal?from={third}&to={first}"));
+    assert!(healed.starts_with("HTTP/1.0 200"), "{healed}");
+    eventually(
+        "every region has it after the link heals",
+        Duration::from_secs(30),
+        || count(&urls[2]) == "4",
+    );
     assert!(demo.stop(libc::SIGINT).success());
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -391,9 +391,11 @@ pub async fn run(
             "links between regions: curl http://127.0.0.1:{control_port}/links\n\
              partition a region:   curl -X POST 'http://127.0.0.1:{control_port}/partition?region={0}'\n\
              heal it:              curl -X POST 'http://127.0.0.1:{control_port}/heal?region={0}'\n\
+             cut one link:         curl -X POST 'http://127.0.0.1:{control_port}/cut?from={0}&to={2}'   (and /heal?from=&to=)\n\
              metrics, health:      curl http://127.0.0.1:{1}/metrics   (and /health, /status)",
             first.name,
-            first.admin_port
+            first.admin_port,
+            plans.last().map_or(&first.name, |p| &p.name),
         );
         eprintln!(
             "cluster status:       meridian status --config {0}/{1}.toml\n\
@@ -431,6 +433,33 @@ struct DemoLink {
 #[serde(deny_unknown_fields)]
 struct RegionQuery {
     region: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+impl RegionQuery {
+    /// Whether the query picks link `l`: both directions between `from`
+    /// and `to`, every link to and from `region`, or (neither) all links.
+    fn picks(&self, l: &DemoLink) -> bool {
+        match (&self.region, &self.from, &self.to) {
+            (None, Some(a), Some(b)) => (l.from == a && l.to == b) || (l.from == b && l.to == a),
+            (Some(r), None, None) => r == l.from || r == l.to,
+            _ => true,
+        }
+    }
+
+    /// A query naming no link it could pick, or mixing the two forms.
+    fn mistake(&self, links: &[DemoLink]) -> Option<String> {
+        let known = |r: &String| links.iter().any(|l| l.from == r || l.to == r);
+        match (&self.region, &self.from, &self.to) {
+            (None, None, None) => None,
+            (Some(r), None, None) if known(r) => None,
+            (None, Some(a), Some(b)) if a != b && known(a) && known(b) => None,
+            (Some(r), None, None) => Some(format!("no region {r:?}")),
+            (None, Some(a), Some(b)) => Some(format!("no link between {a:?} and {b:?}")),
+            _ => Some("give either region=R, or from=A and to=B".into()),
+        }
+    }
 }
 
 type Links = Arc<Vec<DemoLink>>;
@@ -449,8 +478,11 @@ fn links_status(links: &[DemoLink]) -> serde_json::Value {
     )
 }
 
-/// The demo's link control: `GET /links`, `POST /partition?region=R` and
-/// `POST /heal?region=R` (every link to and from R; all links without `region`).
+/// The demo's link control: `GET /links`; `POST /partition?region=R` and
+/// `POST /heal?region=R` (every link to and from R; all links without
+/// `region`); `POST /cut?from=A&to=B` and `POST /heal?from=A&to=B` (the
+/// link between A and B, both directions). A name that is not a region is
+/// answered 400.
 async fn serve_link_control(
     listener: tokio::net::TcpListener,
     links: Links,
@@ -458,18 +490,17 @@ async fn serve_link_control(
 ) {
     let act = |partition: bool| {
         move |State(links): State<Links>, Query(q): Query<RegionQuery>| async move {
-            for l in links.iter() {
-                let hit = q
-                    .region
-                    .as_deref()
-                    .map_or(true, |r| r == l.from || r == l.to);
-                if hit && partition {
+            if let Some(why) = q.mistake(&links) {
+                return Err((axum::http::StatusCode::BAD_REQUEST, why));
+            }
+            for l in links.iter().filter(|l| q.picks(l)) {
+                if partition {
                     l.state.partition();
-                } else if hit {
+                } else {
                     l.state.heal();
                 }
             }
-            Json(links_status(&links))
+            Ok(Json(links_status(&links)))
         }
     };
     let app = Router::new()
@@ -478,6 +509,7 @@ async fn serve_link_control(
             get(|State(links): State<Links>| async move { Json(links_status(&links)) }),
         )
         .route("/partition", post(act(true)))
+        .route("/cut", post(act(true)))
         .route("/heal", post(act(false)))
         .with_state(links);
     let _ = axum::serve(listener, app)
