@@ -142,6 +142,33 @@ impl Change {
     }
 }
 
+#[cfg(test)]
+impl Change {
+    /// A change with no images or metadata, for unit tests to fill in.
+    pub(crate) fn bare(xid: u64, seq: i64, hlc: i64, op: Operation) -> Change {
+        Change {
+            xid,
+            seq,
+            origin: 0,
+            hlc,
+            tx_hlc: hlc,
+            via_proxy: false,
+            tbl: "public.t".into(),
+            op,
+            pk: None,
+            row: None,
+            old: None,
+            base_hlc: None,
+            base_origin: None,
+            epoch: None,
+            gen: None,
+            tag_hlc: None,
+            tag_origin: None,
+            cols: None,
+        }
+    }
+}
+
 /// Reads up to `limit` changes after `after`, in safe order.
 pub async fn read_changes(
     client: &impl GenericClient,

@@ -7,8 +7,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::inbox::Gathered;
 use super::protocol::{Message, Position};
+use super::queue::Gathered;
 use super::{wall_ms, Applied, Conn, ReplicationError, ReplicationStats};
 use crate::config::Config;
 

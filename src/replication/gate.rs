@@ -6,12 +6,19 @@
 //! the maximum drift waits until it is within bounds: held, never dropped).
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::protocol::OriginPosition;
-use super::ReplicationStats;
+use super::inbox::Inbox;
+use super::progress::{applied_vector, AppliedVector};
+use super::protocol::{Message, OriginPosition};
+use super::queue::{Gathered, Queue};
+use super::{unexpected, ReplicationError, ReplicationStats, APPLY_MAX, CAUSAL_WAIT};
 use crate::clock::{Clock, ClockError};
 
 /// Whether `have` (this region's applied vector) holds, from every third
@@ -31,6 +38,138 @@ pub(super) fn dependencies_met(
                     && (h.position.xid, h.position.seq) >= (need.position.xid, need.position.seq)
             })
         })
+}
+
+/// One connection's causal gate: the origin's batches queued as they
+/// arrive, and what of them can be applied now.
+pub(super) struct CausalGate {
+    inbox: Inbox,
+    queue: Queue,
+    have: watch::Receiver<Vec<OriginPosition>>,
+    applied: Arc<AppliedVector>,
+    /// Since when the front of the queue has waited for its dependencies.
+    waiting: Option<Instant>,
+    me: u16,
+    origin: u16,
+}
+
+impl CausalGate {
+    pub(super) async fn new(
+        inbox: Inbox,
+        applied: &Arc<AppliedVector>,
+        client: &Client,
+        me: u16,
+        origin: u16,
+    ) -> Result<CausalGate, ReplicationError> {
+        applied.merge(&applied_vector(client).await?);
+        Ok(CausalGate {
+            inbox,
+            queue: Queue::default(),
+            have: applied.subscribe(),
+            applied: applied.clone(),
+            waiting: None,
+            me,
+            origin,
+        })
+    }
+
+    /// What to apply (or, with no changes, a floor to record) next: what the
+    /// queue lets through, waiting for messages or the applied vector as
+    /// needed. After [`CAUSAL_WAIT`] the front batch goes through anyway
+    /// (counted in `batches_applied_before_dependencies`).
+    pub(super) async fn next(
+        &mut self,
+        client: &Client,
+        stats: &ReplicationStats,
+    ) -> Result<Gathered, ReplicationError> {
+        let origin = self.origin;
+        loop {
+            while self.queue.changes() < QUEUE_MAX {
+                match self.inbox.ready()? {
+                    Some(m) => enqueue(&mut self.queue, m)?,
+                    None => break,
+                }
+            }
+            let have = self.have.borrow_and_update().clone();
+            if let Some(g) = self.queue.take_ready(&have, self.me, origin, APPLY_MAX) {
+                self.waiting = None;
+                return Ok(g);
+            }
+            if self.queue.is_empty() {
+                // No timeout here: a shipper with nothing to ship is silent.
+                // A dead peer shows as a closed connection (TCP keepalive, or
+                // its restart).
+                self.waiting = None;
+                enqueue(&mut self.queue, self.inbox.next().await?)?;
+                continue;
+            }
+            let since = *self.waiting.get_or_insert_with(|| {
+                stats
+                    .batches_held_for_causality
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(origin, "changes wait for changes their origin had applied");
+                Instant::now()
+            });
+            match self.wait(since + CAUSAL_WAIT).await? {
+                Waited::Moved => {}
+                Waited::Recheck => self.applied.merge(&applied_vector(client).await?),
+                Waited::TimedOut => {
+                    stats
+                        .batches_applied_before_dependencies
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(origin, "applying changes before changes their origin had seen (they have not arrived within the causal wait)");
+                    self.waiting = None;
+                    return Ok(self.queue.take_front().unwrap_or_default());
+                }
+            }
+        }
+    }
+
+    /// Waits, while the queue's front waits for its dependencies, for the
+    /// applied vector to move, a message to arrive (if the queue has room), a
+    /// recheck, or `deadline`.
+    async fn wait(&mut self, deadline: Instant) -> Result<Waited, ReplicationError> {
+        let room = self.queue.changes() < QUEUE_MAX;
+        tokio::select! {
+            m = self.inbox.next(), if room => {
+                enqueue(&mut self.queue, m?)?;
+                Ok(Waited::Moved)
+            }
+            _ = self.have.changed() => Ok(Waited::Moved),
+            _ = tokio::time::sleep(RECHECK) => Ok(Waited::Recheck),
+            _ = tokio::time::sleep_until(deadline) => Ok(Waited::TimedOut),
+        }
+    }
+}
+
+/// Changes queued beyond this many are left in the inbox (and the shipper
+/// waits for acknowledgements): the queue's bound.
+const QUEUE_MAX: usize = 2 * APPLY_MAX;
+/// How often a receiver whose changes wait reads `meridian.applied` for
+/// applies this process did not make.
+const RECHECK: Duration = Duration::from_millis(250);
+
+fn enqueue(queue: &mut Queue, message: Message) -> Result<(), ReplicationError> {
+    match message {
+        Message::Batch {
+            changes,
+            deps,
+            floor,
+            caught_up,
+        } => queue.push_batch(changes, deps, floor, caught_up),
+        Message::Floor { hlc, caught_up } => queue.push_floor(hlc, caught_up),
+        other => return Err(unexpected("Batch", &other)),
+    }
+    Ok(())
+}
+
+enum Waited {
+    /// The applied vector moved, or a message arrived.
+    Moved,
+    /// Time to read `meridian.applied` again.
+    Recheck,
+    /// The causal wait ran out.
+    TimedOut,
 }
 
 /// The receive event for a batch: the clock moves past its newest stamp. A

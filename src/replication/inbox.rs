@@ -1,10 +1,9 @@
 //! replication::inbox: a peer's messages read and decoded by a task of their
-//! own (at most [`DECODE_AHEAD`] ahead), and what one apply takes
-//! ([`Gathered`], from `replication::queue`).
+//! own (at most [`DECODE_AHEAD`] ahead).
 
 use futures_util::StreamExt;
 
-use super::protocol::{Change, Message, Position, ProtocolError};
+use super::protocol::{Message, ProtocolError};
 use super::{Conn, ReplicationError};
 
 /// Messages decoded ahead of the receiver, at most this many.
@@ -57,33 +56,5 @@ impl Inbox {
 impl Drop for Inbox {
     fn drop(&mut self) {
         self.reader.abort();
-    }
-}
-
-/// What one apply takes from the queue: changes in stream order, applied in
-/// one transaction, and the batches they complete.
-#[derive(Default)]
-pub(super) struct Gathered {
-    pub changes: Vec<Change>,
-    /// Each batch's last position, in order (each gets its acknowledgement).
-    pub ends: Vec<Position>,
-    /// The last batch's floor and caught-up time that were set.
-    pub floor: Option<i64>,
-    pub origin_ms: Option<i64>,
-}
-
-impl Gathered {
-    /// Nothing to apply, acknowledge or record.
-    pub(super) fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.ends.is_empty() && self.floor.is_none()
-    }
-
-    /// The newest stamp among the changes (the clock's receive event).
-    pub(super) fn newest_stamp(&self) -> u64 {
-        self.changes
-            .iter()
-            .map(|c| c.hlc.max(c.tx_hlc))
-            .max()
-            .unwrap_or(0) as u64
     }
 }

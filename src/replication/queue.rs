@@ -10,8 +10,35 @@
 use std::collections::VecDeque;
 
 use super::gate::dependencies_met;
-use super::inbox::Gathered;
 use super::protocol::{Change, Deps, OriginPosition, Position};
+
+/// What one apply takes from the queue: changes in stream order, applied in
+/// one transaction, and the batches they complete.
+#[derive(Default)]
+pub(super) struct Gathered {
+    pub changes: Vec<Change>,
+    /// Each batch's last position, in order (each gets its acknowledgement).
+    pub ends: Vec<Position>,
+    /// The last batch's floor and caught-up time that were set.
+    pub floor: Option<i64>,
+    pub origin_ms: Option<i64>,
+}
+
+impl Gathered {
+    /// Nothing to apply, acknowledge or record.
+    pub(super) fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.ends.is_empty() && self.floor.is_none()
+    }
+
+    /// The newest stamp among the changes (the clock's receive event).
+    pub(super) fn newest_stamp(&self) -> u64 {
+        self.changes
+            .iter()
+            .map(|c| c.hlc.max(c.tx_hlc))
+            .max()
+            .unwrap_or(0) as u64
+    }
+}
 
 /// A batch, or a floor (no changes), waiting in the queue.
 struct Queued {

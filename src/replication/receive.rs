@@ -24,14 +24,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::account::{acknowledge, Account};
-use super::gate::hold_until_within_drift;
+use super::gate::{hold_until_within_drift, CausalGate};
 use super::inbox::Inbox;
-use super::progress::{applied_position, applied_vector, note_floor, AppliedVector};
+use super::progress::{applied_position, note_floor, AppliedVector};
 use super::protocol::{self, Change, Message, OriginPosition};
-use super::queue::Queue;
-use super::{apply, handshake, resolve, send, tls, unexpected};
+use super::{apply, handshake, resolve, send, tls};
 use super::{Applied, ApplyError, ReplicationError, ReplicationStats, APPLY_RETRIES, IO_TIMEOUT};
-use super::{APPLY_MAX, CAUSAL_WAIT};
 use crate::capture::{self, wal::Barrier};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -96,59 +94,12 @@ async fn serve_peer(
     let position = applied_position(&client, origin).await?;
     send(&mut conn, &Message::Welcome { position }).await?;
     let (mut acks, stream) = conn.split();
-    let mut inbox = Inbox::new(stream);
+    let inbox = Inbox::new(stream);
     tracing::info!(origin, ?position, "peer authenticated; receiving");
     let mut account = Account::new(stats, config, origin);
-    applied.merge(&applied_vector(&client).await?);
-    let mut have = applied.subscribe();
-    let mut queue = Queue::default();
-    // Since when the front of the queue has waited for its dependencies.
-    let mut waiting: Option<tokio::time::Instant> = None;
+    let mut gate = CausalGate::new(inbox, applied, &client, me, origin).await?;
     loop {
-        while queue.changes() < QUEUE_MAX {
-            match inbox.ready()? {
-                Some(m) => enqueue(&mut queue, m)?,
-                None => break,
-            }
-        }
-        let ready = queue.take_ready(&have.borrow_and_update(), me, origin, APPLY_MAX);
-        let gathered = match ready {
-            Some(g) => g,
-            // No timeout here: a shipper with nothing to ship is silent. A
-            // dead peer shows as a closed connection (TCP keepalive, or its
-            // restart).
-            None if queue.is_empty() => {
-                waiting = None;
-                enqueue(&mut queue, inbox.next().await?)?;
-                continue;
-            }
-            None => {
-                let since = *waiting.get_or_insert_with(|| {
-                    stats
-                        .batches_held_for_causality
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(origin, "changes wait for changes their origin had applied");
-                    tokio::time::Instant::now()
-                });
-                match wait_for_dependencies(&mut inbox, &mut have, &mut queue, since + CAUSAL_WAIT)
-                    .await?
-                {
-                    Waited::Moved => continue,
-                    Waited::Recheck => {
-                        applied.merge(&applied_vector(&client).await?);
-                        continue;
-                    }
-                    Waited::TimedOut => {
-                        stats
-                            .batches_applied_before_dependencies
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(origin, "applying changes before changes their origin had seen (they have not arrived within the causal wait)");
-                        queue.take_front().unwrap_or_default()
-                    }
-                }
-            }
-        };
-        waiting = None;
+        let gathered = gate.next(&client, stats).await?;
         if gathered.changes.is_empty() {
             if let Some(hlc) = gathered.floor {
                 note_floor(&client, origin, hlc).await?;
@@ -180,57 +131,6 @@ async fn serve_peer(
         }
         account.applied(&outcome, &gathered);
         acknowledge(&mut acks, &gathered.ends, &outcome).await?;
-    }
-}
-
-/// Changes queued beyond this many are left in the inbox (and the shipper
-/// waits for acknowledgements): the queue's bound.
-const QUEUE_MAX: usize = 2 * APPLY_MAX;
-/// How often a receiver whose changes wait reads `meridian.applied` for
-/// applies this process did not make.
-const RECHECK: Duration = Duration::from_millis(250);
-
-fn enqueue(queue: &mut Queue, message: Message) -> Result<(), ReplicationError> {
-    match message {
-        Message::Batch {
-            changes,
-            deps,
-            floor,
-            caught_up,
-        } => queue.push_batch(changes, deps, floor, caught_up),
-        Message::Floor { hlc, caught_up } => queue.push_floor(hlc, caught_up),
-        other => return Err(unexpected("Batch", &other)),
-    }
-    Ok(())
-}
-
-enum Waited {
-    /// The applied vector moved, or a message arrived.
-    Moved,
-    /// Time to read `meridian.applied` again.
-    Recheck,
-    /// The causal wait ran out.
-    TimedOut,
-}
-
-/// Waits, while the queue's front waits for its dependencies, for the
-/// applied vector to move, a message to arrive (if the queue has room), a
-/// recheck, or `deadline`.
-async fn wait_for_dependencies(
-    inbox: &mut Inbox,
-    have: &mut tokio::sync::watch::Receiver<Vec<OriginPosition>>,
-    queue: &mut Queue,
-    deadline: tokio::time::Instant,
-) -> Result<Waited, ReplicationError> {
-    let room = queue.changes() < QUEUE_MAX;
-    tokio::select! {
-        m = inbox.next(), if room => {
-            enqueue(queue, m?)?;
-            Ok(Waited::Moved)
-        }
-        _ = have.changed() => Ok(Waited::Moved),
-        _ = tokio::time::sleep(RECHECK) => Ok(Waited::Recheck),
-        _ = tokio::time::sleep_until(deadline) => Ok(Waited::TimedOut),
     }
 }
 

@@ -4,26 +4,7 @@ use super::*;
 use crate::replication::protocol::Operation;
 
 fn change(xid: u64) -> Change {
-    Change {
-        xid,
-        seq: xid as i64,
-        origin: 0,
-        hlc: xid as i64,
-        tx_hlc: xid as i64,
-        via_proxy: false,
-        tbl: "public.t".into(),
-        op: Operation::Insert,
-        pk: None,
-        row: None,
-        old: None,
-        base_hlc: None,
-        base_origin: None,
-        epoch: None,
-        gen: None,
-        tag_hlc: None,
-        tag_origin: None,
-        cols: None,
-    }
+    Change::bare(xid, xid as i64, xid as i64, Operation::Insert)
 }
 
 fn at(origin: u16, n: u64) -> OriginPosition {

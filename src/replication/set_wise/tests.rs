@@ -6,26 +6,11 @@ use super::*;
 
 fn change(seq: i64, hlc: i64, op: Operation, id: i64) -> Change {
     Change {
-        xid: 1,
-        seq,
-        origin: 0,
-        hlc,
-        tx_hlc: hlc,
-        via_proxy: false,
-        tbl: "public.t".into(),
-        op,
         pk: Image::from_value(&json!({ "id": id })),
         row: (op != Operation::Delete)
             .then(|| Image::from_value(&json!({ "id": id, "v": seq })))
             .flatten(),
-        old: None,
-        base_hlc: None,
-        base_origin: None,
-        epoch: None,
-        gen: None,
-        tag_hlc: None,
-        tag_origin: None,
-        cols: None,
+        ..Change::bare(1, seq, hlc, op)
     }
 }
 
