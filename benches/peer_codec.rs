@@ -43,6 +43,7 @@ fn changes() -> Vec<Change> {
 fn batches(c: &mut Criterion) {
     let changes = changes();
     let message = Message::Batch {
+        after: Default::default(),
         changes: changes.clone(),
         deps: Vec::new(),
         floor: None,

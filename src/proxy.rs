@@ -304,6 +304,11 @@ impl Region {
             stop.clone(),
         ));
         let mut replication = Vec::new();
+        let peers = &self.config.replication.peers;
+        let relay = std::sync::Arc::new(crate::replication::Relay::new(
+            peers.iter().map(|p| p.id).collect(),
+            crate::replication::relay::RELAY_MAX,
+        ));
         if let Some(listener) = self.replication {
             let receiver = crate::replication::Receiver {
                 config: self.config.clone(),
@@ -313,6 +318,7 @@ impl Region {
                 clock: self.clock.clone(),
                 stats: stats.clone(),
                 applied: Default::default(),
+                relay: relay.clone(),
             };
             replication.push(tokio::spawn(crate::replication::receive(
                 listener,
@@ -337,6 +343,18 @@ impl Region {
                 stats.clone(),
                 stop.clone(),
             )));
+            // A relay link to the peer for every third region's changes.
+            for origin in peers.iter().filter(|o| o.id != peer.id) {
+                replication.push(tokio::spawn(crate::replication::forward_to(
+                    self.config.clone(),
+                    peer.clone(),
+                    origin.id,
+                    relay.clone(),
+                    self.peer_tls.clone(),
+                    stats.clone(),
+                    stop.clone(),
+                )));
+            }
         }
         let admin = self.admin.map(|listener| {
             let (name, ctx, shutdown) = (self.name.clone(), self.proxy.context(), shutdown.clone());

@@ -238,17 +238,44 @@ fn demo_replicates_between_regions_and_heals_after_a_partition() {
         &["-c", "INSERT INTO notes VALUES (4, 'with one link cut')"],
         None,
     );
+    let written = std::time::Instant::now();
     eventually(
         "the region behind an open link gets it",
         Duration::from_secs(30),
         || count(&urls[1]) == "4",
     );
-    let healed = http(&control, "POST", &format!("/heal?from={third}&to={first}"));
-    assert!(healed.starts_with("HTTP/1.0 200"), "{healed}");
+    // The cut-off region gets it through the other one while its own link
+    // to the origin is still cut.
     eventually(
-        "every region has it after the link heals",
+        "the region behind the cut link gets it relayed",
         Duration::from_secs(30),
         || count(&urls[2]) == "4",
+    );
+    eprintln!(
+        "relayed to the cut-off region {} ms after the commit",
+        written.elapsed().as_millis()
+    );
+    let links = http(&control, "GET", "/links");
+    assert!(links.contains("\"partitioned\":true"), "still cut: {links}");
+    let second_admin = demo.regions[1].2.rsplit(':').next().unwrap();
+    let status = http(&format!("127.0.0.1:{second_admin}"), "GET", "/status");
+    let relayed = status
+        .split("\"changes_relayed\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(relayed.is_some_and(|n| n >= 1), "{status}");
+    let healed = http(&control, "POST", &format!("/heal?from={third}&to={first}"));
+    assert!(healed.starts_with("HTTP/1.0 200"), "{healed}");
+    psql(
+        &urls[0],
+        &["-c", "INSERT INTO notes VALUES (5, 'after the heal')"],
+        None,
+    );
+    eventually(
+        "every region has everything after the link heals",
+        Duration::from_secs(30),
+        || count(&urls[2]) == "5" && count(&urls[1]) == "5",
     );
     assert!(demo.stop(libc::SIGINT).success());
     std::fs::remove_dir_all(dir).unwrap();

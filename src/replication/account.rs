@@ -20,6 +20,8 @@ pub(super) struct Account<'a> {
     stats: &'a ReplicationStats,
     peer: String,
     origin: u16,
+    /// The origin's own link (not a relay).
+    direct: bool,
     /// While catching up: since when, changes applied, seconds when last reported.
     catching_up: Option<(Instant, u64, u64)>,
     /// Counts this connection in the peer's state while it lives.
@@ -31,19 +33,25 @@ impl<'a> Account<'a> {
         stats: &'a std::sync::Arc<ReplicationStats>,
         config: &Config,
         origin: u16,
+        link: super::stats::Link,
     ) -> Account<'a> {
-        let peer = config
-            .replication
-            .peers
-            .iter()
-            .find(|p| p.id == origin)
-            .map_or_else(|| origin.to_string(), |p| p.name.clone());
+        let peer = super::peer_name(config, origin);
         Account {
-            _link: super::stats::LinkGuard::new(stats, &peer, false),
+            _link: super::stats::LinkGuard::new(stats, &peer, link),
             stats,
             peer,
             origin,
+            direct: matches!(link, super::stats::Link::Receiving),
             catching_up: None,
+        }
+    }
+
+    /// Notes that the origin's own link has just delivered something (see
+    /// `PeerState::direct_live`).
+    pub(super) fn heard(&self) {
+        if self.direct {
+            self.stats
+                .with_peer(&self.peer, |p| p.heard_at = Some(Instant::now()));
         }
     }
 

@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, Transaction};
 
-use super::protocol::Change;
+use super::protocol::{Change, Position};
 use super::resolve;
 use super::set_wise;
 use crate::capture::wal::{Barrier, SETTLE_LIMIT};
@@ -38,6 +38,14 @@ pub enum ApplyError {
     /// locks (see [`Barrier::settle`]); rolled back.
     #[error("the apply gave way: capture had not recorded this region's recent transactions within {0:?}")]
     GaveWay(Duration),
+    /// The changes follow a position this region has not reached: applying
+    /// them would skip what lies between. Not applied.
+    #[error("changes after {after:?} of origin {origin}, but only {applied:?} is applied here")]
+    Gap {
+        origin: u16,
+        after: Position,
+        applied: Position,
+    },
 }
 
 impl ApplyError {
@@ -90,13 +98,16 @@ impl Applied {
 
 /// Applies `changes` (one origin's, in its stream order) in one transaction
 /// together with the origin's new position. Changes at or before the
-/// position recorded here were applied before and are skipped. With a
+/// position recorded here were applied before and are skipped. With
+/// `after` (the position the first change follows in the origin's stream),
+/// changes that would leave a gap are refused ([`ApplyError::Gap`]). With a
 /// `barrier`, the apply decides on exact local state (see [`Barrier`]).
 pub async fn apply(
     client: &mut Client,
     barrier: Option<&Barrier>,
     engines: &resolve::Engines,
     origin: u16,
+    after: Option<Position>,
     changes: &[Change],
 ) -> Result<Applied, ApplyError> {
     let Some(last) = changes.last() else {
@@ -118,6 +129,17 @@ pub async fn apply(
         .await?
         .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)));
     let last = (last.xid as i64, last.seq);
+    let here = position.map_or(Position::default(), |(xid, seq)| Position {
+        xid: xid as u64,
+        seq,
+    });
+    if let Some(after) = after.filter(|&a| a > here) {
+        return Err(ApplyError::Gap {
+            origin,
+            after,
+            applied: here,
+        });
+    }
     if position.is_some_and(|p| last <= p) {
         return Ok(Applied {
             duplicate: true,

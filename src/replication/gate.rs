@@ -18,7 +18,7 @@ use super::inbox::Inbox;
 use super::progress::{applied_vector, AppliedVector};
 use super::protocol::{Message, OriginPosition};
 use super::queue::{Gathered, Queue};
-use super::{unexpected, ReplicationError, ReplicationStats, APPLY_MAX, CAUSAL_WAIT};
+use super::{unexpected, ReplicationError, ReplicationStats, APPLY_MAX};
 use crate::clock::{Clock, ClockError};
 
 /// Whether `have` (this region's applied vector) holds, from every third
@@ -49,6 +49,8 @@ pub(super) struct CausalGate {
     applied: Arc<AppliedVector>,
     /// Since when the front of the queue has waited for its dependencies.
     waiting: Option<Instant>,
+    /// The wait last said in the log.
+    waiting_said: Option<Instant>,
     me: u16,
     origin: u16,
 }
@@ -68,6 +70,7 @@ impl CausalGate {
             have: applied.subscribe(),
             applied: applied.clone(),
             waiting: None,
+            waiting_said: None,
             me,
             origin,
         })
@@ -75,8 +78,9 @@ impl CausalGate {
 
     /// What to apply (or, with no changes, a floor to record) next: what the
     /// queue lets through, waiting for messages or the applied vector as
-    /// needed. After [`CAUSAL_WAIT`] the front batch goes through anyway
-    /// (counted in `batches_applied_before_dependencies`).
+    /// needed, for as long as it takes: nothing goes through before its
+    /// dependencies. (What a change waits for reaches this region over
+    /// any connected path, see `replication::forward`.)
     pub(super) async fn next(
         &mut self,
         client: &Client,
@@ -110,25 +114,21 @@ impl CausalGate {
                 tracing::debug!(origin, "changes wait for changes their origin had applied");
                 Instant::now()
             });
-            match self.wait(since + CAUSAL_WAIT).await? {
+            if since.elapsed() >= LONG_WAIT && self.waiting_said != Some(since) {
+                tracing::info!(origin, seconds = since.elapsed().as_secs(), "changes still wait for changes their origin had applied (not arrived over any link yet)");
+                self.waiting_said = Some(since);
+            }
+            match self.wait().await? {
                 Waited::Moved => {}
                 Waited::Recheck => self.applied.merge(&applied_vector(client).await?),
-                Waited::TimedOut => {
-                    stats
-                        .batches_applied_before_dependencies
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(origin, "applying changes before changes their origin had seen (they have not arrived within the causal wait)");
-                    self.waiting = None;
-                    return Ok(self.queue.take_front().unwrap_or_default());
-                }
             }
         }
     }
 
     /// Waits, while the queue's front waits for its dependencies, for the
-    /// applied vector to move, a message to arrive (if the queue has room), a
-    /// recheck, or `deadline`.
-    async fn wait(&mut self, deadline: Instant) -> Result<Waited, ReplicationError> {
+    /// applied vector to move, a message to arrive (if the queue has room),
+    /// or a recheck.
+    async fn wait(&mut self) -> Result<Waited, ReplicationError> {
         let room = self.queue.changes() < QUEUE_MAX;
         tokio::select! {
             m = self.inbox.next(), if room => {
@@ -137,10 +137,12 @@ impl CausalGate {
             }
             _ = self.have.changed() => Ok(Waited::Moved),
             _ = tokio::time::sleep(RECHECK) => Ok(Waited::Recheck),
-            _ = tokio::time::sleep_until(deadline) => Ok(Waited::TimedOut),
         }
     }
 }
+
+/// A wait this long is said in the log (once per wait).
+const LONG_WAIT: Duration = Duration::from_secs(5);
 
 /// Changes queued beyond this many are left in the inbox (and the shipper
 /// waits for acknowledgements): the queue's bound.
@@ -152,11 +154,12 @@ const RECHECK: Duration = Duration::from_millis(250);
 fn enqueue(queue: &mut Queue, message: Message) -> Result<(), ReplicationError> {
     match message {
         Message::Batch {
+            after,
             changes,
             deps,
             floor,
             caught_up,
-        } => queue.push_batch(changes, deps, floor, caught_up),
+        } => queue.push_batch(Some(after), changes, deps, floor, caught_up),
         Message::Floor { hlc, caught_up } => queue.push_floor(hlc, caught_up),
         other => return Err(unexpected("Batch", &other)),
     }
@@ -168,8 +171,6 @@ enum Waited {
     Moved,
     /// Time to read `meridian.applied` again.
     Recheck,
-    /// The causal wait ran out.
-    TimedOut,
 }
 
 /// The receive event for a batch: the clock moves past its newest stamp. A

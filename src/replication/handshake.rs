@@ -13,12 +13,14 @@ use super::protocol::{self, Message, Position, ProtocolError};
 use super::{recv, send, unexpected, Conn, ReplicationError, ReplicationStats};
 use crate::config::Config;
 
-/// Shipper side: answers the peer's challenge as region `origin`; returns
-/// the position up to which the peer has applied this region's changes.
+/// Shipper side: answers the peer's challenge for region `origin`'s
+/// changes (relayed by region `via`, if set); returns the position up to
+/// which the peer has applied them.
 pub(super) async fn introduce(
     conn: &mut Conn,
     secret: &str,
     origin: u16,
+    via: Option<u16>,
 ) -> Result<Position, ReplicationError> {
     let nonce = match recv(conn).await? {
         Message::Challenge { version, nonce, .. } if version == protocol::VERSION => nonce,
@@ -34,6 +36,7 @@ pub(super) async fn introduce(
     let hello = Message::Hello {
         version: protocol::VERSION,
         origin,
+        via,
         proof: protocol::proof(secret, &nonce, origin),
     };
     send(conn, &hello).await?;
@@ -44,14 +47,23 @@ pub(super) async fn introduce(
     }
 }
 
+/// Who a connection admitted by [`admit`] carries changes of.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Admitted {
+    /// The region whose changes they are.
+    pub origin: u16,
+    /// The region relaying them (a relay link), if not the origin.
+    pub via: Option<u16>,
+}
+
 /// Receiver side: challenges the shipper at `peer` and checks its answer;
-/// returns the origin region it proved to be, or refuses it (telling it why).
+/// returns whose changes it carries, or refuses it (telling it why).
 pub(super) async fn admit(
     conn: &mut Conn,
     config: &Config,
     stats: &ReplicationStats,
     peer: SocketAddr,
-) -> Result<u16, ReplicationError> {
+) -> Result<Admitted, ReplicationError> {
     let secret = config.replication.resolve_secret().unwrap_or_default();
     let nonce = protocol::nonce();
     let challenge = Message::Challenge {
@@ -60,15 +72,17 @@ pub(super) async fn admit(
         nonce: nonce.clone(),
     };
     send(conn, &challenge).await?;
-    let (version, origin, proof) = match recv(conn).await? {
+    let (version, origin, via, proof) = match recv(conn).await? {
         Message::Hello {
             version,
             origin,
+            via,
             proof,
-        } => (version, origin, proof),
+        } => (version, origin, via, proof),
         other => return Err(unexpected("Hello", &other)),
     };
-    let known = config.replication.peers.iter().any(|p| p.id == origin);
+    let peer_id = |id: u16| config.replication.peers.iter().any(|p| p.id == id);
+    let known = peer_id(origin);
     let refusal = if version != protocol::VERSION {
         format!(
             "protocol {version} not supported (this build speaks {})",
@@ -78,8 +92,10 @@ pub(super) async fn admit(
         "wrong cluster secret".to_string()
     } else if !known {
         format!("region {origin} is not a configured peer")
+    } else if let Some(v) = via.filter(|&v| v == origin || !peer_id(v)) {
+        format!("region {v} cannot relay region {origin}'s changes: not another configured peer")
     } else {
-        return Ok(origin);
+        return Ok(Admitted { origin, via });
     };
     stats.peers_refused.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(%peer, origin, reason = %refusal, "refused a peer");

@@ -18,8 +18,8 @@
 //!   cluster secret, refusals with a reason.
 //! - [`receive`]: per connection, the order of the steps; [`inbox`] decodes
 //!   ahead; [`queue`] holds batches until their dependencies are met (the
-//!   checks in [`gate`], bounded by [`CAUSAL_WAIT`]) and gathers what is
-//!   ready into one apply; [`gate`] also holds batches for clock drift;
+//!   checks in [`gate`], with no time bound) and gathers what is ready
+//!   into one apply; [`gate`] also holds batches for clock drift;
 //!   [`apply`] is the one apply entry point (settings, resend check,
 //!   position, typed outcome); [`account`] counts and acknowledges.
 //! - [`held`]: changes that could not be applied are retried with back-off,
@@ -33,6 +33,7 @@ mod account;
 pub mod apply;
 pub mod conflict_log;
 mod copy_text;
+mod forward;
 mod gate;
 mod handshake;
 mod held;
@@ -42,6 +43,7 @@ mod progress;
 pub mod protocol;
 mod queue;
 mod receive;
+pub mod relay;
 pub mod resolve;
 mod rows;
 mod set_wise;
@@ -56,9 +58,11 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::capture::CaptureError;
 pub use apply::{Applied, ApplyError};
+pub use forward::forward_to;
 pub use housekeeping::maintain;
 use protocol::{Message, ProtocolError};
 pub use receive::{receive, Receiver};
+pub use relay::Relay;
 pub use ship::ship_to;
 pub use stats::{PeerState, ReplicationStats};
 
@@ -85,12 +89,53 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 pub const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Times a batch is retried after losing a deadlock to local writes.
 const APPLY_RETRIES: u64 = 20;
-/// Longest changes wait for changes their origin had already applied.
-pub const CAUSAL_WAIT: Duration = Duration::from_secs(2);
 /// How often a shipper takes its region's floor (see [`Message::Floor`]).
 pub const FLOOR_EVERY: Duration = Duration::from_secs(1);
 /// A silent peer is given up on after this long.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `attempt` (one connection's life) again and again until it ends
+/// well or `stop`, backing off between failures; each new kind of error is
+/// logged once.
+async fn keep_trying<F, Fut>(stop: &tokio_util::sync::CancellationToken, what: &str, mut attempt: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), ReplicationError>>,
+{
+    let mut backoff = BACKOFF_MIN;
+    let mut last_error = String::new();
+    loop {
+        let result = tokio::select! {
+            r = attempt() => r,
+            _ = stop.cancelled() => return,
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                let text = e.to_string();
+                if text != last_error {
+                    tracing::warn!(error = %text, "{what} interrupted; retrying");
+                    last_error = text;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// The configured name of peer region `id` (its number if it has none).
+fn peer_name(config: &crate::config::Config, id: u16) -> String {
+    config
+        .replication
+        .peers
+        .iter()
+        .find(|p| p.id == id)
+        .map_or_else(|| id.to_string(), |p| p.name.clone())
+}
 
 /// Wall clock in ms since the epoch (lag is measured against the origin's).
 pub fn wall_ms() -> i64 {

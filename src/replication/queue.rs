@@ -16,7 +16,12 @@ use super::protocol::{Change, Deps, OriginPosition, Position};
 /// one transaction, and the batches they complete.
 #[derive(Default)]
 pub(super) struct Gathered {
+    /// The position in the origin's stream the first change follows.
+    pub after: Option<Position>,
     pub changes: Vec<Change>,
+    /// The dependencies of the changes' capture transactions (relayed with
+    /// them, see `replication::relay`).
+    pub deps: Vec<Deps>,
     /// Each batch's last position, in order (each gets its acknowledgement).
     pub ends: Vec<Position>,
     /// The last batch's floor and caught-up time that were set.
@@ -42,6 +47,8 @@ impl Gathered {
 
 /// A batch, or a floor (no changes), waiting in the queue.
 struct Queued {
+    /// What the first change follows (none for a floor).
+    after: Option<Position>,
     changes: Vec<Change>,
     deps: Vec<Deps>,
     floor: Option<i64>,
@@ -59,6 +66,7 @@ pub(super) struct Queue {
 impl Queue {
     pub(super) fn push_batch(
         &mut self,
+        after: Option<Position>,
         changes: Vec<Change>,
         deps: Vec<Deps>,
         floor: Option<i64>,
@@ -67,6 +75,7 @@ impl Queue {
         self.changes += changes.len();
         let end = changes.last().map(Change::position);
         self.items.push_back(Queued {
+            after,
             changes,
             deps,
             floor,
@@ -77,7 +86,7 @@ impl Queue {
 
     /// A floor holds once everything queued before it is applied.
     pub(super) fn push_floor(&mut self, hlc: i64, caught_up: Option<i64>) {
-        self.push_batch(Vec::new(), Vec::new(), Some(hlc), caught_up);
+        self.push_batch(None, Vec::new(), Vec::new(), Some(hlc), caught_up);
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -107,19 +116,14 @@ impl Queue {
             }
             let ready = ready_prefix(&front.changes, &front.deps, have, me, origin);
             if ready < front.changes.len() {
-                gathered.changes.extend(front.changes.drain(..ready));
-                self.changes -= ready;
+                if ready > 0 {
+                    take_prefix(front, ready, &mut gathered);
+                    self.changes -= ready;
+                }
                 break;
             }
             self.take_front_into(&mut gathered);
         }
-        (!gathered.is_empty()).then_some(gathered)
-    }
-
-    /// Takes the front batch whatever it waits for (the causal wait ran out).
-    pub(super) fn take_front(&mut self) -> Option<Gathered> {
-        let mut gathered = Gathered::default();
-        self.take_front_into(&mut gathered);
         (!gathered.is_empty()).then_some(gathered)
     }
 
@@ -128,11 +132,33 @@ impl Queue {
             return;
         };
         self.changes -= q.changes.len();
+        if gathered.after.is_none() {
+            gathered.after = q.after;
+        }
         gathered.changes.extend(q.changes);
+        gathered.deps.extend(q.deps);
         gathered.ends.extend(q.end);
         gathered.floor = q.floor.or(gathered.floor);
         gathered.origin_ms = q.caught_up.or(gathered.origin_ms);
     }
+}
+
+/// Moves the first `n` changes of `front` (and their dependencies) into
+/// `gathered`; what is left then follows the last of them.
+fn take_prefix(front: &mut Queued, n: usize, gathered: &mut Gathered) {
+    if gathered.after.is_none() {
+        gathered.after = front.after;
+    }
+    let last = front.changes[n - 1].position();
+    gathered.changes.extend(front.changes.drain(..n));
+    let taken = front.deps.partition_point(|d| d.xid <= last.xid);
+    // A transaction split by the cut keeps its entry for its rest too.
+    let split = front.changes.first().is_some_and(|c| c.xid == last.xid);
+    match split {
+        true => gathered.deps.extend(front.deps[..taken].iter().cloned()),
+        false => gathered.deps.extend(front.deps.drain(..taken)),
+    }
+    front.after = Some(last);
 }
 
 /// How many of `changes` (in stream order) lead with their dependencies

@@ -15,11 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::protocol::{self, Message, Position, ProtocolError};
-use super::stats::LinkGuard;
-use super::{handshake, tls, unexpected, wall_ms, ReplicationError, ReplicationStats};
-use super::{
-    BACKOFF_MAX, BACKOFF_MIN, BATCH, FLOOR_EVERY, GATHER, IO_TIMEOUT, POLL, TARGET_FRAME, WINDOW,
-};
+use super::stats::{Link, LinkGuard};
+use super::{handshake, tls, unexpected, wall_ms, Conn, ReplicationError, ReplicationStats};
+use super::{keep_trying, BATCH, FLOOR_EVERY, GATHER, IO_TIMEOUT, POLL, TARGET_FRAME, WINDOW};
 use crate::capture::reader::{read_changes, read_deps};
 use crate::capture::{self, CaptureError};
 use crate::config::{Config, PeerConfig};
@@ -33,33 +31,10 @@ pub async fn ship_to(
     stop: CancellationToken,
 ) {
     let span = tracing::info_span!("ship", peer = %peer.name, address = %peer.address);
-    async move {
-        let mut backoff = BACKOFF_MIN;
-        let mut last_error = String::new();
-        loop {
-            let result = tokio::select! {
-                r = ship_once(&config, &peer, tls.as_ref(), &stats, &stop) => r,
-                _ = stop.cancelled() => return,
-            };
-            match result {
-                Ok(()) => return,
-                Err(e) => {
-                    let text = e.to_string();
-                    if text != last_error {
-                        tracing::warn!(error = %text, "shipping interrupted; retrying");
-                        last_error = text;
-                    }
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = stop.cancelled() => return,
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-    }
-    .instrument(span)
-    .await
+    let attempt = || ship_once(&config, &peer, tls.as_ref(), &stats, &stop);
+    keep_trying(&stop, "shipping", attempt)
+        .instrument(span)
+        .await
 }
 
 async fn ship_once(
@@ -71,22 +46,13 @@ async fn ship_once(
 ) -> Result<(), ReplicationError> {
     let secret = config.replication.resolve_secret().unwrap_or_default();
     let client = capture::connect(config).await?;
-    let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(&peer.address))
-        .await
-        .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
-        .map_err(|source| ReplicationError::Connect {
-            address: peer.address.clone(),
-            source,
-        })?;
-    let _ = stream.set_nodelay(true);
-    let stream = tokio::time::timeout(IO_TIMEOUT, tls::connect(tls, stream, &peer.tls_name()))
-        .await
-        .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
-        .map_err(ReplicationError::Tls)?;
-    let mut conn = Framed::new(stream, protocol::codec());
-    let position = handshake::introduce(&mut conn, &secret, config.region.id).await?;
+    let mut conn = connect_peer(peer, tls).await?;
+    let position = handshake::introduce(&mut conn, &secret, config.region.id, None).await?;
     tracing::info!(?position, "connected; shipping from the peer's position");
-    let _link = LinkGuard::new(stats, &peer.name, true);
+    // The peer may have had these changes through another region: they
+    // are shipped, as far as pruning is concerned.
+    record_shipped(&client, peer.id, position).await?;
+    let _link = LinkGuard::new(stats, &peer.name, Link::Shipping);
     // Up to WINDOW batches in flight: sending does not wait for the previous
     // batch's acknowledgement (a round trip over the WAN), acknowledgements
     // are matched in order as they come.
@@ -148,9 +114,8 @@ async fn ship_once(
                     continue;
                 };
                 let last = last.position();
-                let wire = changes;
-                let n = wire.len() as u64;
-                let frame = Message::Batch { changes: wire, deps, floor, caught_up }.encode();
+                let n = changes.len() as u64;
+                let frame = Message::Batch { after: sent, changes, deps, floor, caught_up }.encode();
                 if frame.len() > TARGET_FRAME && n > 1 {
                     // Wide rows: fewer changes per batch, so frames stay bounded.
                     limit = (n as i64 / 2).max(1);
@@ -210,6 +175,26 @@ async fn ship_once(
             }
         }
     }
+}
+
+/// Opens a link to `peer`: TCP without delay, TLS when configured, frames.
+pub(super) async fn connect_peer(
+    peer: &PeerConfig,
+    tls: Option<&tls::PeerTls>,
+) -> Result<Conn, ReplicationError> {
+    let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(&peer.address))
+        .await
+        .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
+        .map_err(|source| ReplicationError::Connect {
+            address: peer.address.clone(),
+            source,
+        })?;
+    let _ = stream.set_nodelay(true);
+    let stream = tokio::time::timeout(IO_TIMEOUT, tls::connect(tls, stream, &peer.tls_name()))
+        .await
+        .map_err(|_| ReplicationError::Timeout(IO_TIMEOUT))?
+        .map_err(ReplicationError::Tls)?;
+    Ok(Framed::new(stream, protocol::codec()))
 }
 
 /// Records (durably, on this side) how far `peer` has applied this region's

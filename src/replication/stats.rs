@@ -19,8 +19,10 @@ pub struct ReplicationStats {
     pub changes_held: AtomicU64,
     pub batches_held_for_drift: AtomicU64,
     pub batches_held_for_causality: AtomicU64,
-    pub batches_applied_before_dependencies: AtomicU64,
     pub batches_retried: AtomicU64,
+    /// Other origins' changes this region shipped on to a peer whose own
+    /// link to their origin was down (`replication::forward`).
+    pub changes_relayed: AtomicU64,
     pub changes_pruned: AtomicU64,
     pub changes_unheld: AtomicU64,
     pub peers_refused: AtomicU64,
@@ -46,6 +48,13 @@ pub struct PeerState {
     pub shipping: u32,
     /// Open connections receiving the peer's changes (0 or 1).
     pub receiving: u32,
+    /// When the last message came over such a connection.
+    pub heard_at: Option<std::time::Instant>,
+    /// Open relay links bringing the peer's changes through another region.
+    pub relayed_in: u32,
+    /// Origins whose changes this region relays to the peer now (the peer
+    /// said its link to them is down).
+    pub relaying_to: u32,
     /// Changes captured here the peer has not acknowledged (housekeeping).
     pub backlog: Option<i64>,
     /// The origin's clock (ms) when it was last known to have shipped
@@ -80,39 +89,70 @@ impl PeerState {
     }
 }
 
+/// A peer's messages count as live this long after the last one (an idle
+/// shipper sends a floor about once a second).
+pub const SILENT: Duration = Duration::from_secs(3);
+
+impl PeerState {
+    /// Whether the peer's own link here is up and has spoken lately.
+    pub fn direct_live(&self) -> bool {
+        self.receiving > 0 && self.heard_at.is_some_and(|t| t.elapsed() < SILENT)
+    }
+}
+
+/// What a [`LinkGuard`] counts.
+#[derive(Clone, Copy)]
+pub(super) enum Link {
+    /// This region's changes to the peer.
+    Shipping,
+    /// The peer's changes from it.
+    Receiving,
+    /// The peer's changes through another region.
+    RelayedIn,
+    /// Another origin's changes relayed to the peer.
+    RelayingTo,
+}
+
+impl Link {
+    fn count(self, p: &mut PeerState) -> &mut u32 {
+        match self {
+            Link::Shipping => &mut p.shipping,
+            Link::Receiving => &mut p.receiving,
+            Link::RelayedIn => &mut p.relayed_in,
+            Link::RelayingTo => &mut p.relaying_to,
+        }
+    }
+}
+
 /// Counts an open link to or from a peer while alive.
 pub(super) struct LinkGuard {
     stats: Arc<ReplicationStats>,
     peer: String,
-    outgoing: bool,
+    link: Link,
 }
 
 impl LinkGuard {
-    pub(super) fn new(stats: &Arc<ReplicationStats>, peer: &str, outgoing: bool) -> LinkGuard {
+    pub(super) fn new(stats: &Arc<ReplicationStats>, peer: &str, link: Link) -> LinkGuard {
         stats.with_peer(peer, |p| {
-            if outgoing {
-                p.shipping += 1
-            } else {
-                p.receiving += 1
+            *link.count(p) += 1;
+            if matches!(link, Link::Receiving) {
+                p.heard_at = Some(std::time::Instant::now());
             }
         });
         LinkGuard {
             stats: stats.clone(),
             peer: peer.to_string(),
-            outgoing,
+            link,
         }
     }
 }
 
 impl Drop for LinkGuard {
     fn drop(&mut self) {
-        let outgoing = self.outgoing;
+        let link = self.link;
         self.stats.with_peer(&self.peer, |p| {
-            if outgoing {
-                p.shipping = p.shipping.saturating_sub(1)
-            } else {
-                p.receiving = p.receiving.saturating_sub(1)
-            }
+            let n = link.count(p);
+            *n = n.saturating_sub(1);
         });
     }
 }
@@ -145,6 +185,8 @@ impl ReplicationStats {
                     "peer": name,
                     "shipping": p.shipping > 0,
                     "receiving": p.receiving > 0,
+                    "relayed_in": p.relayed_in > 0,
+                    "relaying_to": p.relaying_to,
                     "lag_seconds": p.lag_seconds(now),
                     "backlog": p.backlog,
                     "changes_applied": p.changes_applied,
@@ -164,8 +206,8 @@ impl ReplicationStats {
             "changes_held": n(&self.changes_held),
             "batches_held_for_drift": n(&self.batches_held_for_drift),
             "batches_held_for_causality": n(&self.batches_held_for_causality),
-            "batches_applied_before_dependencies": n(&self.batches_applied_before_dependencies),
             "batches_retried": n(&self.batches_retried),
+            "changes_relayed": n(&self.changes_relayed),
             "changes_pruned": n(&self.changes_pruned),
             "changes_unheld": n(&self.changes_unheld),
             "peers_refused": n(&self.peers_refused),

@@ -688,7 +688,7 @@ impl Region {
                 .await
                 .unwrap();
             let engines = meridian::replication::resolve::Engines::default();
-            meridian::replication::apply::apply(&mut client, None, &engines, origin, &changes)
+            meridian::replication::apply::apply(&mut client, None, &engines, origin, None, &changes)
                 .await
                 .unwrap()
         })

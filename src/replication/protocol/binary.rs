@@ -11,6 +11,7 @@
 //!
 //! ```text
 //! batch   = MARK u8:flags [i64:floor if flags&1] [i64:caught_up if flags&2]
+//!           u64:after_xid i64:after_seq                  -- what it follows
 //!           u32:n (u64:xid u32:m (u16:origin u64:xid i64:seq)*m)*n  -- deps
 //!           u32:n (str)*n                                  -- tables
 //!           u32:n change*n
@@ -35,6 +36,7 @@ const CAUGHT_UP: u8 = 2;
 const CHANGE_MIN: usize = 8 * 4 + 4 + 1 + 2;
 
 pub fn encode(
+    after: Position,
     changes: &[Change],
     deps: &[Deps],
     floor: Option<i64>,
@@ -52,6 +54,8 @@ pub fn encode(
     for v in floor.iter().chain(&caught_up) {
         out.extend_from_slice(&v.to_le_bytes());
     }
+    out.extend_from_slice(&after.xid.to_le_bytes());
+    out.extend_from_slice(&after.seq.to_le_bytes());
     put_len(&mut out, deps.len());
     for d in deps {
         out.extend_from_slice(&d.xid.to_le_bytes());
@@ -151,6 +155,10 @@ pub fn decode(frame: &[u8]) -> Result<Message, ProtocolError> {
     }
     let floor = (flags & FLOOR != 0).then(|| r.i64()).transpose()?;
     let caught_up = (flags & CAUGHT_UP != 0).then(|| r.i64()).transpose()?;
+    let after = Position {
+        xid: r.i64()? as u64,
+        seq: r.i64()?,
+    };
     let n = r.count(8 + 4)?;
     let mut deps = Vec::with_capacity(n);
     for _ in 0..n {
@@ -182,6 +190,7 @@ pub fn decode(frame: &[u8]) -> Result<Message, ProtocolError> {
         return Err(malformed("bytes after the last change"));
     }
     Ok(Message::Batch {
+        after,
         changes,
         deps,
         floor,

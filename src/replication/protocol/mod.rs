@@ -5,12 +5,18 @@
 //!
 //! ```text
 //! receiver -> shipper   Challenge { version, region, nonce }
-//! shipper  -> receiver  Hello { version, origin, proof = HMAC-SHA256(secret, nonce || origin) }
+//! shipper  -> receiver  Hello { version, origin, via, proof = HMAC-SHA256(secret, nonce || origin) }
 //! receiver -> shipper   Welcome { position }            (or Refused { reason }, then close)
-//! shipper  -> receiver  Batch { changes, deps, floor, caught_up } (in capture order, after position)
+//! shipper  -> receiver  Batch { after, changes, deps, floor, caught_up } (in capture order, after position)
 //! receiver -> shipper   Ack { position, applied, older, held, duplicate }
 //! shipper  -> receiver  Floor { hlc, caught_up }        (when idle, about once a second; no reply)
+//! receiver -> relayer   Have { position, direct }       (relay links only, when either changes)
 //! ```
+//!
+//! A relay link (`via` set: region `via` ships region `origin`'s changes it
+//! has applied, see `replication::relay`) carries the same batches; its
+//! receiver tells the relayer how far it has applied the origin and whether
+//! it has a live link from the origin itself (then nothing is relayed).
 //!
 //! A floor is the origin's promise that every change it ships from then on
 //! has a row version above it; receivers use it to forget tombstones.
@@ -32,8 +38,9 @@ use tokio_util::codec::LengthDelimitedCodec;
 pub use crate::capture::reader::{Change, Deps, Operation, OriginPosition, Position};
 
 /// Protocol version spoken by this build (4: binary batches, row images;
-/// 5: dependencies per capture transaction).
-pub const VERSION: u32 = 5;
+/// 5: dependencies per capture transaction; 6: relay links, the position a
+/// batch follows).
+pub const VERSION: u32 = 6;
 /// Largest message, either way.
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -53,7 +60,13 @@ pub enum Message {
     },
     Hello {
         version: u32,
+        /// Whose changes the connection carries.
         origin: u16,
+        /// Set on a relay link: the region that relays them. (The proof
+        /// covers the origin only: any holder of the cluster secret may
+        /// ship any region's changes, so this names, it does not prove.)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        via: Option<u16>,
         proof: String,
     },
     Welcome {
@@ -65,6 +78,10 @@ pub enum Message {
     /// Binary on the wire (see [`binary`]), never JSON.
     #[serde(skip)]
     Batch {
+        /// The position in the origin's stream right before the first
+        /// change: a receiver that has applied less refuses the batch
+        /// rather than skip what lies between.
+        after: Position,
         changes: Vec<Change>,
         /// The causal dependencies of the batch's capture transactions
         /// (those that have any), in order: a receiver applies a change only
@@ -96,6 +113,12 @@ pub enum Message {
         held: u64,
         duplicate: bool,
     },
+    /// On a relay link: how far the receiver has applied the origin, and
+    /// whether a link from the origin itself is up there.
+    Have {
+        position: Position,
+        direct: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,11 +141,12 @@ impl Message {
     pub fn encode(&self) -> bytes::Bytes {
         match self {
             Message::Batch {
+                after,
                 changes,
                 deps,
                 floor,
                 caught_up,
-            } => binary::encode(changes, deps, *floor, *caught_up).into(),
+            } => binary::encode(*after, changes, deps, *floor, *caught_up).into(),
             m => serde_json::to_vec(m)
                 .expect("messages always serialise")
                 .into(),
@@ -145,6 +169,7 @@ impl Message {
             Message::Batch { .. } => "Batch",
             Message::Ack { .. } => "Ack",
             Message::Floor { .. } => "Floor",
+            Message::Have { .. } => "Have",
         }
     }
 }
@@ -219,6 +244,7 @@ mod tests {
         // A version 3 peer's JSON batch is not read as one.
         assert!(Message::decode(br#"{"type":"Batch","changes":[]}"#).is_err());
         let m = Message::Batch {
+            after: Position { xid: 7, seq: 3 },
             changes: Vec::new(),
             deps: Vec::new(),
             floor: None,
@@ -291,6 +317,7 @@ mod tests {
             ),
             floor in proptest::option::of(any::<i64>()),
             caught_up in proptest::option::of(any::<i64>()),
+            (xid, seq) in (any::<u64>(), any::<i64>()),
         ) {
             let deps = deps.into_iter()
                 .map(|(xid, after)| Deps {
@@ -300,7 +327,7 @@ mod tests {
                         .collect(),
                 })
                 .collect();
-            let m = Message::Batch { changes, deps, floor, caught_up };
+            let m = Message::Batch { after: Position { xid, seq }, changes, deps, floor, caught_up };
             let frame = m.encode();
             prop_assert_eq!(Message::decode(&frame).unwrap(), m);
             // Every cut of a frame is refused, not misread.

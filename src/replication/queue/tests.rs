@@ -32,15 +32,16 @@ fn a_batch_is_applied_up_to_the_transaction_that_waits() {
         },
     ];
     q.push_batch(
+        Some(Position { xid: 9, seq: 0 }),
         vec![change(10), change(11), change(12)],
         deps,
         Some(7),
         None,
     );
     q.push_floor(8, Some(1));
-    assert!(q
-        .take_ready(&[], 1, 2, 100)
-        .is_some_and(|g| g.changes.len() == 1 && g.ends.is_empty()));
+    let g = q.take_ready(&[], 1, 2, 100).unwrap();
+    assert!(g.changes.len() == 1 && g.ends.is_empty() && g.deps.is_empty());
+    assert_eq!(g.after, Some(Position { xid: 9, seq: 0 }));
     assert!(
         q.take_ready(&[at(3, 4)], 1, 2, 100).is_none(),
         "11 waits for 3's 5th"
@@ -48,10 +49,15 @@ fn a_batch_is_applied_up_to_the_transaction_that_waits() {
     let g = q.take_ready(&[at(3, 5)], 1, 2, 100).unwrap();
     assert_eq!(g.changes.len(), 1);
     assert_eq!(q.changes(), 1);
+    // Each part follows the one before it and carries its own dependencies.
+    assert_eq!(g.after, Some(Position { xid: 10, seq: 10 }));
+    assert_eq!(g.deps.iter().map(|d| d.xid).collect::<Vec<_>>(), [11]);
     // Its own position (1) is not a dependency; 3's 9th is.
     let g = q.take_ready(&[at(3, 9)], 1, 2, 100).unwrap();
     assert_eq!(g.changes.len(), 1);
     assert_eq!(g.ends, [Position { xid: 12, seq: 12 }]);
+    assert_eq!(g.after, Some(Position { xid: 11, seq: 11 }));
+    assert_eq!(g.deps.iter().map(|d| d.xid).collect::<Vec<_>>(), [12]);
     assert_eq!(
         (g.floor, g.origin_ms),
         (Some(8), Some(1)),
@@ -65,6 +71,7 @@ fn whole_batches_are_gathered_up_to_the_limit() {
     let mut q = Queue::default();
     for x in 0..5 {
         q.push_batch(
+            None,
             vec![change(2 * x), change(2 * x + 1)],
             Vec::new(),
             None,
@@ -74,7 +81,7 @@ fn whole_batches_are_gathered_up_to_the_limit() {
     let g = q.take_ready(&[], 1, 2, 5).unwrap();
     assert_eq!(g.changes.len(), 4);
     assert_eq!(g.ends.len(), 2);
-    assert_eq!(q.take_front().unwrap().changes.len(), 2);
+    assert_eq!(q.take_ready(&[], 1, 2, 2).unwrap().changes.len(), 2);
     assert_eq!(q.changes(), 4);
 }
 
@@ -149,7 +156,7 @@ impl Sim {
 
     fn deliver(&mut self, o: usize, r: usize) {
         if let Some((changes, deps)) = self.wire[o][r].pop_front() {
-            self.queues[r][o].push_batch(changes, deps, None, None);
+            self.queues[r][o].push_batch(None, changes, deps, None, None);
         }
     }
 
