@@ -146,9 +146,19 @@ pub async fn apply(
             ..Applied::default()
         });
     }
+    // Strictly after the position and after each other: a change that came
+    // twice (two paths, a run sent again) is applied once.
+    let mut at = position;
     let todo: Vec<&Change> = changes
         .iter()
-        .filter(|c| position.map_or(true, |p| (c.xid as i64, c.seq) > p))
+        .filter(|c| {
+            let p = (c.xid as i64, c.seq);
+            let new = at.map_or(true, |a| p > a);
+            if new {
+                at = Some(p);
+            }
+            new
+        })
         .collect();
     let set_wise = match in_order {
         true => None,

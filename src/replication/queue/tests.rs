@@ -2,6 +2,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::replication::protocol::Operation;
+use crate::replication::relay::Relay;
 
 fn change(xid: u64) -> Change {
     Change::bare(xid, xid as i64, xid as i64, Operation::Insert)
@@ -85,12 +86,22 @@ fn whole_batches_are_gathered_up_to_the_limit() {
     assert_eq!(q.changes(), 4);
 }
 
-/// A batch in transit: its changes and their dependencies.
-type Batch = (Vec<Change>, Vec<Deps>);
+/// A batch in transit: what it follows, its changes and their dependencies.
+type Batch = (u64, Vec<Change>, Vec<Deps>);
+
+fn pos(n: u64) -> Position {
+    Position {
+        xid: n,
+        seq: n as i64,
+    }
+}
 
 /// A simulated cluster: every region writes transactions whose
 /// dependencies are its applied vector at the time, ships them in batches
-/// to every other region, which queues and applies them through [`Queue`].
+/// to every other region, which queues and applies them through [`Queue`],
+/// skipping what it has and refusing a gap as the apply does; and each
+/// region keeps what it applied in a [`Relay`] that a third region's relay
+/// link draws on (`relay_queues[r][o]`: o's changes relayed to r).
 struct Sim {
     n: usize,
     /// Per region, its own transactions' dependencies (index = number - 1).
@@ -99,13 +110,23 @@ struct Sim {
     applied: Vec<Vec<u64>>,
     /// shipped[o][r]: how many of o's transactions were sent to r.
     shipped: Vec<Vec<u64>>,
-    /// In transit o -> r, oldest first: (changes, deps).
+    /// In transit o -> r, oldest first.
     wire: Vec<Vec<VecDeque<Batch>>>,
     queues: Vec<Vec<Queue>>,
+    relays: Vec<Relay>,
+    relay_queues: Vec<Vec<Queue>>,
+    /// relay_sent[r][o]: how far o's changes were relayed to r (as a relay
+    /// link remembers what it sent).
+    relay_sent: Vec<Vec<u64>>,
 }
 
 impl Sim {
     fn new(n: usize) -> Sim {
+        let grid = || -> Vec<Vec<Queue>> {
+            (0..n)
+                .map(|_| (0..n).map(|_| Queue::default()).collect())
+                .collect()
+        };
         Sim {
             n,
             log: vec![Vec::new(); n],
@@ -114,9 +135,15 @@ impl Sim {
             wire: (0..n)
                 .map(|_| (0..n).map(|_| VecDeque::new()).collect())
                 .collect(),
-            queues: (0..n)
-                .map(|_| (0..n).map(|_| Queue::default()).collect())
+            queues: grid(),
+            relays: (0..n)
+                .map(|r| {
+                    let peers = (0..n).filter(|&p| p != r).map(Sim::id).collect();
+                    Relay::new(peers, usize::MAX)
+                })
                 .collect(),
+            relay_queues: grid(),
+            relay_sent: vec![vec![0; n]; n],
         }
     }
 
@@ -150,23 +177,60 @@ impl Sim {
             })
             .filter(|d| !d.after.is_empty())
             .collect();
-        self.wire[o][r].push_back((changes, deps));
+        self.wire[o][r].push_back((from, changes, deps));
         self.shipped[o][r] = to;
     }
 
     fn deliver(&mut self, o: usize, r: usize) {
-        if let Some((changes, deps)) = self.wire[o][r].pop_front() {
-            self.queues[r][o].push_batch(None, changes, deps, None, None);
+        if let Some((after, changes, deps)) = self.wire[o][r].pop_front() {
+            self.queues[r][o].push_batch(Some(pos(after)), changes, deps, None, None);
         }
     }
 
-    /// Applies what region r's queue for o lets through; returns how many.
-    fn apply(&mut self, r: usize, o: usize, max: usize) -> usize {
+    /// Region `via`'s relay link to `r` sends what it keeps of `o` after
+    /// what `r` has applied (at most `most` runs).
+    fn relay(&mut self, via: usize, o: usize, r: usize, most: usize) {
+        if via == o || via == r || o == r {
+            return;
+        }
+        let mut from = pos(self.applied[r][o].max(self.relay_sent[r][o]));
+        let entries = self.relays[via].pending(Sim::id(o), from, usize::MAX);
+        for e in entries.into_iter().take(most) {
+            let changes = e.after_position(from).to_vec();
+            self.relay_queues[r][o].push_batch(Some(from), changes, e.deps.clone(), None, None);
+            from = e.end();
+        }
+        self.relay_sent[r][o] = from.xid;
+    }
+
+    /// Applies what region r's queue for o (or its relayed queue) lets
+    /// through; returns how many changes it took.
+    fn apply(&mut self, r: usize, o: usize, max: usize, relayed: bool) -> usize {
         let have = self.vector(r);
-        let Some(g) = self.queues[r][o].take_ready(&have, Sim::id(r), Sim::id(o), max) else {
+        let queue = match relayed {
+            false => &mut self.queues[r][o],
+            true => &mut self.relay_queues[r][o],
+        };
+        let Some(g) = queue.take_ready(&have, Sim::id(r), Sim::id(o), max) else {
             return 0;
         };
+        // Nothing applicable is left at the front (unless the limit stopped it).
+        if let Some(front) = queue.items.front() {
+            let ready = ready_prefix(&front.changes, &front.deps, &have, Sim::id(r), Sim::id(o));
+            assert!(ready == 0 || g.changes.len() + front.changes.len() > max);
+        }
+        // The apply's gap check: it never finds one here.
+        let after = g.after.map_or(0, |a| a.xid);
+        assert!(
+            after <= self.applied[r][o],
+            "region {r} got {o}'s changes after a gap"
+        );
+        let taken = g.changes.len();
         for c in &g.changes {
+            // What it has is skipped (two paths, or one run sent twice).
+            if c.xid <= self.applied[r][o] {
+                continue;
+            }
             // Exactly once, in order.
             assert_eq!(
                 c.xid,
@@ -187,13 +251,8 @@ impl Sim {
             }
             self.applied[r][o] = c.xid;
         }
-        // Nothing applicable is left at the front (unless the limit stopped it).
-        if let Some(front) = self.queues[r][o].items.front() {
-            let have = self.vector(r);
-            let ready = ready_prefix(&front.changes, &front.deps, &have, Sim::id(r), Sim::id(o));
-            assert!(ready == 0 || g.changes.len() + front.changes.len() > max);
-        }
-        g.changes.len()
+        self.relays[r].record(Sim::id(o), g);
+        taken
     }
 }
 
@@ -202,7 +261,8 @@ enum Step {
     Write(usize),
     Ship(usize, usize, u64),
     Deliver(usize, usize),
-    Apply(usize, usize),
+    Apply(usize, usize, bool),
+    Relay(usize, usize, usize),
 }
 
 fn steps(n: usize) -> impl Strategy<Value = Vec<Step>> {
@@ -210,7 +270,8 @@ fn steps(n: usize) -> impl Strategy<Value = Vec<Step>> {
         (0..n).prop_map(Step::Write),
         (0..n, 0..n, 1u64..4).prop_map(|(o, r, k)| Step::Ship(o, r, k)),
         (0..n, 0..n).prop_map(|(o, r)| Step::Deliver(o, r)),
-        (0..n, 0..n).prop_map(|(r, o)| Step::Apply(r, o)),
+        (0..n, 0..n, any::<bool>()).prop_map(|(r, o, relayed)| Step::Apply(r, o, relayed)),
+        (0..n, 0..n, 0..n).prop_map(|(v, o, r)| Step::Relay(v, o, r)),
     ];
     proptest::collection::vec(step, 0..200)
 }
@@ -218,10 +279,13 @@ fn steps(n: usize) -> impl Strategy<Value = Vec<Step>> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
-    /// Any interleaving of writes, shipping, delivery and applies: every
-    /// region applies every change once, in order, never before its
-    /// dependencies, and once everything is delivered nothing is left
-    /// waiting (no wait that only a time bound would end).
+    /// Any interleaving of writes, shipping, delivery, relaying and
+    /// applies: every region applies every change once, in order, never
+    /// before its dependencies. Then, with the link from the first region
+    /// to the last cut for good (three regions or more), every other link
+    /// delivers everything and relay links carry the rest: every region
+    /// ends with everything and nothing is left waiting (no wait that only
+    /// a time bound would end).
     #[test]
     fn every_region_applies_every_change_once_and_never_early(
         n in 2usize..5,
@@ -234,15 +298,15 @@ proptest! {
                 Step::Write(r) if r < n => sim.write(r),
                 Step::Ship(o, r, k) if o < n && r < n => sim.ship(o, r, k),
                 Step::Deliver(o, r) if o < n && r < n => sim.deliver(o, r),
-                Step::Apply(r, o) if o < n && r < n && o != r => { sim.apply(r, o, max); }
+                Step::Apply(r, o, relayed) if o < n && r < n && o != r => { sim.apply(r, o, max, relayed); }
+                Step::Relay(v, o, r) if v < n && o < n && r < n => sim.relay(v, o, r, 1),
                 _ => {}
             }
         }
-        // Then every link delivers everything, and regions apply until
-        // nothing moves.
+        let cut = |o: usize, r: usize| n >= 3 && o == 0 && r == n - 1;
         loop {
             for o in 0..n {
-                for r in 0..n {
+                for r in (0..n).filter(|&r| !cut(o, r)) {
                     sim.ship(o, r, u64::MAX);
                     while !sim.wire[o][r].is_empty() {
                         sim.deliver(o, r);
@@ -252,7 +316,11 @@ proptest! {
             let mut moved = 0;
             for r in 0..n {
                 for o in (0..n).filter(|&o| o != r) {
-                    moved += sim.apply(r, o, max);
+                    if cut(o, r) {
+                        sim.relay(1, o, r, usize::MAX);
+                    }
+                    moved += sim.apply(r, o, max, false);
+                    moved += sim.apply(r, o, max, true);
                 }
             }
             if moved == 0 {
@@ -262,7 +330,7 @@ proptest! {
         for r in 0..n {
             for o in (0..n).filter(|&o| o != r) {
                 prop_assert_eq!(sim.applied[r][o], sim.log[o].len() as u64, "region {} has all of {}", r, o);
-                prop_assert!(sim.queues[r][o].is_empty());
+                prop_assert!(sim.queues[r][o].is_empty() || cut(o, r));
             }
         }
     }
