@@ -1527,62 +1527,22 @@ fn converge_with_seed(seed: u64) {
         .enable_all()
         .build()
         .unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
-    // links[i][j]: region i's shipper -> region j's receiver.
     let stop = tokio_util::sync::CancellationToken::new();
-    let mut links: [[Option<std::sync::Arc<meridian::link::LinkState>>; 3]; 3] = Default::default();
-    for (i, row) in links.iter_mut().enumerate() {
-        for (j, slot) in row.iter_mut().enumerate() {
-            if i == j {
-                continue;
-            }
-            let settings = meridian::link::LinkSettings {
-                latency: Duration::from_millis(5),
-                jitter: Duration::from_millis(3),
-                bandwidth: None,
-            };
-            let (listener, state) = rt
-                .block_on(meridian::link::bind(
-                    "127.0.0.1:0".parse().unwrap(),
-                    format!("127.0.0.1:{}", ports[j]),
-                    settings,
-                ))
-                .unwrap();
-            rt.spawn(meridian::link::run(listener, state.clone(), stop.clone()));
-            *slot = Some(state);
-        }
-    }
-    let mut regions: Vec<Region> = (0..3)
-        .map(|i| {
-            let mut extra = format!(
-                // A short grace: tombstones are forgotten (once a second)
-                // while the partition and the crash happen.
-                "listen = \"127.0.0.1:{}\"\nsecret = \"{SECRET}\"\ntombstone_grace = \"100ms\"\n",
-                ports[i]
-            );
-            for j in (0..3).filter(|&j| j != i) {
-                extra.push_str(&format!(
-                    "[[replication.peers]]\nname = \"r{j}\"\nid = {}\naddress = \"{}\"\n",
-                    j + 1,
-                    links[i][j].as_ref().unwrap().listen
-                ));
-            }
-            let (mut r, out) = Region::prepare_as(
-                &format!("conv_{seed}_{i}"),
-                i as u16 + 1,
-                SCHEMA,
-                &[],
-                &extra,
-            );
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            r.proxy = Some(Proxy::start_with_config(&r.config));
-            r
-        })
-        .collect();
+    let short_links = || meridian::link::LinkSettings {
+        latency: Duration::from_millis(5),
+        jitter: Duration::from_millis(3),
+        bandwidth: None,
+    };
+    // A short grace: tombstones are forgotten (once a second) while the
+    // partition and the crash happen.
+    let (mut regions, links) = three_over_links(
+        &rt,
+        &stop,
+        &format!("conv_{seed}"),
+        SCHEMA,
+        "tombstone_grace = \"100ms\"\n",
+        short_links,
+    );
     let partition = |region: usize, cut: bool| {
         for (i, row) in links.iter().enumerate() {
             for (j, l) in row.iter().enumerate() {
@@ -2132,32 +2092,26 @@ async fn one_batch_of_every_kind_of_change_applies_as_the_changes_one_at_a_time(
 /// `links[i][j]`: the emulated link region i's shippers use to region j.
 type Links = Vec<Vec<Option<std::sync::Arc<meridian::link::LinkState>>>>;
 
-/// Three regions over emulated links with a delay per direction drawn from
-/// `seed`. Returns the regions (proxies running) and the links
-/// (`links[i][j]`: region i's shippers to region j).
+/// Three regions over emulated links, each direction's settings from
+/// `settings`, with `extra` in every region's `[replication]`. Returns the
+/// regions (proxies running) and the links.
 fn three_over_links(
     rt: &tokio::runtime::Runtime,
     stop: &tokio_util::sync::CancellationToken,
     prefix: &str,
     schema: &str,
-    seed: u64,
+    extra: &str,
+    mut settings: impl FnMut() -> meridian::link::LinkSettings,
 ) -> (Vec<Region>, Links) {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
     let mut links: Links = vec![vec![None; 3]; 3];
     for (i, row) in links.iter_mut().enumerate() {
         for (j, slot) in row.iter_mut().enumerate().filter(|(j, _)| *j != i) {
-            let settings = meridian::link::LinkSettings {
-                latency: Duration::from_millis(rng.gen_range(0..120)),
-                jitter: Duration::from_millis(rng.gen_range(0..20)),
-                bandwidth: None,
-            };
             let (listener, state) = rt
                 .block_on(meridian::link::bind(
                     "127.0.0.1:0".parse().unwrap(),
                     format!("127.0.0.1:{}", ports[j]),
-                    settings,
+                    settings(),
                 ))
                 .unwrap();
             rt.spawn(meridian::link::run(listener, state.clone(), stop.clone()));
@@ -2167,7 +2121,7 @@ fn three_over_links(
     let regions = (0..3)
         .map(|i| {
             let mut extra = format!(
-                "listen = \"127.0.0.1:{}\"\nsecret = \"{SECRET}\"\n",
+                "listen = \"127.0.0.1:{}\"\nsecret = \"{SECRET}\"\n{extra}",
                 ports[i]
             );
             for j in (0..3).filter(|&j| j != i) {
@@ -2204,6 +2158,7 @@ fn a_child_never_arrives_before_its_parent_with_delays_or_a_cut_link() {
 }
 
 fn child_after_parent(seed: u64) {
+    use rand::{Rng, SeedableRng};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -2212,7 +2167,20 @@ fn child_after_parent(seed: u64) {
     let stop = tokio_util::sync::CancellationToken::new();
     let schema = "CREATE TABLE parents (id int PRIMARY KEY);
                   CREATE TABLE kids (id int PRIMARY KEY, parent int NOT NULL REFERENCES parents);";
-    let (regions, links) = three_over_links(&rt, &stop, &format!("causal_{seed}"), schema, seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let random_links = || meridian::link::LinkSettings {
+        latency: Duration::from_millis(rng.gen_range(0..120)),
+        jitter: Duration::from_millis(rng.gen_range(0..20)),
+        bandwidth: None,
+    };
+    let (regions, links) = three_over_links(
+        &rt,
+        &stop,
+        &format!("causal_{seed}"),
+        schema,
+        "",
+        random_links,
+    );
     let cut = seed % 2 == 1;
     if cut {
         links[0][2].as_ref().unwrap().partition();

@@ -26,7 +26,7 @@ use super::relay::Relay;
 use super::ship::connect_peer;
 use super::stats::{Link, LinkGuard};
 use super::{handshake, tls, unexpected, ReplicationError, ReplicationStats};
-use super::{keep_trying, APPLY_MAX, IO_TIMEOUT, TARGET_FRAME, WINDOW};
+use super::{keep_trying, IO_TIMEOUT, TARGET_FRAME, WINDOW};
 use crate::config::{Config, PeerConfig};
 
 /// Relays `origin`'s changes to `peer` whenever the peer says it needs
@@ -133,7 +133,8 @@ impl RelayLink<'_> {
     /// The next batch to relay after `from`: its last position, its
     /// changes and its frame. None when nothing kept follows `from`.
     fn next_frame(&self, from: Position) -> Option<(Position, u64, bytes::Bytes)> {
-        let entries = self.relay.pending(self.origin, from, APPLY_MAX);
+        // One run per frame (`pending` stops once it has one).
+        let entries = self.relay.pending(self.origin, from, 1);
         let e = entries.first()?;
         let mut changes = e.after_position(from);
         loop {
